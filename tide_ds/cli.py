@@ -1,0 +1,42 @@
+"""`tide-ds` command line. Each subcommand lives in its own module, imported only when used, and
+exposes `add_arguments(parser)` and `run(args) -> int`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from tide_ds.config import ConfigError
+
+SUBCOMMANDS = {
+    "demo": ("tide_ds.demo", "run the embedded demo: tokenizer, teacher, then distillation (CPU, minutes)"),
+    "distill": ("tide_ds.train", "distill a teacher into a BD3LM student from a YAML config"),
+    "prepare": ("tide_ds.data.prepare", "tokenize and align a chat/text dataset offline"),
+    "generate": ("tide_ds.generate", "generate with a BD3LM student"),
+    "export": ("tide_ds.checkpoint", "turn a training checkpoint into a transformers model directory"),
+    "bench": ("tide_ds.bench", "benchmarks that print speed and memory figures"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tide-ds", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    argv = sys.argv[1:] if argv is None else argv
+    # Only the chosen subcommand's module is imported (torch and friends load lazily).
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    modules = {}
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            modules[name] = importlib.import_module(module)
+            modules[name].add_arguments(p)
+    args = parser.parse_args(argv)
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except ConfigError as e:
+        print(f"tide-ds {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

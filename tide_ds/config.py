@@ -1,0 +1,218 @@
+"""Typed run configuration: YAML file + `key=value` overrides -> nested dataclasses.
+
+Every key is checked against the dataclasses below; an unknown key, a wrong type or a bad value
+stops before any work with one line that names the key and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A problem with the user's configuration; the message says what to change."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    path: str | None = None  # a transformers model directory (None: build from `init`)
+    init: dict[str, Any] = field(default_factory=dict)  # config kwargs for a fresh random model
+    kind: Literal["auto", "qwen3", "llama", "hf_bidirectional"] = "auto"
+    tokenizer: str | None = None  # defaults to `path`
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass(kw_only=True)
+class DiffusionConfig:
+    block_size: int = 32
+    eps: float = 1e-3  # t ~ U[eps, 1)
+    mask_token: str = "<|mask|>"
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    temperature: float = 2.0
+    ce_normalization: Literal["token", "sequence", "batch"] = "token"
+    lambda_init: float = 0.1
+    lambda_max: float = 0.9
+    tidal_schedule: Literal["cosine", "linear"] = "cosine"
+    tidal_axis: Literal["both", "training_only", "timestep_only"] = "both"
+    timestep_weight: Literal["midrange", "uniform"] = "midrange"
+    demo_ratio: float = 0.5
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: str = "stdlib"  # "stdlib" (embedded demo corpus), a text file/dir, or a prepared dataset dir
+    seq_len: int = 128
+    max_files: int = 400
+    holdout_fraction: float = 0.05
+    tokenizer_vocab_size: int = 2048  # for the embedded demo tokenizer
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 200
+    micro_batch_size: int = 8
+    lr: float = 5e-5
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    eval_batches: int = 8
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = 0  # torch CPU threads (0: leave torch's default)
+
+
+@dataclass(kw_only=True)
+class Config:
+    recipe: str = "tide_shared"
+    terms: dict[str, float] | None = None  # explicit {term: weight}; overrides the recipe's terms
+    output_dir: str = "runs/distill"
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Reads a YAML file (optional) and applies `a.b=value` overrides (values parsed as YAML)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path} (give an existing YAML file to --config)")
+        with open(path, encoding="utf-8") as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.lr=1e-4)")
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{p}' is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    cfg = _build(Config, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def _build(cls, raw: dict[str, Any], prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a section (mapping), got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, key: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, prefix=f"{key}.")
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"config key '{key}' has a bad value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' is {value!r}; choose one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"config key '{key}' must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, key) for a, v in zip(args, value))
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads "5e-5" as a string
+        except ValueError:
+            pass
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"config key '{key}' must be of type {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Checks of values that types alone cannot catch."""
+    from tide_ds.objectives.recipes import resolve_terms  # local: objectives import torch
+
+    resolve_terms(cfg.recipe, cfg.terms)  # raises ConfigError naming an unknown recipe or term
+    t = cfg.train
+    checks = [
+        (cfg.diffusion.block_size >= 1, "diffusion.block_size must be >= 1"),
+        (0.0 < cfg.diffusion.eps < 1.0, "diffusion.eps must be in (0, 1)"),
+        (cfg.objective.temperature > 0, "objective.temperature must be > 0"),
+        (0.0 <= cfg.objective.lambda_init <= 1.0, "objective.lambda_init must be in [0, 1]"),
+        (0.0 <= cfg.objective.lambda_max <= 1.0, "objective.lambda_max must be in [0, 1]"),
+        (0.0 < cfg.objective.demo_ratio < 1.0, "objective.demo_ratio must be in (0, 1)"),
+        (t.steps >= 1, "train.steps must be >= 1"),
+        (t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
+        (t.lr > 0, "train.lr must be > 0"),
+        (0 <= t.warmup_steps, "train.warmup_steps must be >= 0"),
+        (0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
+        (cfg.data.seq_len % cfg.diffusion.block_size == 0,
+         f"data.seq_len ({cfg.data.seq_len}) must be a multiple of diffusion.block_size ({cfg.diffusion.block_size})"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    for side in ("student", "teacher"):
+        m: ModelConfig = getattr(cfg, side)
+        if m.path is not None and not os.path.isdir(m.path):
+            raise ConfigError(f"{side}.path not found: {m.path} (give a transformers model directory)")
+        if m.path is None and not m.init:
+            raise ConfigError(f"{side}: set {side}.path to a model directory or {side}.init to a config for a new model")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,35 @@
+"""Masked (block) diffusion: schedule, noising, the BD3LM [x_t ; x_0] layout and its attention mask.
+
+Every recipe uses these functions; no objective re-implements them.
+"""
+from tide_ds.diffusion.layout import (
+    bd3lm_attention_mask,
+    bd3lm_inputs,
+    bd3lm_additive_mask,
+    pad_to_block_multiple,
+)
+from tide_ds.diffusion.noise import (
+    NoisedBatch,
+    chunk_consistent_mask,
+    chunk_masked,
+    loss_weight,
+    mask_probability,
+    noise_batch,
+    sample_t,
+    tokens_of_chunks,
+)
+
+__all__ = [
+    "NoisedBatch",
+    "bd3lm_additive_mask",
+    "bd3lm_attention_mask",
+    "bd3lm_inputs",
+    "chunk_consistent_mask",
+    "chunk_masked",
+    "loss_weight",
+    "mask_probability",
+    "noise_batch",
+    "pad_to_block_multiple",
+    "sample_t",
+    "tokens_of_chunks",
+]
