@@ -184,9 +184,9 @@ def _coerce(tp, value, key: str):
 
 def validate(cfg: Config) -> None:
     """Checks of values that types alone cannot catch."""
-    from tide_ds.objectives.recipes import resolve_terms  # local: objectives import torch
+    from tide_ds.objectives.recipes import needs_teacher, resolve_terms  # local: objectives import torch
 
-    resolve_terms(cfg.recipe, cfg.terms)  # raises ConfigError naming an unknown recipe or term
+    recipe = resolve_terms(cfg.recipe, cfg.terms)  # raises ConfigError naming an unknown recipe or term
     t = cfg.train
     checks = [
         (cfg.diffusion.block_size >= 1, "diffusion.block_size must be >= 1"),
@@ -206,13 +206,26 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    for side in ("student", "teacher"):
+    for side in ("student", "teacher") if needs_teacher(recipe) else ("student",):
         m: ModelConfig = getattr(cfg, side)
         if m.path is not None and not os.path.isdir(m.path):
             raise ConfigError(f"{side}.path not found: {m.path} (give a transformers model directory)")
-        if m.path is None and not m.init:
-            raise ConfigError(f"{side}: set {side}.path to a model directory or {side}.init to a config for a new model")
+        if m.tokenizer is not None and not os.path.isdir(m.tokenizer):
+            raise ConfigError(f"{side}.tokenizer not found: {m.tokenizer} (give a directory with a saved tokenizer)")
+    if cfg.student.path is None and not cfg.student.init:
+        raise ConfigError("student: set student.path to a model directory or student.init to a config for a new model")
+    if needs_teacher(recipe) and cfg.teacher.path is None:
+        raise ConfigError(f"recipe '{cfg.recipe}' needs a teacher: set teacher.path to a trained model directory")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Plain YAML-safe dict (tuples become lists)."""
+
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))

@@ -1,0 +1,1 @@
+"""Data: the embedded demo corpus, offline preparation and collation."""

@@ -1,0 +1,27 @@
+"""Held-out masked-token loss: mean -log p(x0_i) over masked positions, at fixed noise draws."""
+from __future__ import annotations
+
+import torch
+
+from tide_ds.diffusion import noise_batch
+from tide_ds.objectives import token_logprobs
+
+
+@torch.no_grad()
+def masked_token_loss(student, batches: list[dict], *, eps: float = 1e-3, seed: int = 1234) -> float:
+    """The same noise (t and masks, from `seed`) every call, so before/after numbers compare."""
+    was_training = student.training
+    student.eval()
+    gen = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    device = student.output_weight.device
+    for batch in batches:
+        x0, maskable = batch["input_ids"], batch["maskable"]
+        n = noise_batch(x0, maskable, student.mask_token_id, eps=eps, chunk_ids=batch.get("chunk_ids"), generator=gen)
+        x0, x_t, masked = x0.to(device), n.x_t.to(device), n.masked.to(device)
+        logits = student(x_t, x0)
+        lp = token_logprobs(logits[masked], x0[masked])
+        total += -lp.sum().item()  # sync point: evaluation only
+        count += int(masked.sum())
+    student.train(was_training)
+    return total / max(count, 1)
