@@ -99,7 +99,7 @@ def distill(cfg: Config) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=t.lr, betas=t.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    gen = torch.Generator().manual_seed(t.seed + 1)
+    gen = torch.Generator(device=device).manual_seed(t.seed + 1)  # noise draws, on the batch's device
 
     n_params = sum(p.numel() for p in student.parameters())
     print(f"recipe {cfg.recipe}: {' + '.join(f'{w:g}*{n}' for n, w in recipe.terms.items())}"
@@ -114,7 +114,7 @@ def distill(cfg: Config) -> dict:
     history = []
     for i in bar:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
-        noised = step.noise(batch, generator=gen if device.type == "cpu" else None)
+        noised = step.noise(batch, generator=gen)
         targets = step.teacher_targets(noised)
         loss, terms = step.loss(noised, targets, progress=i / t.steps)
         loss.backward()
