@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from tiny import decoder, llada2, llada2_config, word_tokenizer
 from tide_ds.config import ConfigError, ModelConfig
@@ -25,7 +25,6 @@ from tide_ds.models import (
     build_teacher,
     target_logprobs_from_hidden,
 )
-from tide_ds.models.llada2 import LLaDA2MoeConfig
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -462,6 +461,8 @@ def test_build_teacher_kind_mismatch_names_key_and_model_type(tmp_path):
         build_teacher(ModelConfig(path=l2, kind="wedlm"), "<|mask|>", block_size=4)
     with pytest.raises(ConfigError, match=r"student\.kind"):
         build_student(ModelConfig(path=l2, kind="llada2_moe"), word_tokenizer(), 8, "<|mask|>")
+    with pytest.raises(ConfigError, match=r"student\.path.*'llada2_moe'.*decoder"):
+        build_student(ModelConfig(path=l2), word_tokenizer(), 8, "<|mask|>")
     with pytest.raises(ConfigError, match=r"student\.kind is 'llama'.*'qwen3'"):
         build_student(ModelConfig(path=q3, kind="llama"), word_tokenizer(), 8, "<|mask|>")
 

@@ -53,6 +53,13 @@ def checkpoint_model_type(path: str, key: str) -> str:
     return model_type
 
 
+def check_student_checkpoint(model_type: str, key: str) -> None:
+    """A student is a transformers decoder (Qwen3 / Llama family, or another native causal LM)."""
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(f"{key} holds a '{model_type}' checkpoint; a BD3LM student is a transformers decoder "
+                          f"such as qwen3 or llama")
+
+
 def check_kind(kind: str, model_type: str, key: str) -> None:
     accepted = _KIND_MODEL_TYPES.get(kind)
     if accepted is not None and model_type not in accepted:
@@ -93,7 +100,9 @@ def _load(cls, cfg: ModelConfig, key: str, **kwargs):
 def _causal_lm(cfg: ModelConfig, key: str, vocab_size: int | None) -> torch.nn.Module:
     dtype = _DTYPES[cfg.dtype]
     if cfg.path is not None:
-        check_kind(cfg.kind, checkpoint_model_type(cfg.path, f"{key}.path"), key)
+        model_type = checkpoint_model_type(cfg.path, f"{key}.path")
+        check_kind(cfg.kind, model_type, key)
+        check_student_checkpoint(model_type, f"{key}.path")
         return _load(AutoModelForCausalLM, cfg, key)
     family = cfg.kind if cfg.kind in ("qwen3", "llama") else "qwen3"
     init = dict(cfg.init)
