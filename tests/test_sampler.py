@@ -127,3 +127,33 @@ def test_student_trained_on_a_repetitive_pattern_reproduces_it():
                              ("e f a b c d e", "e f a b c d e f a b c d e f a b c d e f a b")]:
             ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
             assert tokenizer.decode(generate(s, ids, 15, steps_per_block=2)[0]) == want
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_flex_generates_like_sdpa_on_cuda():
+    prompt = torch.randint(0, 60, (2, 7), device="cuda")
+    outs = [generate(BD3LMStudent(decoder(max_position_embeddings=64).cuda(), 4, MASK, attn_backend=backend),
+                     prompt, 13, steps_per_block=2) for backend in ("sdpa", "flex")]
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_flash_sampler_step_equals_sdpa_on_cuda():
+    pytest.importorskip("flash_attn")
+    from transformers import DynamicCache
+
+    model = decoder(max_position_embeddings=64).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 60, (2, 12), device="cuda")
+    pos = torch.arange(12, device="cuda").expand(2, 12)
+    hidden = []
+    for backend in ("sdpa", "flash"):
+        s = BD3LMStudent(model, 4, MASK, attn_backend=backend)
+        cache = DynamicCache(config=model.config)
+        s.extend(ids[:, :8], pos[:, :8], cache)  # clean context, all visible (as after a block-causal prefill)
+        hidden.append(s.extend(ids[:, 8:], pos[:, 8:], cache).float())
+    torch.testing.assert_close(hidden[1], hidden[0], atol=3e-2, rtol=3e-2)

@@ -6,8 +6,9 @@ Attention (True = may attend), blk(i) = block index of i inside its own half:
   x_0 query i -> x_0 key j  iff blk(j) <= blk(i)   (block-causal)
   x_0 query   -> x_t key:   never.
 `bd3lm_rule` is the one definition of this rule; `attention_mask` turns it into what each
-attention backend reads (a dense additive mask for SDPA, a BlockMask for FlexAttention). `order="x0_xt"` puts the clean half first
-(a WeDLM-style teacher input); the rule is the same, only the halves swap places.
+attention backend reads (a dense additive mask for SDPA, a BlockMask for FlexAttention).
+`order="x0_xt"` puts the clean half first (a WeDLM-style teacher input); the rule is the same,
+only the halves swap places.
 With a single block the x_0 half is never read by x_t, so callers may drop it (plain bidirectional
 masked diffusion); `bd3lm_inputs` does so.
 """
@@ -100,7 +101,8 @@ def attention_mask(backend: str, pattern: Pattern | None, q_len: int, kv_len: in
     if backend == "sdpa":
         mask = _dense_mask(pattern, q_len, kv_len, dtype, torch.device(device))
         if key_padding is not None:
-            mask = mask + additive(key_padding.bool(), dtype)[:, None, None, :]
+            keep = key_padding.bool()[:, None, None, :]
+            mask = torch.where(keep, mask, torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=mask.device))
         return mask
     if backend == "flex":
         if key_padding is not None:
