@@ -507,3 +507,20 @@ def test_llada2_on_cuda_matches_cpu():
         want = model(ids).logits
         got = model.to("cuda", torch.bfloat16)(ids.cuda()).logits.cpu()
     torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
+
+
+def test_distill_step_runs_with_a_wedlm_teacher():
+    """Pipeline B end to end through the one teacher call site: the step hands x0 to the teacher."""
+    from tide_ds.config import ObjectiveConfig
+    from tide_ds.objectives import RECIPES
+    from tide_ds.pipeline import DistillStep
+
+    teacher = WeDLMTeacher(decoder(), 63, block_size=4)
+    student = BD3LMStudent(decoder(seed=1), 4, 63).train()
+    step = DistillStep(student, teacher, RECIPES["tide_shared"], ObjectiveConfig())
+    x0 = torch.randint(0, 60, (2, 16))
+    n = step.noise({"input_ids": x0, "maskable": torch.ones_like(x0, dtype=torch.bool)},
+                   generator=torch.Generator().manual_seed(0))
+    loss, terms = step.loss(n, step.teacher_targets(n), progress=0.5)
+    loss.backward()
+    assert torch.isfinite(loss) and set(terms) == {"ce", "tidal"}
