@@ -85,7 +85,7 @@ def distill(cfg: Config) -> dict:
     teacher = None
     if needs_teacher(recipe):
         check_shared_vocab(cfg, tokenizer, cfg.recipe)
-        teacher = build_teacher(cfg.teacher, cfg.diffusion.mask_token).to(device)
+        teacher = build_teacher(cfg.teacher, cfg.diffusion.mask_token, block_size=cfg.diffusion.block_size).to(device)
     student = build_student(cfg.student, tokenizer, cfg.diffusion.block_size, cfg.diffusion.mask_token).to(device)
     train_set, eval_set = build_data(cfg, tokenizer)
     loader = torch.utils.data.DataLoader(train_set, batch_size=t.micro_batch_size, shuffle=True, drop_last=True,

@@ -1,21 +1,86 @@
 """Teachers: frozen diffusion LMs that return final hidden states and expose their output head.
 
-The objective reduces hidden states to what it needs (target log-probs or logits at masked
-positions) through the output head, so no teacher ever returns [b, l, V] logits.
+The interface every teacher keeps, and the only one the training step uses:
+  hidden_states(input_ids, attention_mask=None, x0=None) -> [b, l, H]
+  output_weight [V, H], output_bias [V] or None, vocab_size, mask_token_id
+  reads_x0: True for a teacher that also reads the clean sequence x0 (the block-diffusion layout);
+      the step passes x0 only to those
+The objective reduces hidden states to what it needs through the output head: per-token target
+log-probs (`target_logprobs_from_hidden`, CALM) or logits at the masked rows (KL / TIDAL), so no
+teacher ever materialises [b, l, V] logits.
+
+Three teachers:
+  LLaDA2Teacher           the LLaDA2-style MoE (`tide_ds.models.llada2`), bidirectional by design
+  WeDLMTeacher            a dense decoder fed the block-diffusion layout and mask ([x_0 ; x_t] or
+                          [x_t ; x_0]); returns the x_t half
+  HFBidirectionalTeacher  any transformers decoder run with full bidirectional attention, or a
+                          masked LM (its own bidirectional encoder, then its head's transform)
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from tide_ds.diffusion.layout import Order, Pattern, bd3lm_inputs, noisy_half
+from tide_ds.models.attention import resolve_backend, run_decoder
 
-class HFBidirectionalTeacher(nn.Module):
-    """Any transformers decoder or masked LM run with full bidirectional attention."""
+ROW_CHUNK_BYTES = 1 << 25  # fp32 logits of one row chunk: 32 MiB
+
+
+def target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                    bias: torch.Tensor | None = None, temperature: float = 1.0,
+                    row_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(hidden @ weight.T + bias)[target] / temperature per row, and the rows' logsumexp.
+
+    hidden [N, H], weight [V, H], targets [N] -> (token_logprobs [N], logsumexp [N]), fp32. Rows
+    are projected `row_chunk` at a time (default: 32 MiB of fp32 logits), so the peak is one
+    chunk of logits, never [N, V]. Same arguments and results as the fused
+    `tide_ds.kernels.target_logprobs`, which can replace it."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    step = row_chunk or max(1, ROW_CHUNK_BYTES // (4 * vocab))
+    token_lp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        z = hidden[rows] @ weight.T
+        if bias is not None:
+            z = z + bias
+        z = z.float()
+        if temperature != 1.0:
+            z = z / temperature
+        lse[rows] = torch.logsumexp(z, dim=-1)
+        token_lp[rows] = z.gather(-1, targets[rows, None]).squeeze(-1) - lse[rows]
+    return token_lp, lse
+
+
+def target_logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                targets: torch.Tensor, rows=None, row_chunk: int | None = None,
+                                temperature: float = 1.0) -> torch.Tensor:
+    """Per-token target log-probs from [b, l, H] hidden states, fp32.
+
+    rows: None (every position: returns [b, l]) or an index tuple into [b, l] such as
+    `mask.nonzero(as_tuple=True)` (returns [n], one per selected row)."""
+    if rows is None:
+        lp, _ = target_logprobs(hidden.flatten(0, -2), weight, targets.flatten(), bias=bias,
+                                temperature=temperature, row_chunk=row_chunk)
+        return lp.view(targets.shape)
+    lp, _ = target_logprobs(hidden[rows], weight, targets[rows], bias=bias, temperature=temperature,
+                            row_chunk=row_chunk)
+    return lp
+
+
+class Teacher(nn.Module):
+    """A frozen model plus its output head; subclasses define `hidden_states`."""
+
+    reads_x0 = False
 
     def __init__(self, model: nn.Module, mask_token_id: int):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.mask_token_id = mask_token_id
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen: dropout stays off whatever the caller asks
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -29,12 +94,96 @@ class HFBidirectionalTeacher(nn.Module):
     def vocab_size(self) -> int:
         return self.output_weight.shape[0]
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """[b, l, H]; attention_mask [b, l] bool hides padding keys, everything else is visible."""
-        b, length = input_ids.shape
-        dtype = self.output_weight.dtype
-        mask = torch.zeros(b, 1, length, length, dtype=dtype, device=input_ids.device)
-        if attention_mask is not None:
-            mask.masked_fill_(~attention_mask[:, None, None, :], torch.finfo(dtype).min)
-        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
-        return decoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      x0: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def target_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor, rows=None,
+                        attention_mask: torch.Tensor | None = None, x0: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token log p(target) at `rows` (see `target_logprobs_from_hidden`), for CALM."""
+        hidden = self.hidden_states(input_ids, attention_mask, x0)
+        return target_logprobs_from_hidden(hidden, self.output_weight, self.output_bias, targets, rows)
+
+    @torch.no_grad()
+    def logits_at(self, input_ids: torch.Tensor, rows, attention_mask: torch.Tensor | None = None,
+                  x0: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [n, V] at the given rows only, for KL / TIDAL."""
+        h = self.hidden_states(input_ids, attention_mask, x0)[rows]
+        logits = h @ self.output_weight.T
+        return logits if self.output_bias is None else logits + self.output_bias
+
+
+class LLaDA2Teacher(Teacher):
+    """The LLaDA2-style MoE: bidirectional by design; attention_mask [b, l] hides padding keys."""
+
+    def hidden_states(self, input_ids, attention_mask=None, x0=None):
+        return self.model.get_decoder()(input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class HFBidirectionalTeacher(Teacher):
+    """Any transformers decoder with full bidirectional attention, or a masked LM (`*ForMaskedLM`)
+    whose encoder is bidirectional already. For a masked LM the hidden states are the input of its
+    output projection (after the head's transform), captured without computing logits."""
+
+    def __init__(self, model: nn.Module, mask_token_id: int, attn_backend: str = "auto"):
+        super().__init__(model, mask_token_id)
+        resolve_backend(attn_backend, "cpu", key="teacher.attn_backend")
+        self.attn_backend = attn_backend
+        self.masked_lm = type(model).__name__.endswith("ForMaskedLM")
+
+    def hidden_states(self, input_ids, attention_mask=None, x0=None):
+        if self.masked_lm:
+            return head_input(self.model, input_ids=input_ids, attention_mask=attention_mask)
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return run_decoder(self.model, self.attn_backend, input_ids, pos, key_padding=attention_mask)
+
+
+class WeDLMTeacher(Teacher):
+    """A dense decoder (WeDLM-style) reading the noised and the clean sequence side by side with the
+    block-diffusion mask; `order` "x0_xt" puts the clean half first. Returns the x_t half."""
+
+    reads_x0 = True
+
+    def __init__(self, model: nn.Module, mask_token_id: int, block_size: int, order: Order = "x0_xt",
+                 attn_backend: str = "auto"):
+        super().__init__(model, mask_token_id)
+        resolve_backend(attn_backend, "cpu", key="teacher.attn_backend")
+        self.block_size, self.order, self.attn_backend = block_size, order, attn_backend
+
+    def hidden_states(self, input_ids, attention_mask=None, x0=None):
+        if x0 is None:
+            raise ValueError("the WeDLM-style teacher reads the clean sequence too: pass x0")
+        length = input_ids.shape[1]
+        ids, pos, two_halves = bd3lm_inputs(input_ids, x0, self.block_size, self.order)
+        pattern = Pattern(length, self.block_size, self.order) if two_halves else None
+        padding = attention_mask
+        if attention_mask is not None and two_halves:
+            padding = torch.cat([attention_mask, attention_mask], dim=1)
+        hidden = run_decoder(self.model, self.attn_backend, ids, pos, pattern, key_padding=padding)
+        return noisy_half(hidden, length, two_halves, self.order)
+
+
+class _Captured(Exception):
+    pass
+
+
+def head_input(model: nn.Module, **inputs) -> torch.Tensor:
+    """The tensor `model`'s output projection receives, without running the projection: a
+    forward pre-hook records it and stops the forward."""
+    captured = []
+
+    def hook(module, args):
+        captured.append(args[0])
+        raise _Captured
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(hook)
+    try:
+        model(**inputs)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"{type(model).__name__} never called its output embeddings")
+    return captured[0]
