@@ -3,8 +3,7 @@
 The interface every teacher keeps, and the only one the training step uses:
   hidden_states(input_ids, attention_mask=None, x0=None) -> [b, l, H]
   output_weight [V, H], output_bias [V] or None, vocab_size, mask_token_id
-  reads_x0: True for a teacher that also reads the clean sequence x0 (the block-diffusion layout);
-      the step passes x0 only to those
+  x0 (the clean sequence) is read only by teachers fed the block-diffusion layout (WeDLM-style)
 The objective reduces hidden states to what it needs through the output head: per-token target
 log-probs (`target_logprobs_from_hidden`, CALM) or logits at the masked rows (KL / TIDAL), so no
 teacher ever materialises [b, l, V] logits.
@@ -71,8 +70,6 @@ def target_logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias
 
 class Teacher(nn.Module):
     """A frozen model plus its output head; subclasses define `hidden_states`."""
-
-    reads_x0 = False
 
     def __init__(self, model: nn.Module, mask_token_id: int):
         super().__init__()
@@ -142,8 +139,6 @@ class HFBidirectionalTeacher(Teacher):
 class WeDLMTeacher(Teacher):
     """A dense decoder (WeDLM-style) reading the noised and the clean sequence side by side with the
     block-diffusion mask; `order` "x0_xt" puts the clean half first. Returns the x_t half."""
-
-    reads_x0 = True
 
     def __init__(self, model: nn.Module, mask_token_id: int, block_size: int, order: Order = "x0_xt",
                  attn_backend: str = "auto"):

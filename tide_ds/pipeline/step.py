@@ -116,8 +116,8 @@ class DistillStep:
         if self.teacher is None or not (needs - {STUDENT_LOGITS}):
             return TeacherTargets()
         # The one teacher call site: one pass, or CompDemo's two passes merged per position.
-        clean = {"x0": noised.teacher_x0} if getattr(self.teacher, "reads_x0", False) else {}
-        hidden = [self.teacher.hidden_states(x, noised.teacher_attention_mask, **clean) for x in noised.teacher_pass_inputs]
+        hidden = [self.teacher.hidden_states(x, noised.teacher_attention_mask, x0=noised.teacher_x0)
+                  for x in noised.teacher_pass_inputs]
         h = hidden[0] if len(hidden) == 1 else comp_demo_merge(hidden[0], hidden[1], noised.teacher_pass_masked)
         w, bias = self.teacher.output_weight, self.teacher.output_bias
         out = TeacherTargets()
