@@ -24,8 +24,10 @@ OPS = ("calm", "kl", "logprobs")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 GPU_DEFAULTS = dict(n=4096, h=1024, v=151_936, dtype="bf16", repeats=10)
 CPU_DEFAULTS = dict(n=1024, h=256, v=32_000, dtype="fp32", repeats=3)
-# What the issue asks of the fused op, per device: (memory / reference, time / reference or matmul).
-ACCEPTANCE = {"cpu": ("reference", 0.15, 1.0), "cuda": ("matmul", 0.05, 1.3)}
+# What the issue asks of the fused op, per device: the size it is stated at, and
+# (time measured against, memory / reference at most, time ratio at most).
+ACCEPTANCE = {"cpu": ("N=2048, H=256, V=151936", "reference", 0.15, 1.0),
+              "cuda": ("N=4096, H=1024, V=151936", "matmul", 0.05, 1.3)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -216,13 +218,13 @@ def run(args) -> int:
               f"peak memory {ratio('fused', 'reference', 'peak_bytes'):.3f}x")
     if "fused" in rows and "matmul" in rows:
         print(f"fused / matmul:    time {ratio('fused', 'matmul', 'time_s'):.3f}x")
-    against, mem_max, time_max = ACCEPTANCE[args.device]
+    size, against, mem_max, time_max = ACCEPTANCE[args.device]
     if {"fused", "reference", against} <= rows.keys():
         mem = ratio("fused", "reference", "peak_bytes")
         tim = ratio("fused", against, "time_s")
         ok = mem <= mem_max and tim <= time_max
-        print(f"acceptance ({args.device}): memory {mem:.3f}x <= {mem_max}x reference, "
-              f"time {tim:.3f}x <= {time_max}x {against}: {'pass' if ok else 'FAIL'}")
+        print(f"acceptance ({args.device}, stated at {size}): memory {mem:.3f}x <= {mem_max}x reference, "
+              f"time {tim:.3f}x <= {time_max}x {against}: {'met' if ok else 'NOT met'}")
     if args.csv:
         new = not args.csv.exists()
         with args.csv.open("a", newline="") as f:

@@ -36,8 +36,8 @@ def _kernels(t: torch.Tensor, impl: str):
     return twin
 
 
-def _rows(block_rows: int | None, t: torch.Tensor, vocab: int, buffers: int = 1) -> int:
-    return block_rows or max(1, ops.block_rows(vocab, t.device.type) // buffers)
+def _rows(block_rows: int | None, t: torch.Tensor, vocab: int) -> int:
+    return block_rows or ops.block_rows(vocab, t.device.type)
 
 
 def _reference_logits(hidden, weight, bias, lead):
@@ -139,7 +139,7 @@ def _shared_vocab_term(student, teacher, masked, lam, row_weight, temperature, r
     tb = None if bt is None else bt.detach()
     return ops.KLFunction.apply(h_s, ws, bs, h_t.detach(), wt.detach(), tb, coef,
                                 None if lam is None else lam.reshape(-1), temperature, reverse,
-                                _kernels(h_s, impl), _rows(block_rows, h_s, min(ws.shape[0], wt.shape[0]), 4),
+                                _kernels(h_s, impl), _rows(block_rows, h_s, min(ws.shape[0], wt.shape[0])),
                                 torch.is_grad_enabled())
 
 
