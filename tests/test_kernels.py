@@ -36,7 +36,7 @@ def compare(fn, inputs, dtype, tol=None):
         for x in inputs:
             x.grad = None
         loss = fn(impl)
-        loss.backward()
+        (1.5 * loss).backward()  # an upstream gradient other than 1
         results[impl] = [loss.detach()] + [x.grad for x in inputs]
     tol = tol or TOL[dtype]
     for i, (got, want) in enumerate(zip(results["twin"], results["reference"])):
@@ -207,6 +207,10 @@ def test_fused_calm_gradients_only_where_asked():
     assert hidden.grad is not None and weight.grad is None
     with torch.no_grad():
         assert not fused_calm(hidden, weight, targets, ids, teacher, mask).requires_grad
+    loss = fused_calm(hidden, weight, targets, ids, teacher, mask)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
 
 
 # ---------------------------------------------------------------- shared-vocabulary terms

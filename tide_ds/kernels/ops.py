@@ -96,9 +96,15 @@ class _Grads:
         return self.dh, dw, db
 
 
-def _scaled(grads, grad_output: torch.Tensor):
-    """The stored gradients times the upstream scalar gradient (in place: each backward runs once)."""
-    return tuple(None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads)
+def _rescaled(ctx, grad_output: torch.Tensor):
+    """The gradients the forward stored, times the upstream scalar gradient. They are rescaled in
+    place (no second copy of the weight gradient), so a second backward through the same graph is
+    refused rather than answered wrongly."""
+    if getattr(ctx, "rescaled", False):
+        raise RuntimeError("tide_ds.kernels: a fused loss computes its gradients in the forward and "
+                           "supports one backward per forward (recompute the loss instead of retain_graph)")
+    ctx.rescaled = True
+    return tuple(None if g is None else g.mul_(grad_output) for g in ctx.saved_tensors)
 
 
 # ---------------------------------------------------------------- per-token target log-probs
@@ -214,7 +220,7 @@ class ChunkLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        return (*_scaled(ctx.saved_tensors, grad_output), *(None,) * 7)
+        return (*_rescaled(ctx, grad_output), *(None,) * 7)
 
 
 # ---------------------------------------------------------------- shared-vocabulary terms (KL, TIDAL)
@@ -237,13 +243,13 @@ def kl_forward(student, teacher, row_coef, lam, temperature, reverse, need, kern
     live = (row_coef != 0).nonzero().squeeze(1)  # rows that count (a host sync sizes the work)
     for s in range(0, live.numel(), rows):
         idx = live[s : s + rows]
-        coef = row_coef[idx]
-        zs = _logits(hs[idx], ws_v, bs_v)
+        coef, h = row_coef[idx], hs[idx]
+        zs = _logits(h, ws_v, bs_v)
         zt = _logits(ht[idx], wt_v, bt_v)
         kl = kernels.kl_grad_(zs, zt, coef, temperature, None if lam is None else lam[idx], reverse)
         loss += (coef.to(kl.dtype) * kl).sum()
         if grads is not None:
-            grads.add(idx, hs[idx], zs)
+            grads.add(idx, h, zs)
     return loss, (None, None, None) if grads is None else grads.result(ws, bs)
 
 
@@ -258,4 +264,4 @@ class KLFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        return (*_scaled(ctx.saved_tensors, grad_output), *(None,) * 10)
+        return (*_rescaled(ctx, grad_output), *(None,) * 10)
