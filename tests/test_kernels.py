@@ -185,6 +185,21 @@ def test_fused_calm_chunk_longer_than_several_blocks():
                                         temperature=4.0, impl=impl, block_rows=2), [hidden, weight], torch.float32)
 
 
+def test_fused_chunk_loss_takes_chunk_tidal():
+    from tide_ds.kernels import fused_chunk_loss
+    from tide_ds.objectives import chunk_tidal
+
+    g = torch.Generator().manual_seed(13)
+    hidden, weight, _ = projection(g, (3, 10), 8, 90, torch.float32)
+    targets = peaked_targets(g, hidden, weight)
+    ids, num_chunks = chunk_layout(g, 3, 10, 3)
+    mask, teacher = chunk_mask(g, 3, num_chunks, "random"), -4 * torch.rand(3, num_chunks, generator=g)
+    lam, w = torch.rand(3, generator=g), torch.rand(3, generator=g)
+    loss = lambda lS: chunk_tidal(lS, teacher, mask, lam, weight=w)  # noqa: E731
+    compare(lambda impl: fused_chunk_loss(hidden, weight, targets, ids, mask, loss, impl=impl, block_rows=4),
+            [hidden, weight], torch.float32)
+
+
 def test_fused_calm_takes_flattened_hidden():
     g = torch.Generator().manual_seed(11)
     hidden, weight, _ = projection(g, (2, 9), 8, 50, torch.float32)
