@@ -275,6 +275,56 @@ def test_modules_match_functional():
     assert_rel(FusedKLLoss(reverse=True)(hidden, weight, ht, wt), fused_kl(hidden, weight, ht, wt, reverse=True), 0)
 
 
+class BindingChecks:
+    """The twin behind the argument checks of kernels/binding.cpp (minus the device check), so the
+    tiled ops are seen to call the CUDA binding the way it accepts."""
+
+    @staticmethod
+    def _block(z):
+        assert z.dim() == 2 and z.is_contiguous() and z.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+    @staticmethod
+    def _rows(z, *vectors):
+        assert all(v.numel() == z.shape[0] for v in vectors)
+
+    def lse_target(self, z, targets, scale):
+        self._block(z), self._rows(z, targets)
+        return twin.lse_target(z, targets, scale)
+
+    def logit_grad_(self, z, targets, lse, coef_target, coef_prob, scale):
+        self._block(z), self._rows(z, targets, lse, coef_target, coef_prob)
+        return twin.logit_grad_(z, targets, lse, coef_target, coef_prob, scale)
+
+    def kl_grad_(self, zs, zt, coef, temperature, lam, reverse):
+        self._block(zs), self._block(zt), self._rows(zs, coef, *([] if lam is None else [lam]))
+        assert zs.shape == zt.shape and not (reverse and lam is not None)
+        return twin.kl_grad_(zs, zt, coef, temperature, lam, reverse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ops_call_the_row_kernels_as_the_cuda_binding_accepts(monkeypatch, dtype):
+    from tide_ds.kernels import functional
+
+    monkeypatch.setattr(functional, "_kernels", lambda t, impl: BindingChecks())
+    g = torch.Generator().manual_seed(21)
+    hidden, weight, bias = projection(g, (2, 15), 8, 211, dtype, bias=True)
+    targets = peaked_targets(g, hidden, weight)
+    ids, num_chunks = chunk_layout(g, 2, 15, 4)
+    mask, teacher = chunk_mask(g, 2, num_chunks, "random"), -4 * torch.rand(2, num_chunks, generator=g)
+    ht, wt, _ = projection(g, (2, 15), 12, 200, dtype)
+    masked, t = chunk_mask(g, 2, 15, "random"), torch.rand(2, generator=g)
+    params = [hidden, weight, bias]
+    compare(lambda impl: fused_calm(hidden, weight, targets, ids, teacher, mask, bias=bias, impl=impl,
+                                    block_rows=4), params, dtype)
+    compare(lambda impl: target_logprobs(hidden, weight, targets, bias=bias, temperature=2.0, impl=impl,
+                                         block_rows=4)[0].sum(), params, dtype)
+    for reverse in (False, True):
+        compare(lambda impl: fused_kl(hidden, weight, ht, wt, masked, reverse=reverse, student_bias=bias, impl=impl,
+                                      block_rows=4), params, dtype)
+    compare(lambda impl: fused_tidal(hidden, weight, ht, wt, masked, t, 0.7, student_bias=bias, impl=impl,
+                                     block_rows=4), params, dtype)
+
+
 def test_unknown_impl_is_refused():
     hidden, weight, _ = projection(torch.Generator().manual_seed(0), (4,), 4, 8, torch.float32)
     with pytest.raises(ValueError, match="impl"):
