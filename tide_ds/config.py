@@ -51,6 +51,7 @@ class ObjectiveConfig:
     tidal_axis: Literal["both", "training_only", "timestep_only"] = "both"
     timestep_weight: Literal["midrange", "uniform"] = "midrange"
     demo_ratio: float = 0.5
+    kernels: Literal["auto", "twin", "reference"] = "auto"  # fused ops: CUDA/CPU twin, or plain PyTorch
 
 
 @dataclass(kw_only=True)

@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab", type=int, default=157184)
     p.add_argument("--hidden", type=int, default=64, help="teacher hidden size (tiny, so a CPU runs it)")
     p.add_argument("--layers", type=int, default=2, help="layer 0 dense, the rest MoE")
-    p.add_argument("--row-chunk", type=int, default=None, help="rows projected at once (default: 32 MiB of logits)")
+    p.add_argument("--block-rows", type=int, default=None, help="rows projected at once (default: the kernel's choice)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--full", action="store_true", help="also run the full-logits variant (large)")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # worker mode
@@ -69,7 +69,7 @@ def _device(name: str) -> str:
 
 def _worker(args, variant: str) -> dict:
     cmd = [sys.executable, "-m", "tide_ds.cli", "bench", "teacher", "--variant", variant]
-    for key in ("batch", "length", "vocab", "hidden", "layers", "row_chunk", "device"):
+    for key in ("batch", "length", "vocab", "hidden", "layers", "block_rows", "device"):
         value = getattr(args, key)
         if value is not None:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
@@ -86,7 +86,8 @@ def measure(args) -> dict:
     import torch
 
     from tide_ds.models.llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM
-    from tide_ds.models.teacher import LLaDA2Teacher, target_logprobs_from_hidden
+    from tide_ds.kernels import target_logprobs
+    from tide_ds.models.teacher import LLaDA2Teacher
 
     device = torch.device(_device(args.device))
     torch.manual_seed(0)
@@ -104,8 +105,9 @@ def measure(args) -> dict:
         with torch.no_grad():
             hidden = teacher.hidden_states(ids)
             if args.variant == "calm":
-                return target_logprobs_from_hidden(hidden, teacher.output_weight, teacher.output_bias, targets,
-                                                   row_chunk=args.row_chunk)
+                # the op the training step uses for the teacher's CALM targets
+                return target_logprobs(hidden.flatten(0, 1), teacher.output_weight, targets.flatten(),
+                                       bias=teacher.output_bias, block_rows=args.block_rows)[0]
             if args.variant == "full":
                 logits = (hidden @ teacher.output_weight.T).float()
                 return torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)

@@ -7,8 +7,6 @@ from tide_ds.models.teacher import (
     LLaDA2Teacher,
     Teacher,
     WeDLMTeacher,
-    target_logprobs,
-    target_logprobs_from_hidden,
 )
 
 __all__ = [
@@ -23,6 +21,4 @@ __all__ = [
     "build_student",
     "build_teacher",
     "load_tokenizer",
-    "target_logprobs",
-    "target_logprobs_from_hidden",
 ]

@@ -5,7 +5,8 @@ The interface every teacher keeps, and the only one the training step uses:
   output_weight [V, H], output_bias [V] or None, vocab_size, mask_token_id
   x0 (the clean sequence) is read only by teachers fed the block-diffusion layout (WeDLM-style)
 The objective reduces hidden states to what it needs through the output head: per-token target
-log-probs (`target_logprobs_from_hidden`, CALM) or logits at the masked rows (KL / TIDAL), so no
+log-probs (CALM) or the distributions at masked rows (KL / TIDAL), with the tiled ops of
+`tide_ds.kernels`, so no
 teacher ever materialises [b, l, V] logits.
 
 Three teachers:
@@ -22,51 +23,6 @@ from torch import nn
 
 from tide_ds.diffusion.layout import Order, Pattern, bd3lm_inputs, noisy_half
 from tide_ds.models.attention import resolve_backend, run_decoder
-
-ROW_CHUNK_BYTES = 1 << 25  # fp32 logits of one row chunk: 32 MiB
-
-
-def target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                    bias: torch.Tensor | None = None, temperature: float = 1.0,
-                    row_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """log softmax(hidden @ weight.T + bias)[target] / temperature per row, and the rows' logsumexp.
-
-    hidden [N, H], weight [V, H], targets [N] -> (token_logprobs [N], logsumexp [N]), fp32. Rows
-    are projected `row_chunk` at a time (default: 32 MiB of fp32 logits), so the peak is one
-    chunk of logits, never [N, V]. Same arguments and results as the fused
-    `tide_ds.kernels.target_logprobs`, which can replace it."""
-    n, vocab = hidden.shape[0], weight.shape[0]
-    step = row_chunk or max(1, ROW_CHUNK_BYTES // (4 * vocab))
-    token_lp = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    for start in range(0, n, step):
-        rows = slice(start, start + step)
-        z = hidden[rows] @ weight.T
-        if bias is not None:
-            z = z + bias
-        z = z.float()
-        if temperature != 1.0:
-            z = z / temperature
-        lse[rows] = torch.logsumexp(z, dim=-1)
-        token_lp[rows] = z.gather(-1, targets[rows, None]).squeeze(-1) - lse[rows]
-    return token_lp, lse
-
-
-def target_logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                targets: torch.Tensor, rows=None, row_chunk: int | None = None,
-                                temperature: float = 1.0) -> torch.Tensor:
-    """Per-token target log-probs from [b, l, H] hidden states, fp32.
-
-    rows: None (every position: returns [b, l]) or an index tuple into [b, l] such as
-    `mask.nonzero(as_tuple=True)` (returns [n], one per selected row)."""
-    if rows is None:
-        lp, _ = target_logprobs(hidden.flatten(0, -2), weight, targets.flatten(), bias=bias,
-                                temperature=temperature, row_chunk=row_chunk)
-        return lp.view(targets.shape)
-    lp, _ = target_logprobs(hidden[rows], weight, targets[rows], bias=bias, temperature=temperature,
-                            row_chunk=row_chunk)
-    return lp
-
 
 class Teacher(nn.Module):
     """A frozen model plus its output head; subclasses define `hidden_states`."""
@@ -94,21 +50,6 @@ class Teacher(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       x0: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
-
-    @torch.no_grad()
-    def target_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor, rows=None,
-                        attention_mask: torch.Tensor | None = None, x0: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-token log p(target) at `rows` (see `target_logprobs_from_hidden`), for CALM."""
-        hidden = self.hidden_states(input_ids, attention_mask, x0)
-        return target_logprobs_from_hidden(hidden, self.output_weight, self.output_bias, targets, rows)
-
-    @torch.no_grad()
-    def logits_at(self, input_ids: torch.Tensor, rows, attention_mask: torch.Tensor | None = None,
-                  x0: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [n, V] at the given rows only, for KL / TIDAL."""
-        h = self.hidden_states(input_ids, attention_mask, x0)[rows]
-        logits = h @ self.output_weight.T
-        return logits if self.output_bias is None else logits + self.output_bias
 
 
 class LLaDA2Teacher(Teacher):
