@@ -39,6 +39,6 @@ def test_generate_errors_are_clear(tmp_path, capsys):
 
 
 def test_bench_teacher_prints_the_figures(capsys):
-    assert main(["bench", "teacher", "--batch", "2", "--length", "256", "--vocab", "20000", "--row-chunk", "16"]) == 0
+    assert main(["bench", "teacher", "--batch", "2", "--length", "256", "--vocab", "20000", "--block-rows", "16"]) == 0
     out = capsys.readouterr().out
     assert "full fp32 logits" in out and "calm" in out and "% of full fp32 logits" in out
