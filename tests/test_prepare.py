@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 import tokenizer_assets as assets
 from tide_ds.align import token_byte_table
@@ -12,6 +13,7 @@ from tide_ds.config import ConfigError, load_dataclass
 from tide_ds.data.chat import SkipRow, conversation_of, render_pair
 from tide_ds.data.collate import Collator
 from tide_ds.data.prepare import REPORT_NAME, PrepareConfig, load_prepared, prepare
+from tide_ds.diffusion import chunk_masked, noise_batch, tokens_of_chunks
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Write a function that adds two numbers. 你好!"},
@@ -67,8 +69,11 @@ def check_rows(data, student_path, teacher_path, teacher_drops_whitespace=False)
             if t_chunks[0] == c and t_text[:1] == b" " != s_text[:1]:
                 t_text = t_text[1:]  # a SentencePiece dummy prefix on the very first token is not text
             if teacher_drops_whitespace:
-                s_text, t_text = b"".join(s_text.split()), t_text
+                s_text = b"".join(s_text.split())
             assert s_text == t_text and s_text
+            for side in (chunks, t_chunks):  # a chunk is one run of tokens
+                at = np.flatnonzero(side == c)
+                assert at[-1] - at[0] + 1 == len(at)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +156,14 @@ def test_prepare_cross_tokenizer_jsonl_with_bad_rows(tmp_path):
 
     batch = Collator(report["student_eos_id"], 32, report["teacher_pad_id"])([data[i] for i in range(3)])
     assert batch["input_ids"].shape[1] % 32 == 0 and batch["num_chunks"] == max(data["num_chunks"])
+    # the training step's chunk-consistent masking reads the batch as it is
+    noised = noise_batch(batch["input_ids"], batch["maskable"], mask_id=0, t=torch.full((3,), 0.5),
+                         chunk_ids=batch["chunk_ids"], generator=torch.Generator().manual_seed(0))
+    active = chunk_masked(noised.masked, batch["chunk_ids"], batch["num_chunks"])
+    assert active.any()
+    assert torch.equal(tokens_of_chunks(active, batch["chunk_ids"]), noised.masked & (batch["chunk_ids"] >= 0))
+    teacher_masked = tokens_of_chunks(active, batch["teacher_chunk_ids"])
+    assert not (teacher_masked & ~batch["teacher_attention_mask"]).any()
 
 
 def test_content_a_template_changes_is_skipped(tmp_path):
@@ -211,6 +224,15 @@ def test_parquet_dataset_dir_and_wordpiece_teacher(tmp_path):
     check_rows(data, assets.qwen_dir(), assets.bert_dir(), teacher_drops_whitespace=True)
     # BERT (no chat template: the plain one) lower-cases: the capitalised words do not align
     assert data[2]["num_chunks"] > data[3]["num_chunks"] > 0
+
+
+def test_json_list_file_with_a_bad_byte(tmp_path):
+    good = json.dumps([{"messages": CONVERSATIONS[0]}, {"text": "second row"}, {"text": "BAD"}, {"text": "not read"}])
+    path = tmp_path / "rows.json"
+    path.write_bytes(b"\xef\xbb\xbf" + good.encode().replace(b"BAD", b"bad \xff"))  # a BOM, then one bad byte
+    report = prepare(make_config({"data_files": [str(path)], "output_dir": str(tmp_path / "out"), "max_samples": 3,
+                                  **sides()}))
+    assert report["rows"] == 3 and report["kept"] == 2 and report["dropped"] == {"invalid_utf8": 1}
 
 
 def test_shared_vocabulary_pipeline_pairs_single_tokens(tmp_path):

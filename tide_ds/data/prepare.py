@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from tide_ds.config import ConfigError, load_dataclass
@@ -202,7 +202,7 @@ def _json_rows(path: str):
 
 def _json_list(path: str) -> list:
     with open(path, "rb") as f:
-        text = f.read().decode("utf-8", errors="surrogateescape")
+        text = f.read().decode("utf-8", errors="surrogateescape").lstrip("\ufeff")  # bad bytes fail their row later
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:

@@ -242,7 +242,7 @@ def _parse_row(batch: dict[str, list], i: int) -> dict:
     if JSON_COLUMN not in batch:
         return {name: values[i] for name, values in batch.items()}
     try:
-        row = json.loads(batch[JSON_COLUMN][i].decode("utf-8"))
+        row = json.loads(batch[JSON_COLUMN][i].decode("utf-8").lstrip("\ufeff"))  # a byte-order mark may start a file
     except UnicodeDecodeError:
         raise SkipRow("invalid_utf8") from None
     except json.JSONDecodeError:
