@@ -32,7 +32,7 @@ def launched_world() -> int:
     for key in ("WORLD_SIZE", *_MPI_SIZE):
         if key in os.environ:
             return int(os.environ[key])
-    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+    if "SLURM_STEP_ID" in os.environ and "SLURM_NTASKS" in os.environ:  # inside an srun step
         return int(os.environ["SLURM_NTASKS"])
     return 1
 
@@ -48,13 +48,18 @@ def _free_port() -> int:
 
 
 def _slurm_env() -> None:
-    """srun without MPI: the rank variables come from SLURM (MASTER_ADDR from the sbatch script)."""
-    if "WORLD_SIZE" in os.environ or "SLURM_PROCID" not in os.environ or any(k in os.environ for k in _MPI_SIZE):
+    """`srun` starts the ranks itself: take rank and size from SLURM (MASTER_ADDR from the sbatch script).
+    Under mpirun (OMPI_*) or a launcher (RANK set), their variables win."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ or "SLURM_STEP_ID" not in os.environ:
         return
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_ADDR" not in os.environ:
+        if int(os.environ.get("SLURM_NNODES", "1")) > 1:
+            raise ConfigError("srun over several nodes: export MASTER_ADDR (the first node, e.g. "
+                              "$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1)) in the sbatch script")
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ.setdefault("MASTER_PORT", "29500")
 
 
