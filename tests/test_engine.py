@@ -1,7 +1,9 @@
 """The DeepSpeed engine: config merge, ZeRO-3 student + ZeRO-3 teacher on 2 CPU ranks (gloo),
 checkpoints, resume, export, and bad input."""
+import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -31,7 +33,8 @@ def _port() -> int:
 
 def launch(launcher: str, args: list[str], entry: str = "tide_ds.cli", timeout: int = 600):
     """Starts 2 CPU ranks with `launcher` running `python -m entry distill args`."""
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "DS_ACCELERATOR": "cpu",
+    path = os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "DS_ACCELERATOR": "cpu",
            "OMP_NUM_THREADS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -40,6 +43,12 @@ def launch(launcher: str, args: list[str], entry: str = "tide_ds.cli", timeout: 
         cmd = [str(BIN / "deepspeed"), "--num_accelerators", "2", "--master_port", port, "--module", entry]
     elif launcher == "torchrun":
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, "-m", entry]
+    elif launcher == "mpirun":
+        env["MASTER_PORT"] = port
+        root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+        forward = [a for k in ("PYTHONPATH", "DS_ACCELERATOR", "OMP_NUM_THREADS", "MASTER_PORT", "PATH",
+                               "TORCH_EXTENSIONS_DIR") if k in env for a in ("-x", k)]
+        cmd = ["mpirun", *root, "--oversubscribe", "-n", "2", *forward, sys.executable, "-m", entry]
     else:
         raise ValueError(launcher)
     start = time.time()
@@ -147,9 +156,14 @@ def _args(tiny_overrides, out, *extra):
     return [o for o in tiny_overrides if not o.startswith("output_dir=")] + [f"output_dir={out}", *extra]
 
 
+HAVE_MPI = shutil.which("mpirun") is not None and importlib.util.find_spec("mpi4py") is not None
+LAUNCHERS = ["deepspeed", "torchrun",
+             pytest.param("mpirun", marks=pytest.mark.skipif(not HAVE_MPI, reason="needs mpirun and mpi4py"))]
+
+
 @pytest.mark.multirank
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+@pytest.mark.parametrize("launcher", LAUNCHERS)
 @pytest.mark.parametrize("recipe", ["tide_cross", "tide_shared"])
 def test_zero3_student_and_teacher_on_2_ranks_match_one_process(launcher, recipe, tiny_overrides, tmp_path):
     common = [f"recipe={recipe}", "train.steps=5", "train.warmup_steps=0", "train.lr=3e-3"]

@@ -16,6 +16,7 @@ import argparse
 import itertools
 import json
 import os
+import sys
 import time
 
 import torch
@@ -26,7 +27,7 @@ from tide_ds import checkpoint
 from tide_ds.config import Config, ConfigError, load_config, to_dict
 from tide_ds.data.corpus import TextWindows, collate_windows, corpus_files, is_holdout
 from tide_ds.engine import build_engine, init_distributed, slice_rows, wants_deepspeed
-from tide_ds.engine.build import lr_lambda, to_device  # noqa: F401  (lr_lambda: public for tests)
+from tide_ds.engine.build import to_device
 from tide_ds.engine.dist import fail_fast
 from tide_ds.eval import masked_token_loss
 from tide_ds.models import build_student, build_teacher, load_tokenizer
@@ -43,6 +44,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     distill(load_config(args.config, overrides))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        multi = torch.distributed.get_world_size() > 1
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        if multi:  # everything is saved; skip interpreter teardown, where gloo's threads can abort
+            if "mpi4py.MPI" in sys.modules and not sys.modules["mpi4py.MPI"].Is_finalized():
+                sys.modules["mpi4py.MPI"].Finalize()  # mpirun counts an exit without it as a failure
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     return 0
 
 

@@ -217,12 +217,17 @@ def _zero3_teacher(step, student_ds: dict):
 
 
 def teacher_bytes(teacher) -> int:
-    """Bytes of teacher parameters held by this rank (the local partition under ZeRO-3)."""
+    """Bytes of teacher parameters held by this rank: the local partition under ZeRO-3, plus the
+    whole of the small parameters ZeRO-3 keeps on every rank (stage3_param_persistence_threshold)."""
     total = 0
     for p in teacher.parameters():
         local = getattr(p, "ds_tensor", None)
-        t = local if local is not None else p
-        total += t.numel() * t.element_size()
+        if local is None:
+            total += p.numel() * p.element_size()
+            continue
+        total += local.numel() * local.element_size()
+        if getattr(p, "ds_persist", False):
+            total += p.ds_numel * p.element_size()
     return total
 
 

@@ -77,6 +77,7 @@ def init_distributed(cfg: Config) -> Dist:
 
     backend = cfg.engine.backend if cfg.engine.backend != "auto" else ("nccl" if want_cuda else "gloo")
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False,
+                               distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
                                timeout=datetime.timedelta(seconds=cfg.engine.timeout_s))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
