@@ -208,8 +208,9 @@ def test_zero3_resume_and_export_on_2_ranks(tiny_overrides, tmp_path):
 
 
 @pytest.mark.multirank
-def test_a_failure_on_one_rank_stops_every_rank(tiny_overrides, tmp_path):
-    out, seconds = launch("torchrun", _args(tiny_overrides, tmp_path / "fail", "recipe=ce",
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_failure_on_one_rank_stops_every_rank(launcher, tiny_overrides, tmp_path):
+    out, seconds = launch(launcher, _args(tiny_overrides, tmp_path / "fail", "recipe=ce",
                                             f"engine.ds_config={ZERO3}", "engine.timeout_s=60"),
                           entry="rank_failure_main", timeout=300)
     assert out.returncode != 0
