@@ -1,5 +1,33 @@
 """tide_ds: cross-architecture distillation of diffusion language models (TIDE) on DeepSpeed."""
+import os
+import shutil
+import sys
+
 from setuptools import find_packages, setup
+
+
+def cuda_extension():
+    """The CUDA row kernels of tide_ds.kernels, built only where a CUDA build of torch and nvcc are
+    both present (install with --no-build-isolation so that torch is importable here). Elsewhere
+    nothing is built: tide_ds.kernels JIT-builds the same sources at first use on a GPU machine, and
+    uses its PyTorch twin on CPU."""
+    if os.environ.get("TIDE_DS_NO_CUDA_EXT"):
+        return {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return {}
+    if torch.version.cuda is None or CUDA_HOME is None or not shutil.which("nvcc", path=os.path.join(CUDA_HOME, "bin")):
+        print("tide_ds: no CUDA torch or nvcc here; not building the CUDA extension", file=sys.stderr)
+        return {}
+    ext = CUDAExtension(
+        "tide_ds.kernels._cuda",
+        ["kernels/binding.cpp", "kernels/tide_kernels.cu"],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+    )
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
+
 
 setup(
     name="tide_ds",
@@ -27,4 +55,5 @@ setup(
         "dev": ["pytest>=8.0", "hypothesis>=6.100", "pytest-timeout>=2.3"],
     },
     entry_points={"console_scripts": ["tide-ds=tide_ds.cli:main"]},
+    **cuda_extension(),
 )

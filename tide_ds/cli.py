@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "distill": ("tide_ds.train", "distill a teacher into a BD3LM student from a YAML config"),
     "prepare": ("tide_ds.data.prepare", "tokenize and align a chat/text dataset offline"),
     "generate": ("tide_ds.generate", "generate with a BD3LM student"),
+    "a2d": ("tide_ds.models.a2d", "convert an autoregressive checkpoint (Qwen3 / Llama) into a BD3LM student"),
     "export": ("tide_ds.checkpoint", "turn a training checkpoint into a transformers model directory"),
     "bench": ("tide_ds.bench", "benchmarks that print speed and memory figures"),
 }

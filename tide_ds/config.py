@@ -23,9 +23,15 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str | None = None  # a transformers model directory (None: build from `init`)
     init: dict[str, Any] = field(default_factory=dict)  # config kwargs for a fresh random model
-    kind: Literal["auto", "qwen3", "llama", "hf_bidirectional"] = "auto"
+    # student: auto | qwen3 | llama. teacher: auto (from the checkpoint's model_type) | llada2_moe |
+    # wedlm | hf_bidirectional | qwen3 | llama (see tide_ds/models/build.py)
+    kind: Literal["auto", "qwen3", "llama", "hf_bidirectional", "llada2_moe", "wedlm"] = "auto"
     tokenizer: str | None = None  # defaults to `path`
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"  # auto: flex on CUDA, sdpa elsewhere
+    mask_token_id: int | None = None  # teacher: overrides the id found through its tokenizer / config
+    block_size: int | None = None  # wedlm teacher: its block (None: diffusion.block_size)
+    block_order: Literal["x0_xt", "xt_x0"] = "x0_xt"  # wedlm teacher: which half comes first
 
 
 @dataclass(kw_only=True)
@@ -45,6 +51,7 @@ class ObjectiveConfig:
     tidal_axis: Literal["both", "training_only", "timestep_only"] = "both"
     timestep_weight: Literal["midrange", "uniform"] = "midrange"
     demo_ratio: float = 0.5
+    kernels: Literal["auto", "twin", "reference"] = "auto"  # fused ops: CUDA/CPU twin, or plain PyTorch
 
 
 @dataclass(kw_only=True)
@@ -237,6 +244,7 @@ def validate(cfg: Config) -> None:
         (t.lr > 0, "train.lr must be > 0"),
         (0 <= t.warmup_steps, "train.warmup_steps must be >= 0"),
         (0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
+        (cfg.teacher.block_size is None or cfg.teacher.block_size >= 1, "teacher.block_size must be >= 1"),
         (cfg.data.seq_len % cfg.diffusion.block_size == 0,
          f"data.seq_len ({cfg.data.seq_len}) must be a multiple of diffusion.block_size ({cfg.diffusion.block_size})"),
     ]

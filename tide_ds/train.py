@@ -111,7 +111,7 @@ def _distill(cfg: Config, dist) -> dict:
     teacher = None
     if needs_teacher(recipe):
         check_shared_vocab(cfg, tokenizer, cfg.recipe)
-        teacher = build_teacher(cfg.teacher, cfg.diffusion.mask_token).to(device)
+        teacher = build_teacher(cfg.teacher, cfg.diffusion.mask_token, block_size=cfg.diffusion.block_size).to(device)
     student = build_student(cfg.student, tokenizer, cfg.diffusion.block_size, cfg.diffusion.mask_token).to(device)
     train_set, eval_set = build_data(cfg, tokenizer)
     eval_batches = list(itertools.islice(torch.utils.data.DataLoader(

@@ -1,17 +1,35 @@
-"""Builds models and tokenizers from a `ModelConfig`, with errors that name the key to fix."""
+"""Builds models and tokenizers from a `ModelConfig`, with errors that name the key to fix.
+
+Student kinds: auto, qwen3, llama (a transformers decoder wrapped as a BD3LM).
+Teacher kinds: llada2_moe (LLaDA2-style MoE), wedlm (a dense decoder fed the block-diffusion
+layout), hf_bidirectional (any transformers decoder or masked LM run bidirectionally), qwen3 /
+llama (hf_bidirectional, with the family checked), auto (llada2_moe when the checkpoint says so,
+else hf_bidirectional). The checkpoint's config.json `model_type` must agree with the kind.
+"""
 from __future__ import annotations
 
+import json
 import os
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from tide_ds.config import ConfigError, ModelConfig
+from tide_ds.models import llada2  # registers model_type "llada2_moe" with the Auto classes
 from tide_ds.models.student import BD3LMStudent
-from tide_ds.models.teacher import HFBidirectionalTeacher
+from tide_ds.models.teacher import HFBidirectionalTeacher, LLaDA2Teacher, Teacher, WeDLMTeacher
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_FAMILIES = {"auto": None, "qwen3": "qwen3", "llama": "llama", "hf_bidirectional": None}
+STUDENT_KINDS = ("auto", "qwen3", "llama")
+# kind -> the checkpoint model_types it accepts (None: any)
+_KIND_MODEL_TYPES = {"qwen3": {"qwen3"}, "llama": {"llama"}, "llada2_moe": {llada2.MODEL_TYPE}}
 
 
 def load_tokenizer(path: str, key: str) -> PreTrainedTokenizerBase:
@@ -23,47 +41,138 @@ def load_tokenizer(path: str, key: str) -> PreTrainedTokenizerBase:
         raise ConfigError(f"{key}={path} holds no loadable tokenizer ({e.__class__.__name__}); save one there with save_pretrained") from None
 
 
+def checkpoint_model_type(path: str, key: str) -> str:
+    """`model_type` from a checkpoint directory's config.json, read without building anything."""
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise ConfigError(f"{key}={path} has no config.json; give a transformers model directory")
+    with open(file, encoding="utf-8") as f:
+        model_type = json.load(f).get("model_type")
+    if not model_type:
+        raise ConfigError(f"{key}={path}: config.json has no model_type")
+    return model_type
+
+
+def check_student_checkpoint(model_type: str, key: str) -> None:
+    """A student is a transformers decoder (Qwen3 / Llama family, or another native causal LM)."""
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(f"{key} holds a '{model_type}' checkpoint; a BD3LM student is a transformers decoder "
+                          f"such as qwen3 or llama")
+
+
+def check_kind(kind: str, model_type: str, key: str) -> None:
+    accepted = _KIND_MODEL_TYPES.get(kind)
+    if accepted is not None and model_type not in accepted:
+        raise ConfigError(f"{key}.kind is '{kind}' but {key}.path holds a '{model_type}' checkpoint "
+                          f"(model_type in its config.json); set {key}.kind to auto or to the checkpoint's family")
+
+
 def mask_token_id(tokenizer: PreTrainedTokenizerBase, mask_token: str, key: str) -> int:
     """The id of the mask token; the tokenizer must already know it."""
-    tid = tokenizer.convert_tokens_to_ids(mask_token)
-    if tid is None or tid == tokenizer.unk_token_id:
+    tid = _token_id(tokenizer, mask_token)
+    if tid is None:
         raise ConfigError(f"the tokenizer for {key} has no mask token {mask_token!r}; add it as a special "
                           f"token or set diffusion.mask_token to the token it uses")
     return tid
 
 
+def _token_id(tokenizer, token: str) -> int | None:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    return None if tid is None or tid == tokenizer.unk_token_id else tid
+
+
+def ensure_mask_token(tokenizer: PreTrainedTokenizerBase, mask_token: str) -> int:
+    """The mask token's id, adding it as a special token when the tokenizer has none."""
+    tid = _token_id(tokenizer, mask_token)
+    if tid is None:
+        tokenizer.add_special_tokens({"mask_token": mask_token})
+        tid = _token_id(tokenizer, mask_token)
+    return tid
+
+
+def _load(cls, cfg: ModelConfig, key: str, **kwargs):
+    try:
+        return cls.from_pretrained(cfg.path, dtype=_DTYPES[cfg.dtype], **kwargs)
+    except (ValueError, OSError, RuntimeError, KeyError) as e:
+        raise ConfigError(f"{key}.path={cfg.path} does not load as a {key} model: {e}") from None
+
+
 def _causal_lm(cfg: ModelConfig, key: str, vocab_size: int | None) -> torch.nn.Module:
     dtype = _DTYPES[cfg.dtype]
     if cfg.path is not None:
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype)
-    else:
-        family = _FAMILIES[cfg.kind] or "qwen3"
-        init = dict(cfg.init)
-        if vocab_size is not None:
-            init.setdefault("vocab_size", vocab_size)
-        try:
-            config = AutoConfig.for_model(family, **init)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{key}.init is not a valid {family} config: {e}") from None
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    expected = _FAMILIES[cfg.kind]
-    if expected is not None and model.config.model_type != expected:
-        raise ConfigError(f"{key}.kind is '{cfg.kind}' but {key}.path holds a '{model.config.model_type}' model; "
-                          f"set {key}.kind to auto or to the model's family")
-    return model
+        model_type = checkpoint_model_type(cfg.path, f"{key}.path")
+        check_kind(cfg.kind, model_type, key)
+        check_student_checkpoint(model_type, f"{key}.path")
+        return _load(AutoModelForCausalLM, cfg, key)
+    family = cfg.kind if cfg.kind in ("qwen3", "llama") else "qwen3"
+    init = dict(cfg.init)
+    if vocab_size is not None:
+        init.setdefault("vocab_size", vocab_size)
+    try:
+        config = AutoConfig.for_model(family, **init)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{key}.init is not a valid {family} config: {e}") from None
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def build_student(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, block_size: int, mask_token: str) -> BD3LMStudent:
-    mask_id = mask_token_id(tokenizer, mask_token, "student")
+    """A BD3LM student; the mask token is added to the tokenizer (and the embeddings) if missing."""
+    if cfg.kind not in STUDENT_KINDS:
+        raise ConfigError(f"student.kind is '{cfg.kind}'; a student is a transformers decoder: choose one of "
+                          f"{', '.join(STUDENT_KINDS)}")
+    mask_id = ensure_mask_token(tokenizer, mask_token)
     model = _causal_lm(cfg, "student", vocab_size=len(tokenizer))
     if model.get_output_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
-    return BD3LMStudent(model, block_size=block_size, mask_token_id=mask_id)
+    return BD3LMStudent(model, block_size=block_size, mask_token_id=mask_id, attn_backend=cfg.attn_backend)
 
 
-def build_teacher(cfg: ModelConfig, mask_token: str) -> HFBidirectionalTeacher:
+def build_teacher(cfg: ModelConfig, mask_token: str, block_size: int | None = None) -> Teacher:
+    """A frozen teacher from `cfg.path`, its class chosen by `cfg.kind` or the checkpoint's model_type.
+
+    block_size is the WeDLM-style teacher's block (teacher.block_size overrides it)."""
     if cfg.path is None:
         raise ConfigError("teacher.path is not set; the recipe needs a trained teacher model directory")
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.path, "teacher.tokenizer" if cfg.tokenizer else "teacher.path")
-    mask_id = mask_token_id(tokenizer, mask_token, "teacher")
-    return HFBidirectionalTeacher(_causal_lm(cfg, "teacher", vocab_size=None), mask_token_id=mask_id)
+    model_type = checkpoint_model_type(cfg.path, "teacher.path")
+    kind = cfg.kind
+    if kind == "auto":
+        kind = "llada2_moe" if model_type == llada2.MODEL_TYPE else "hf_bidirectional"
+    check_kind(kind, model_type, "teacher")
+    if kind == "wedlm" and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(f"teacher.kind is 'wedlm' but teacher.path holds a '{model_type}' checkpoint; a WeDLM-style "
+                          f"teacher is a dense transformers decoder (e.g. qwen3, llama)")
+
+    if kind == "llada2_moe" or model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        model = _load(AutoModelForCausalLM, cfg, "teacher")
+    else:
+        model = _load(AutoModelForMaskedLM, cfg, "teacher")
+    mask_id = teacher_mask_token_id(cfg, model.config, mask_token)
+    if kind == "llada2_moe":
+        return LLaDA2Teacher(model, mask_id)
+    if kind == "wedlm":
+        block = cfg.block_size or block_size
+        if block is None:
+            raise ConfigError("teacher.kind 'wedlm' needs a block size: set teacher.block_size")
+        return WeDLMTeacher(model, mask_id, block, order=cfg.block_order, attn_backend=cfg.attn_backend)
+    return HFBidirectionalTeacher(model, mask_id, attn_backend=cfg.attn_backend)
+
+
+def teacher_mask_token_id(cfg: ModelConfig, model_config, mask_token: str) -> int:
+    """teacher.mask_token_id, else the teacher tokenizer's `mask_token`, else its own mask token,
+    else the checkpoint config's mask_token_id; an id outside the vocabulary is refused."""
+    vocab = model_config.vocab_size
+    tid = cfg.mask_token_id
+    if tid is None:
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.path, "teacher.tokenizer" if cfg.tokenizer else "teacher.path")
+        tid = _token_id(tokenizer, mask_token)
+        if tid is None:
+            tid = tokenizer.mask_token_id
+    if tid is None:
+        tid = getattr(model_config, "mask_token_id", None)
+    if tid is None:
+        raise ConfigError(f"no mask token id for the teacher: its tokenizer has no {mask_token!r} (diffusion.mask_token) "
+                          f"and no mask token, and its config no mask_token_id; set teacher.mask_token_id")
+    if not 0 <= tid < vocab:
+        raise ConfigError(f"the teacher's mask token id {tid} is outside its vocabulary of {vocab}; "
+                          f"set teacher.mask_token_id to the id its training used")
+    return tid

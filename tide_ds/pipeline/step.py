@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tide_ds import kernels
 from tide_ds.config import ObjectiveConfig
 from tide_ds.diffusion import chunk_masked, noise_batch, tokens_of_chunks
 from tide_ds.objectives import (
@@ -26,9 +27,8 @@ from tide_ds.objectives import (
     comp_demo_merge,
     comp_demo_split,
     term_needs,
-    token_logprobs,
 )
-from tide_ds.objectives.terms import CHUNKS, STUDENT_LOGITS, TEACHER_LOGITS
+from tide_ds.objectives.terms import CHUNKS, TEACHER_ROWS, Rows
 
 
 @dataclass
@@ -50,7 +50,8 @@ class Noised:
 
 @dataclass
 class TeacherTargets:
-    logits: torch.Tensor | None = None  # [n, V] at the student's masked rows
+    rows: Rows | None = None  # teacher hidden states at the student's masked rows, with its head
+    row_valid: torch.Tensor | None = None  # [n] bool, rows with a teacher counterpart (None: all)
     chunk_logprobs: torch.Tensor | None = None  # [b, C]
 
 
@@ -112,36 +113,35 @@ class DistillStep:
     # -- 2. teacher ----------------------------------------------------------------------------
     @torch.no_grad()
     def teacher_targets(self, noised: Noised) -> TeacherTargets:
-        needs = self.needs
-        if self.teacher is None or not (needs - {STUDENT_LOGITS}):
+        if self.teacher is None or not self.needs:
             return TeacherTargets()
         # The one teacher call site: one pass, or CompDemo's two passes merged per position.
-        hidden = [self.teacher.hidden_states(x, noised.teacher_attention_mask) for x in noised.teacher_pass_inputs]
+        hidden = [self.teacher.hidden_states(x, noised.teacher_attention_mask, x0=noised.teacher_x0)
+                  for x in noised.teacher_pass_inputs]
         h = hidden[0] if len(hidden) == 1 else comp_demo_merge(hidden[0], hidden[1], noised.teacher_pass_masked)
         w, bias = self.teacher.output_weight, self.teacher.output_bias
         out = TeacherTargets()
-        if TEACHER_LOGITS in needs:
-            rows = teacher_rows(noised)
-            out.logits = project(h[rows], w, bias)
-        if CHUNKS in needs:
-            in_active = tokens_of_chunks(noised.chunk_mask, noised.teacher_chunk_ids)
-            lp, _ = rows_logprobs(h, w, bias, noised.teacher_x0, in_active.nonzero(as_tuple=True))
+        if TEACHER_ROWS in self.needs:
+            rows, out.row_valid = teacher_rows(noised)
+            out.rows = Rows(h[rows], w, bias)
+        if CHUNKS in self.needs:
+            rows = tokens_of_chunks(noised.chunk_mask, noised.teacher_chunk_ids).nonzero(as_tuple=True)
+            lp = self.row_logprobs(Rows(h[rows], w, bias), noised.teacher_x0, rows)
             out.chunk_logprobs = chunk_logprobs(lp, noised.teacher_chunk_ids, noised.chunk_mask.shape[1])
         return out
 
     # -- 3. student loss -----------------------------------------------------------------------
     def loss(self, noised: Noised, targets: TeacherTargets, progress: float):
-        needs = self.needs
         hidden = self.student.hidden_states(noised.x_t, noised.x0)
         rows = noised.masked.nonzero(as_tuple=True)  # sync point: the number of masked rows
-        token_lp, logits = rows_logprobs(hidden, self.student.output_weight, self.student.output_bias, noised.x0, rows)
+        student = Rows(hidden[rows], self.student.output_weight, self.student.output_bias)
+        token_lp = self.row_logprobs(student, noised.x0, rows)
         x = TermInputs(
             cfg=self.cfg, progress=progress, t=noised.t, masked=noised.masked, maskable=noised.maskable,
-            student_token_logprobs=token_lp, cross_tokenizer=self.cross_tokenizer,
+            student_token_logprobs=token_lp, student=student, row_t=noised.t[rows[0]],
+            cross_tokenizer=self.cross_tokenizer, teacher=targets.rows, row_valid=targets.row_valid,
         )
-        if STUDENT_LOGITS in needs:
-            x.student_logits, x.teacher_logits, x.row_seq = logits, targets.logits, rows[0]
-        if CHUNKS in needs:
+        if CHUNKS in self.needs:
             x.student_chunk_logprobs = chunk_logprobs(token_lp, noised.chunk_ids, noised.chunk_mask.shape[1])
             x.teacher_chunk_logprobs = targets.chunk_logprobs
             x.chunk_mask = noised.chunk_mask
@@ -149,32 +149,28 @@ class DistillStep:
         total = sum(self.recipe.terms[name] * v for name, v in values.items())
         return total, {name: v.detach() for name, v in values.items()}
 
-
-def project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    logits = hidden @ weight.T
-    return logits if bias is None else logits + bias
-
-
-def rows_logprobs(hidden, weight, bias, targets, rows):
-    """Target log-probs at the given rows of [b, l, H] hidden states, scattered into a [b, l] tensor
-    (0 elsewhere), and the rows' logits [n, V]. Only the rows are projected to the vocabulary."""
-    logits = project(hidden[rows], weight, bias)
-    lp = token_logprobs(logits, targets[rows])
-    return torch.zeros(targets.shape, dtype=lp.dtype, device=lp.device).index_put(rows, lp), logits
+    def row_logprobs(self, r: Rows, targets: torch.Tensor, rows) -> torch.Tensor:
+        """Target log-probs at `rows` (tiled over the vocabulary), scattered into [b, l] (0 elsewhere)."""
+        lp, _ = kernels.target_logprobs(r.hidden, r.weight, targets[rows], bias=r.bias, impl=self.cfg.kernels)
+        return torch.zeros(targets.shape, dtype=lp.dtype, device=lp.device).index_put(rows, lp)
 
 
 def teacher_rows(noised: Noised):
-    """Teacher positions matching the student's masked rows, through the shared chunk ids.
+    """Teacher positions matching the student's masked rows, and which rows have one.
 
-    Identity chunks (same tokenizer and template) give the same positions; otherwise each masked
-    student token is matched to the teacher token of its (single-token) chunk."""
+    Identity chunks (same tokenizer and template) give the same positions. Otherwise a masked
+    student token is paired with the teacher token of its chunk when that chunk is one token on
+    both sides (the same id under two chat templates); other rows are left out of KL / TIDAL."""
     rows = noised.masked.nonzero(as_tuple=True)
     if not noised.has_teacher_ids:
-        return rows
+        return rows, None
     b, lt = noised.teacher_chunk_ids.shape
     num_chunks = noised.chunk_mask.shape[1]
-    pos = torch.arange(lt, device=noised.teacher_chunk_ids.device).expand(b, lt)
-    first_pos = torch.full((b, num_chunks + 1), lt - 1, dtype=torch.long, device=pos.device)
-    first_pos.scatter_reduce_(1, noised.teacher_chunk_ids + 1, pos, reduce="amin")
-    chunk = noised.chunk_ids[rows]
-    return rows[0], first_pos[rows[0], chunk + 1]
+    t_bucket, s_bucket = noised.teacher_chunk_ids + 1, noised.chunk_ids + 1  # -1 -> bucket 0
+    pos = torch.arange(lt, device=t_bucket.device).expand(b, lt)
+    t_pos = torch.zeros(b, num_chunks + 1, dtype=torch.long, device=pos.device).scatter_(1, t_bucket, pos)
+    t_len = torch.zeros_like(t_pos).scatter_add_(1, t_bucket, torch.ones_like(pos))
+    s_len = torch.zeros_like(t_pos).scatter_add_(1, s_bucket, torch.ones_like(s_bucket))
+    chunk = s_bucket[rows]
+    valid = (chunk > 0) & (t_len[rows[0], chunk] == 1) & (s_len[rows[0], chunk] == 1)
+    return (rows[0], t_pos[rows[0], chunk]), valid

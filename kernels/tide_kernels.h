@@ -1,0 +1,31 @@
+// Row kernels of the fused chunk-likelihood and shared-vocabulary ops (tide_ds.kernels).
+//
+// Each works on a block of logits z [rows, vocab], row-major and contiguous, in fp32, fp16 or
+// bf16, with fp32 arithmetic; one thread block per row sweeps the vocabulary in tiles with online
+// (max, sum) statistics, so no [rows, vocab] intermediate is ever stored besides z itself.
+// Plain C++ interface (no torch headers): binding.cpp wraps it for PyTorch, and
+// `nvcc -c tide_kernels.cu` compile-checks the kernels alone.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+enum TideDtype : int { kTideF32 = 0, kTideF16 = 1, kTideBF16 = 2 };
+
+// lse[r] = logsumexp_j(scale * z[r, j]); target_logit[r] = scale * z[r, targets[r]]
+// (0 when targets[r] is outside [0, vocab)).
+cudaError_t tide_lse_target(const void* z, int dtype, const int64_t* targets, int64_t rows, int64_t vocab,
+                            float scale, float* lse, float* target_logit, cudaStream_t stream);
+
+// In place: z[r, j] <- scale * (coef_prob[r] * exp(scale * z[r, j] - lse[r]) + coef_target[r] * [j == targets[r]]),
+// the gradient of a loss of the target log-prob and log-normaliser w.r.t. the unscaled logits.
+cudaError_t tide_logit_grad(void* z, int dtype, const int64_t* targets, int64_t rows, int64_t vocab, float scale,
+                            const float* lse, const float* coef_target, const float* coef_prob, cudaStream_t stream);
+
+// Per-row KL at temperature T = 1 / inv_temperature between student logits zs and teacher logits zt:
+// lam == nullptr: KL(p_t || p_s), or KL(p_s || p_t) when reverse; lam[r]: KL(r || p_s) with
+// r = softmax(((1 - lam) zs + lam zt) / T) held constant (TIDAL). Writes kl[r] and overwrites zs with
+// coef[r] * dKL/dzs.
+cudaError_t tide_kl_grad(void* zs, int zs_dtype, const void* zt, int zt_dtype, int64_t rows, int64_t vocab,
+                         float inv_temperature, const float* coef, const float* lam, int reverse, float* kl,
+                         cudaStream_t stream);

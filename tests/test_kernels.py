@@ -1,0 +1,463 @@
+"""Fused chunk-likelihood / shared-vocabulary ops (tide_ds.kernels) against the plain references
+in tide_ds.objectives: values and gradients for hidden, weight and bias."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tide_ds.kernels import (FusedCALMLoss, FusedKLLoss, cuda_extension, fused_calm, fused_kl, fused_tidal,
+                             target_logprobs, twin)
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def assert_rel(actual, expected, tol, what=""):
+    """max |actual - expected| <= tol * max |expected| (exactly equal when expected is all zero)."""
+    assert actual is not None and actual.shape == expected.shape, what
+    err = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
+    scale = expected.double().abs().max().item() if expected.numel() else 0.0
+    assert err <= tol * scale or err <= 1e-30, f"{what}: max error {err:.3g} vs scale {scale:.3g} (tol {tol})"
+
+
+def compare(fn, inputs, dtype, tol=None):
+    """fn(impl) -> scalar; checks the fused value and gradients of `inputs` against impl="reference"."""
+    results = {}
+    for impl in ("reference", "twin"):
+        for x in inputs:
+            x.grad = None
+        loss = fn(impl)
+        (1.5 * loss).backward()  # an upstream gradient other than 1
+        results[impl] = [loss.detach()] + [x.grad for x in inputs]
+    tol = tol or TOL[dtype]
+    for i, (got, want) in enumerate(zip(results["twin"], results["reference"])):
+        assert_rel(got, want, tol, ["value", *(f"grad {j}" for j in range(len(inputs)))][i])
+    return results["reference"]
+
+
+def projection(g, n_shape, h, v, dtype, bias=False):
+    hidden = torch.randn(*n_shape, h, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) * h**-0.5 * 3).to(dtype).requires_grad_()
+    b = (torch.randn(v, generator=g) * 0.5).to(dtype).requires_grad_() if bias else None
+    return hidden, weight, b
+
+
+def peaked_targets(g, hidden, weight):
+    """Half the targets are the argmax token (log-probs near 0), the rest random."""
+    best = (hidden.detach().float() @ weight.detach().float().T).argmax(-1)
+    rand = torch.randint(0, weight.shape[0], best.shape, generator=g)
+    return torch.where(torch.rand(best.shape, generator=g) < 0.5, best, rand)
+
+
+def chunk_layout(g, b, l, max_len, contiguous=True, extra_chunks=2):
+    """chunk_ids [b, l]: runs of 1..max_len tokens, gaps (-1), shuffled ids, some ids unused (empty
+    chunks); contiguous=False scatters each chunk's tokens over the row."""
+    rows, counts = [], []
+    for _ in range(b):
+        ids, c = [], 0
+        while len(ids) < l:
+            n = int(torch.randint(1, max_len + 1, (1,), generator=g))
+            if torch.rand(1, generator=g) < 0.2:
+                ids += [-1] * n
+            else:
+                ids += [c] * n
+                c += 1
+        row = torch.tensor(ids[:l])
+        if not contiguous:
+            row = row[torch.randperm(l, generator=g)]
+        rows.append(row)
+        counts.append(int(row.max()) + 1)
+    num_chunks = max(counts) + extra_chunks
+    perm = torch.randperm(num_chunks, generator=g)
+    ids = torch.stack(rows)
+    return torch.where(ids >= 0, perm[ids.clamp_min(0)], -1), num_chunks
+
+
+def chunk_mask(g, b, num_chunks, mode):
+    if mode == "all":
+        return torch.ones(b, num_chunks, dtype=torch.bool)
+    if mode == "none":
+        return torch.zeros(b, num_chunks, dtype=torch.bool)
+    return torch.rand(b, num_chunks, generator=g) < 0.6
+
+
+# ---------------------------------------------------------------- target_logprobs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias,temperature", [(False, 1.0), (True, 1.7)])
+def test_target_logprobs_matches_reference(dtype, bias, temperature):
+    g = torch.Generator().manual_seed(0)
+    hidden, weight, b = projection(g, (3, 13), 16, 1009, dtype, bias)  # V = 1009: prime, not a block multiple
+    targets = peaked_targets(g, hidden, weight)
+    up_logp, up_lse = torch.randn(3, 13, generator=g), torch.randn(3, 13, generator=g)
+    params = [hidden, weight] + ([b] if bias else [])
+
+    def fn(impl):
+        logp, lse = target_logprobs(hidden, weight, targets, bias=b, temperature=temperature, impl=impl, block_rows=5)
+        assert logp.shape == lse.shape == targets.shape and logp.dtype == torch.float32
+        return (logp * up_logp).sum() + (lse * up_lse).sum()
+
+    compare(fn, params, dtype)
+
+
+# ---------------------------------------------------------------- fused_calm
+
+
+@st.composite
+def calm_cases(draw):
+    return dict(
+        seed=draw(st.integers(0, 2**16)),
+        b=draw(st.integers(1, 3)),
+        l=draw(st.integers(1, 24)),
+        h=draw(st.integers(4, 24)),
+        v=draw(st.integers(2, 600)),
+        max_len=draw(st.integers(1, 6)),
+        contiguous=draw(st.booleans()),
+        block_rows=draw(st.integers(1, 9)),
+        mask=draw(st.sampled_from(["random", "random", "all", "none"])),
+        reverse=draw(st.booleans()),
+        bias=draw(st.booleans()),
+    )
+
+
+def run_calm_case(case, dtype=torch.float32):
+    g = torch.Generator().manual_seed(case["seed"])
+    b, l = case["b"], case["l"]
+    hidden, weight, bias = projection(g, (b, l), case["h"], case["v"], dtype, case["bias"])
+    targets = peaked_targets(g, hidden, weight)
+    ids, num_chunks = chunk_layout(g, b, l, case["max_len"], case["contiguous"])
+    mask = chunk_mask(g, b, num_chunks, case["mask"])
+    teacher = -6 * torch.rand(b, num_chunks, generator=g)
+
+    def fn(impl):
+        return fused_calm(hidden, weight, targets, ids, teacher, mask, reverse=case["reverse"], bias=bias,
+                          impl=impl, block_rows=case["block_rows"])
+
+    return compare(fn, [hidden, weight] + ([bias] if bias is not None else []), dtype)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(calm_cases())
+def test_fused_calm_matches_reference_on_random_shapes(case):
+    run_calm_case(case)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reverse", [True, False])
+def test_fused_calm_half_precision(dtype, reverse):
+    case = dict(seed=3, b=2, l=23, h=16, v=517, max_len=4, contiguous=True, block_rows=4, mask="random",
+                reverse=reverse, bias=True)
+    value, *grads = run_calm_case(case, dtype)
+    assert value > 0 and all(gr.abs().max() > 0 for gr in grads)
+
+
+@pytest.mark.parametrize("mask", ["all", "none"])
+def test_fused_calm_all_and_nothing_masked(mask):
+    case = dict(seed=5, b=2, l=20, h=8, v=301, max_len=5, contiguous=True, block_rows=3, mask=mask,
+                reverse=True, bias=False)
+    value, dh, dw = run_calm_case(case)
+    if mask == "none":
+        assert value == 0 and not dh.any() and not dw.any()
+    else:
+        assert dh.abs().max() > 0
+
+
+def test_fused_calm_chunk_longer_than_several_blocks():
+    """One chunk of 7 tokens over blocks of 2 rows, next to empty chunks and tokens outside chunks."""
+    g = torch.Generator().manual_seed(7)
+    hidden, weight, _ = projection(g, (1, 10), 8, 97, torch.float32)
+    targets = peaked_targets(g, hidden, weight)
+    ids = torch.tensor([[-1, 2, 2, 2, 2, 2, 2, 2, 0, -1]])
+    mask = torch.tensor([[True, True, True, True]])  # chunks 1 and 3 are empty
+    teacher = torch.tensor([[-1.0, -2.0, -0.5, -3.0]])
+    for reverse in (True, False):
+        compare(lambda impl: fused_calm(hidden, weight, targets, ids, teacher, mask, reverse=reverse,
+                                        temperature=4.0, impl=impl, block_rows=2), [hidden, weight], torch.float32)
+
+
+def test_fused_chunk_loss_takes_chunk_tidal():
+    from tide_ds.kernels import fused_chunk_loss
+    from tide_ds.objectives import chunk_tidal
+
+    g = torch.Generator().manual_seed(13)
+    hidden, weight, _ = projection(g, (3, 10), 8, 90, torch.float32)
+    targets = peaked_targets(g, hidden, weight)
+    ids, num_chunks = chunk_layout(g, 3, 10, 3)
+    mask, teacher = chunk_mask(g, 3, num_chunks, "random"), -4 * torch.rand(3, num_chunks, generator=g)
+    lam, w = torch.rand(3, generator=g), torch.rand(3, generator=g)
+    loss = lambda lS: chunk_tidal(lS, teacher, mask, lam, weight=w)  # noqa: E731
+    compare(lambda impl: fused_chunk_loss(hidden, weight, targets, ids, mask, loss, impl=impl, block_rows=4),
+            [hidden, weight], torch.float32)
+
+
+def test_fused_calm_takes_flattened_hidden():
+    g = torch.Generator().manual_seed(11)
+    hidden, weight, _ = projection(g, (2, 9), 8, 50, torch.float32)
+    targets = peaked_targets(g, hidden, weight)
+    ids, num_chunks = chunk_layout(g, 2, 9, 3)
+    mask, teacher = chunk_mask(g, 2, num_chunks, "random"), -4 * torch.rand(2, num_chunks, generator=g)
+    flat = fused_calm(hidden.reshape(18, 8), weight, targets.reshape(18), ids.reshape(18), teacher, mask, block_rows=4)
+    assert_rel(flat, fused_calm(hidden, weight, targets, ids, teacher, mask, impl="reference"), 1e-5)
+
+
+def test_fused_calm_gradients_only_where_asked():
+    g = torch.Generator().manual_seed(2)
+    hidden, weight, _ = projection(g, (1, 12), 8, 40, torch.float32)
+    weight.requires_grad_(False)
+    targets = peaked_targets(g, hidden, weight)
+    ids, num_chunks = chunk_layout(g, 1, 12, 3)
+    teacher, mask = -3 * torch.rand(1, num_chunks, generator=g), torch.ones(1, num_chunks, dtype=torch.bool)
+    loss = fused_calm(hidden, weight, targets, ids, teacher, mask, block_rows=5)
+    loss.backward()
+    assert hidden.grad is not None and weight.grad is None
+    with torch.no_grad():
+        assert not fused_calm(hidden, weight, targets, ids, teacher, mask).requires_grad
+    loss = fused_calm(hidden, weight, targets, ids, teacher, mask)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
+
+
+# ---------------------------------------------------------------- shared-vocabulary terms
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("mask", ["random", "all", "none"])
+@pytest.mark.parametrize("vocab", [(523, 611), (611, 523)])
+def test_fused_kl_matches_reference(dtype, reverse, mask, vocab):
+    g = torch.Generator().manual_seed(1)
+    hs, ws, bs = projection(g, (3, 11), 16, vocab[0], dtype, bias=True)  # different vocab sizes, shared ids
+    ht, wt, bt = projection(g, (3, 11), 24, vocab[1], dtype, bias=True)
+    masked = chunk_mask(g, 3, 11, mask)
+    value, dh, dw, db = compare(lambda impl: fused_kl(hs, ws, ht, wt, masked, reverse=reverse, student_bias=bs,
+                                                      teacher_bias=bt, impl=impl, block_rows=4), [hs, ws, bs], dtype)
+    assert ht.grad is None and wt.grad is None and bt.grad is None
+    assert not dw[min(vocab):].any() and not db[min(vocab):].any()  # ids outside the shared range
+    assert (value > 0 and dh.abs().max() > 0) if mask != "none" else (value == 0 and not dh.any())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [False, True])
+def test_fused_tidal_matches_reference(dtype, rows):
+    g = torch.Generator().manual_seed(4)
+    lead = (17,) if rows else (3, 7)  # masked rows [n, H] with t [n], or sequences [b, l, H] with t [b]
+    hs, ws, _ = projection(g, lead, 12, 701, dtype)
+    ht, wt, _ = projection(g, lead, 20, 650, dtype)
+    masked = None if rows else chunk_mask(g, 3, 7, "random")
+    t = torch.rand(lead[0], generator=g)
+    compare(lambda impl: fused_tidal(hs, ws, ht, wt, masked, t, 0.4, impl=impl, block_rows=3), [hs, ws], dtype)
+
+
+# ---------------------------------------------------------------- modules, dispatch, memory
+
+
+def test_modules_match_functional():
+    g = torch.Generator().manual_seed(9)
+    hidden, weight, _ = projection(g, (2, 8), 8, 64, torch.float32)
+    targets = peaked_targets(g, hidden, weight)
+    ids, num_chunks = chunk_layout(g, 2, 8, 3)
+    mask, teacher = chunk_mask(g, 2, num_chunks, "all"), -3 * torch.rand(2, num_chunks, generator=g)
+    module = FusedCALMLoss(temperature=3.0, reverse=False)
+    assert_rel(module(hidden, weight, targets, ids, teacher, mask),
+               fused_calm(hidden, weight, targets, ids, teacher, mask, temperature=3.0, reverse=False), 0)
+    ht, wt, _ = projection(g, (2, 8), 8, 70, torch.float32)
+    assert_rel(FusedKLLoss(reverse=True)(hidden, weight, ht, wt), fused_kl(hidden, weight, ht, wt, reverse=True), 0)
+
+
+class BindingChecks:
+    """The twin behind the argument checks of kernels/binding.cpp (minus the device check), so the
+    tiled ops are seen to call the CUDA binding the way it accepts."""
+
+    @staticmethod
+    def _block(z):
+        assert z.dim() == 2 and z.is_contiguous() and z.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+    @staticmethod
+    def _rows(z, *vectors):
+        assert all(v.numel() == z.shape[0] for v in vectors)
+
+    def lse_target(self, z, targets, scale):
+        self._block(z), self._rows(z, targets)
+        return twin.lse_target(z, targets, scale)
+
+    def logit_grad_(self, z, targets, lse, coef_target, coef_prob, scale):
+        self._block(z), self._rows(z, targets, lse, coef_target, coef_prob)
+        return twin.logit_grad_(z, targets, lse, coef_target, coef_prob, scale)
+
+    def kl_grad_(self, zs, zt, coef, temperature, lam, reverse):
+        self._block(zs), self._block(zt), self._rows(zs, coef, *([] if lam is None else [lam]))
+        assert zs.shape == zt.shape and not (reverse and lam is not None)
+        return twin.kl_grad_(zs, zt, coef, temperature, lam, reverse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ops_call_the_row_kernels_as_the_cuda_binding_accepts(monkeypatch, dtype):
+    from tide_ds.kernels import functional
+
+    monkeypatch.setattr(functional, "_kernels", lambda t, impl: BindingChecks())
+    g = torch.Generator().manual_seed(21)
+    hidden, weight, bias = projection(g, (2, 15), 8, 211, dtype, bias=True)
+    targets = peaked_targets(g, hidden, weight)
+    ids, num_chunks = chunk_layout(g, 2, 15, 4)
+    mask, teacher = chunk_mask(g, 2, num_chunks, "random"), -4 * torch.rand(2, num_chunks, generator=g)
+    ht, wt, _ = projection(g, (2, 15), 12, 200, dtype)
+    masked, t = chunk_mask(g, 2, 15, "random"), torch.rand(2, generator=g)
+    params = [hidden, weight, bias]
+    compare(lambda impl: fused_calm(hidden, weight, targets, ids, teacher, mask, bias=bias, impl=impl,
+                                    block_rows=4), params, dtype)
+    compare(lambda impl: target_logprobs(hidden, weight, targets, bias=bias, temperature=2.0, impl=impl,
+                                         block_rows=4)[0].sum(), params, dtype)
+    for reverse in (False, True):
+        compare(lambda impl: fused_kl(hidden, weight, ht, wt, masked, reverse=reverse, student_bias=bias, impl=impl,
+                                      block_rows=4), params, dtype)
+    compare(lambda impl: fused_tidal(hidden, weight, ht, wt, masked, t, 0.7, student_bias=bias, impl=impl,
+                                     block_rows=4), params, dtype)
+
+
+def test_unknown_impl_is_refused():
+    hidden, weight, _ = projection(torch.Generator().manual_seed(0), (4,), 4, 8, torch.float32)
+    with pytest.raises(ValueError, match="impl"):
+        target_logprobs(hidden, weight, torch.zeros(4, dtype=torch.long), impl="fast")
+
+
+def _status_kib(key: str) -> int:
+    return next(int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
+
+
+def _resident_peak(fn) -> int:
+    """Growth of the resident set's high-water mark during fn(), in bytes."""
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    base = _status_kib("VmRSS:")
+    fn()
+    return (_status_kib("VmHWM:") - base) * 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_fused_calm_never_builds_full_logits():
+    g = torch.Generator().manual_seed(0)
+    n, v = 512, 50_000
+    hidden, weight, _ = projection(g, (1, n), 32, v, torch.float32)
+    targets = torch.randint(0, v, (1, n), generator=g)
+    ids = (torch.arange(n) // 3)[None]
+    teacher, mask = -3 * torch.rand(1, n // 3 + 1, generator=g), torch.ones(1, n // 3 + 1, dtype=torch.bool)
+
+    def step(impl):
+        hidden.grad = weight.grad = None
+        fused_calm(hidden, weight, targets, ids, teacher, mask, impl=impl, block_rows=32).backward()
+
+    step("twin"), step("reference")  # warm-up
+    fused, ref = _resident_peak(lambda: step("twin")), _resident_peak(lambda: step("reference"))
+    assert ref > n * v * 4  # the reference holds [N, V] fp32 logits at least once
+    assert fused < 0.15 * ref, (fused, ref)
+
+
+def test_bench_kernel_prints_figures(capsys):
+    from tide_ds.cli import main
+
+    assert main(["bench", "kernel", "--device", "cpu", "--n", "64", "--h", "8", "--v", "300", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for text in ("matmul", "reference", "fused", "fused / reference: time", "peak memory", "acceptance (cpu"):
+        assert text in out
+
+
+# ---------------------------------------------------------------- build
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_cuda_source_compiles(tmp_path):
+    """The pure CUDA source (no torch headers) compiles for Hopper."""
+    out = subprocess.run(["nvcc", "-c", "-arch=sm_90", str(ROOT / "kernels" / "tide_kernels.cu"),
+                          "-o", str(tmp_path / "tide_kernels.o")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_setup_builds_no_cuda_extension_without_cuda():
+    if torch.version.cuda is not None:
+        pytest.skip("a CUDA torch: setup.py would build the extension")
+    out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "tide_ds", out.stderr
+    assert "not building the CUDA extension" in out.stderr
+
+
+# ---------------------------------------------------------------- GPU (the references run on CPU)
+
+
+def _cuda_kernels():
+    ext = cuda_extension()
+    if ext is None:
+        pytest.skip("the CUDA extension could not be built here")
+    return ext
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_row_kernels_match_twin(dtype):
+    ext = _cuda_kernels()
+    g = torch.Generator().manual_seed(0)
+    rows, vocab = 13, 151_937
+    z = (torch.randn(rows, vocab, generator=g) * 4).to(dtype)
+    y = torch.randint(0, vocab, (rows,), generator=g)
+    coef_t, coef_p = torch.randn(rows, generator=g), torch.randn(rows, generator=g)
+    tol = TOL[dtype] if dtype != torch.float32 else 1e-5
+    lse, tgt = ext.lse_target(z.cuda(), y.cuda(), 0.7)
+    want_lse, want_tgt = twin.lse_target(z, y, 0.7)
+    assert_rel(lse.cpu(), want_lse, 1e-6, "lse")
+    assert_rel(tgt.cpu(), want_tgt, 1e-6, "target")
+    got = ext.logit_grad_(z.cuda(), y.cuda(), want_lse.cuda(), coef_t.cuda(), coef_p.cuda(), 0.7)
+    assert_rel(got.cpu().float(), twin.logit_grad_(z.clone(), y, want_lse, coef_t, coef_p, 0.7).float(), tol, "grad")
+    zt = (torch.randn(rows, vocab, generator=g) * 4).to(dtype)
+    coef, lam = torch.rand(rows, generator=g), torch.rand(rows, generator=g)
+    for mix, reverse in ((None, False), (None, True), (lam, False)):
+        zs_gpu = z.cuda()
+        kl = ext.kl_grad_(zs_gpu, zt.cuda(), coef.cuda(), 2.0, None if mix is None else mix.cuda(), reverse)
+        zs_cpu = z.clone()
+        want = twin.kl_grad_(zs_cpu, zt, coef, 2.0, mix, reverse)
+        assert_rel(kl.cpu(), want, 1e-4, f"kl reverse={reverse} tidal={mix is not None}")
+        assert_rel(zs_gpu.cpu().float(), zs_cpu.float(), tol, f"kl grad reverse={reverse} tidal={mix is not None}")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_ops_on_gpu_match_cpu_reference(dtype):
+    _cuda_kernels()
+    g = torch.Generator().manual_seed(0)
+    b, l, h, v = 2, 300, 64, 32_003
+    hidden, weight, bias = projection(g, (b, l), h, v, dtype, bias=True)
+    targets = peaked_targets(g, hidden, weight)
+    ids, num_chunks = chunk_layout(g, b, l, 4)
+    mask, teacher = chunk_mask(g, b, num_chunks, "random"), -6 * torch.rand(b, num_chunks, generator=g)
+    ht, wt, _ = projection(g, (b, l), 48, v + 10, dtype)
+    masked = chunk_mask(g, b, l, "random")
+    t = torch.rand(b, generator=g)
+    cases = {
+        "calm": lambda x, impl: fused_calm(x[0], x[1], targets.to(x[0].device), ids.to(x[0].device),
+                                           teacher.to(x[0].device), mask.to(x[0].device), bias=x[2], impl=impl),
+        "logprobs": lambda x, impl: target_logprobs(x[0], x[1], targets.to(x[0].device), bias=x[2], impl=impl)[0].sum(),
+        "kl": lambda x, impl: fused_kl(x[0], x[1], ht.to(x[0].device), wt.to(x[0].device), masked.to(x[0].device),
+                                       student_bias=x[2], impl=impl),
+        "tidal": lambda x, impl: fused_tidal(x[0], x[1], ht.to(x[0].device), wt.to(x[0].device),
+                                             masked.to(x[0].device), t.to(x[0].device), 0.5, student_bias=x[2],
+                                             impl=impl),
+    }
+    for name, fn in cases.items():
+        results = {}
+        for device, impl in (("cpu", "reference"), ("cuda", "auto")):
+            x = [p.detach().to(device).requires_grad_() for p in (hidden, weight, bias)]
+            loss = fn(x, impl)
+            loss.backward()
+            results[device] = [loss.detach().cpu()] + [p.grad.cpu() for p in x]
+        for got, want in zip(results["cuda"], results["cpu"]):
+            assert_rel(got, want, max(TOL[dtype], 1e-4), name)

@@ -1,0 +1,160 @@
+"""`tide-ds bench teacher`: peak memory of a CALM teacher call against full fp32 logits.
+
+The teacher is LLaDA2-style with the real vocabulary (157,184) and a tiny body, so the output
+projection dominates as it does at scale. Every position is a target row (the worst case for
+CALM, where only tokens of masked chunks are needed). Variants, each in a fresh process:
+
+  forward  teacher.hidden_states only
+  calm     hidden states, then per-token target log-probs projected in row chunks
+  full     hidden states, then [b, l, V] fp32 logits and log_softmax (opt-in: --full; needs
+           about 3x the full-logits size)
+
+"Peak extra" is the peak during the call minus the memory in use just before it (model and
+inputs already built). On CPU it is the process's resident set size, sampled every 0.5 ms
+from /proc/self/statm in a thread (and checked against getrusage's maximum); on CUDA it is
+torch.cuda.max_memory_allocated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+
+VARIANTS = ("forward", "calm", "full")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--length", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=157184)
+    p.add_argument("--hidden", type=int, default=64, help="teacher hidden size (tiny, so a CPU runs it)")
+    p.add_argument("--layers", type=int, default=2, help="layer 0 dense, the rest MoE")
+    p.add_argument("--block-rows", type=int, default=None, help="rows projected at once (default: the kernel's choice)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--full", action="store_true", help="also run the full-logits variant (large)")
+    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # worker mode
+
+
+def run(args) -> int:
+    if args.variant:
+        print(json.dumps(measure(args)))
+        return 0
+    device = _device(args.device)
+    full_bytes = args.batch * args.length * args.vocab * 4
+    print(f"CALM teacher call: b={args.batch} l={args.length} V={args.vocab:,}, LLaDA2-style teacher "
+          f"(hidden {args.hidden}, {args.layers} layers), device {device}")
+    print(f"full fp32 logits b*l*V*4 = {full_bytes / 2**20:,.1f} MiB; budget (10%) = {full_bytes / 2**20 / 10:,.1f} MiB")
+    print(f"{'variant':<8} {'peak extra MiB':>15} {'% of full logits':>17} {'seconds':>8}")
+    results = {}
+    for variant in VARIANTS if args.full else VARIANTS[:2]:
+        r = _worker(args, variant)
+        results[variant] = r
+        print(f"{variant:<8} {r['extra'] / 2**20:>15,.1f} {100 * r['extra'] / full_bytes:>16.2f}% {r['seconds']:>8.2f}")
+    calm = results["calm"]["extra"] / full_bytes
+    print(f"CALM call peak extra memory is {100 * calm:.2f}% of full fp32 logits "
+          f"({'under' if calm < 0.1 else 'OVER'} the 10% budget); measured as {results['calm']['how']}")
+    return 0
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def _worker(args, variant: str) -> dict:
+    cmd = [sys.executable, "-m", "tide_ds.cli", "bench", "teacher", "--variant", variant]
+    for key in ("batch", "length", "vocab", "hidden", "layers", "block_rows", "device"):
+        value = getattr(args, key)
+        if value is not None:
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+    # glibc keeps freed blocks below a moving mmap threshold (up to 32 MiB) in its heap, so RSS
+    # would include memory already freed; a fixed 1 MiB threshold returns large blocks at once.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark worker {variant} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(args) -> dict:
+    import torch
+
+    from tide_ds.models.llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM
+    from tide_ds.kernels import target_logprobs
+    from tide_ds.models.teacher import LLaDA2Teacher
+
+    device = torch.device(_device(args.device))
+    torch.manual_seed(0)
+    heads = max(2, args.hidden // 16)
+    config = LLaDA2MoeConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+                             num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
+                             head_dim=args.hidden // heads, num_experts=8, num_experts_per_tok=2, n_group=4,
+                             topk_group=2, moe_intermediate_size=args.hidden // 2, mask_token_id=args.vocab - 1,
+                             pad_token_id=0)
+    teacher = LLaDA2Teacher(LLaDA2MoeModelLM(config), config.mask_token_id).to(device)
+    ids = torch.randint(0, args.vocab - 1, (args.batch, args.length), device=device)
+    targets = torch.randint(0, args.vocab - 1, (args.batch, args.length), device=device)
+
+    def call():
+        with torch.no_grad():
+            hidden = teacher.hidden_states(ids)
+            if args.variant == "calm":
+                # the op the training step uses for the teacher's CALM targets
+                return target_logprobs(hidden.flatten(0, 1), teacher.output_weight, targets.flatten(),
+                                       bias=teacher.output_bias, block_rows=args.block_rows)[0]
+            if args.variant == "full":
+                logits = (hidden @ teacher.output_weight.T).float()
+                return torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+            return hidden
+
+    with torch.no_grad():  # warm-up on a short input: thread pools and lazy allocations
+        teacher.hidden_states(ids[:1, :32])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        extra = torch.cuda.max_memory_allocated() - before
+        how = "torch.cuda.max_memory_allocated"
+    else:
+        extra, seconds = _cpu_peak(call)
+        how = "resident set size sampled every 0.5 ms (/proc/self/statm), cross-checked with getrusage"
+    return {"variant": args.variant, "extra": extra, "seconds": seconds, "how": how}
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _cpu_peak(call) -> tuple[int, float]:
+    """(peak RSS during call - RSS before, seconds)."""
+    before = _rss()
+    max_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak, done = [before], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    call()
+    seconds = time.perf_counter() - start
+    done.set()
+    thread.join()
+    max_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if max_after > max_before:  # the call set a new lifetime maximum: that maximum is its peak
+        peak[0] = max(peak[0], max_after)
+    return peak[0] - before, seconds

@@ -1,0 +1,83 @@
+"""The CPU twin: PyTorch forms of the row kernels in kernels/tide_kernels.cu.
+
+Each function works on one block of logits z [R, V] (any float dtype, fp32 arithmetic) and has
+the same name, arguments and results as the compiled CUDA extension, so the tiled ops in
+`tide_ds.kernels.ops` run unchanged on either. The formulas follow the plain references in
+`tide_ds.objectives` step by step.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tide_ds.objectives.ce import _fp32
+
+
+def lse_target(z: torch.Tensor, targets: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logsumexp(scale * z), scale * z[target]) per row, in fp32."""
+    x = _fp32(z)
+    if scale != 1.0:
+        x = x * scale
+    return torch.logsumexp(x, dim=1), x.gather(1, targets[:, None]).squeeze(1)
+
+
+def logit_grad_(
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    coef_target: torch.Tensor,
+    coef_prob: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Overwrites z with the logit gradient scale * (coef_prob * softmax(scale * z) + coef_target * onehot).
+
+    With coef_target = dL/dlogp(target) and coef_prob = dL/dlse - dL/dlogp(target) this is
+    dL/dz for a loss of the per-token target log-prob and log-normaliser."""
+    p = z if z.dtype == _fp32(z).dtype else z.float()  # fp32 work buffer (z itself when fp32)
+    if scale != 1.0:
+        p.mul_(scale)
+    p.sub_(lse[:, None]).exp_().mul_(coef_prob[:, None])
+    p.scatter_add_(1, targets[:, None], coef_target[:, None].to(p.dtype))
+    if scale != 1.0:
+        p.mul_(scale)
+    if p is not z:
+        z.copy_(p)
+    return z
+
+
+def kl_grad_(
+    zs: torch.Tensor,
+    zt: torch.Tensor,
+    coef: torch.Tensor,
+    temperature: float,
+    lam: torch.Tensor | None,
+    reverse: bool,
+) -> torch.Tensor:
+    """Per-row KL at temperature T between student logits zs and teacher logits zt (same width).
+
+    lam None: KL(p_T || p_S) (forward) or KL(p_S || p_T) (reverse). lam [R]: TIDAL,
+    KL(r || p_S) with r = softmax(((1 - lam) zs + lam zt) / T) held constant. Returns the KL rows
+    (fp32) and overwrites zs with coef * dKL/dzs. Works in place on a few fp32 [R, V] buffers."""
+    zs32, zt32 = _fp32(zs), _fp32(zt)
+    log_s = F.log_softmax(zs32 / temperature, dim=-1)
+    if lam is None:
+        log_t = F.log_softmax(zt32 / temperature, dim=-1)
+    else:
+        lam = lam.to(zs32.dtype)[:, None]
+        log_t = F.log_softmax(((1 - lam) * zs32 + lam * zt32) / temperature, dim=-1)
+    del zt32
+    if reverse:  # KL(p_s || p_t); d/dz_s: p_s (log p_s - log p_t - KL) / T
+        p = log_s.exp()
+        diff = log_t.neg_().add_(log_s)  # log p_s - log p_t
+    else:  # KL(p_t || p_s); only log p_s carries gradient: (p_s * sum(p_t) - p_t) / T
+        p = log_t.exp()
+        diff = log_t.sub_(log_s)  # log p_t - log p_s
+    terms = p * diff
+    terms.masked_fill_(p == 0, 0.0)  # 0 log 0 = 0, as the reference
+    kl = terms.sum(-1)
+    if reverse:
+        grad = diff.sub_(kl[:, None]).mul_(p)
+    else:
+        grad = log_s.exp_().mul_(p.sum(-1, keepdim=True)).sub_(p)
+    zs.copy_(grad.mul_((coef.to(grad.dtype) / temperature)[:, None]))
+    return kl
