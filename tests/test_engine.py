@@ -166,11 +166,14 @@ LAUNCHERS = ["deepspeed", "torchrun",
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 @pytest.mark.parametrize("recipe", ["tide_cross", "tide_shared"])
 def test_zero3_student_and_teacher_on_2_ranks_match_one_process(launcher, recipe, tiny_overrides, tmp_path):
+    ds = json.loads(Path(ZERO3).read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even the tiny tensors
+    (tmp_path / "zero3.json").write_text(json.dumps(ds))
     common = [f"recipe={recipe}", "train.steps=5", "train.warmup_steps=0", "train.lr=3e-3"]
-    out, seconds = launch(launcher, _args(tiny_overrides, tmp_path / "dist", *common, f"engine.ds_config={ZERO3}",
-                                          "engine.teacher_placement=zero3"))
+    out, seconds = launch(launcher, _args(tiny_overrides, tmp_path / "dist", *common,
+                                          f"engine.ds_config={tmp_path / 'zero3.json'}", "engine.teacher_placement=zero3"))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "[rank 1] teacher (zero3)" in out.stdout + out.stderr
+    assert "[rank 1] teacher (zero3): 0.04 MiB of parameters on this rank (of 0.08 MiB)" in out.stdout + out.stderr
     dist = json.loads((tmp_path / "dist" / "metrics.json").read_text())
     assert dist["world"] == 2 and dist["history"][-1]["loss"] < dist["history"][0]["loss"]
     # one process, plain PyTorch, the same global batch of 4 as 2 accumulation steps of 2

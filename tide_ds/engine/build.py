@@ -67,7 +67,19 @@ class _TeacherCall(nn.Module):
         _register_head(self, step.teacher)
 
     def forward(self, noised):
-        return self._step.teacher_targets(noised)
+        # Targets may carry the teacher's head for the student's loss to use later, after this
+        # forward has released the gathered parameters: hand out a whole copy instead.
+        head = [p for p in (self.teacher.output_weight, self.teacher.output_bias) if p is not None]
+        return _replace_params(self._step.teacher_targets(noised), head)
+
+
+def _replace_params(obj, params):
+    if any(obj is p for p in params):
+        return obj.detach().clone()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _replace_params(getattr(obj, f.name), params)
+                                           for f in dataclasses.fields(obj) if f.init})
+    return obj
 
 
 def _register_head(module: nn.Module, model) -> None:
@@ -225,9 +237,8 @@ def teacher_bytes(teacher) -> int:
         if local is None:
             total += p.numel() * p.element_size()
             continue
-        total += local.numel() * local.element_size()
-        if getattr(p, "ds_persist", False):
-            total += p.ds_numel * p.element_size()
+        whole = getattr(p, "ds_persist", False)
+        total += p.ds_numel * p.element_size() if whole else local.numel() * local.element_size()
     return total
 
 
