@@ -21,6 +21,8 @@ SUBCOMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tide-ds", description=__doc__.splitlines()[0])
+    # The deepspeed launcher passes --local_rank=N to every rank (LOCAL_RANK in the environment too).
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     argv = sys.argv[1:] if argv is None else argv
     # Only the chosen subcommand's module is imported (torch and friends load lazily).

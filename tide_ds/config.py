@@ -66,7 +66,10 @@ class DataConfig:
 @dataclass(kw_only=True)
 class TrainConfig:
     steps: int = 200
-    micro_batch_size: int = 8
+    micro_batch_size: int = 8  # per rank and micro-step
+    gradient_accumulation_steps: int = 1
+    global_batch_size: int = 0  # 0: micro_batch_size x gradient_accumulation_steps x ranks
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # mixed precision of the DeepSpeed engine
     lr: float = 5e-5
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
@@ -78,6 +81,20 @@ class TrainConfig:
     eval_batches: int = 8
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0  # torch CPU threads (0: leave torch's default)
+    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
+    resume: str | None = None  # a checkpoint directory (output_dir/checkpoints/<tag>) or "latest"
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    """Distributed execution. Without ds_config and with one process the loop runs plain PyTorch."""
+
+    ds_config: str | None = None  # DeepSpeed JSON (ds_configs/*.json), merged with train.*
+    teacher_placement: Literal["replicate", "zero3", "expert_parallel", "tensor_parallel"] = "replicate"
+    ep_size: int = 1  # expert-parallel group size (teacher_placement=expert_parallel)
+    tp_size: int = 1  # tensor-parallel size (teacher_placement=tensor_parallel)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    timeout_s: int = 600  # collective timeout: a stuck rank fails the job after this long
 
 
 @dataclass(kw_only=True)
@@ -91,6 +108,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +146,21 @@ def load_dataclass(cls, path: str | None = None, overrides: list[str] | tuple[st
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}': '{p}' is not a section")
         node[parts[-1]] = yaml.safe_load(value)
-    return _build(cls, raw, prefix="")
+    obj = _build(cls, raw, prefix="")
+    obj._explicit = frozenset(_dotted_keys(raw))  # what the user set; lets a ds_config fill the rest
+    return obj
+
+
+def _dotted_keys(raw: dict[str, Any], prefix: str = ""):
+    for key, value in raw.items():
+        yield f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _dotted_keys(value, f"{prefix}{key}.")
+
+
+def is_set(cfg: Config, key: str) -> bool:
+    """Whether `key` (e.g. "train.lr") was given in the YAML file or an override."""
+    return key in getattr(cfg, "_explicit", frozenset())
 
 
 def _build(cls, raw: dict[str, Any], prefix: str):
@@ -219,6 +251,12 @@ def validate(cfg: Config) -> None:
         (0.0 < cfg.objective.demo_ratio < 1.0, "objective.demo_ratio must be in (0, 1)"),
         (t.steps >= 1, "train.steps must be >= 1"),
         (t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
+        (t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1"),
+        (t.global_batch_size >= 0, "train.global_batch_size must be >= 0 (0: derived)"),
+        (t.save_every >= 0, "train.save_every must be >= 0 (0: only at the end)"),
+        (cfg.engine.ep_size >= 1, "engine.ep_size must be >= 1"),
+        (cfg.engine.tp_size >= 1, "engine.tp_size must be >= 1"),
+        (cfg.engine.timeout_s >= 1, "engine.timeout_s must be >= 1"),
         (t.lr > 0, "train.lr must be > 0"),
         (0 <= t.warmup_steps, "train.warmup_steps must be >= 0"),
         (0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
@@ -235,6 +273,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{side}.path not found: {m.path} (give a transformers model directory)")
         if m.tokenizer is not None and not os.path.isdir(m.tokenizer):
             raise ConfigError(f"{side}.tokenizer not found: {m.tokenizer} (give a directory with a saved tokenizer)")
+    if cfg.engine.ds_config is not None and not os.path.isfile(cfg.engine.ds_config):
+        raise ConfigError(f"engine.ds_config not found: {cfg.engine.ds_config} (give a DeepSpeed JSON, e.g. ds_configs/zero3.json)")
     if cfg.student.path is None and not cfg.student.init:
         raise ConfigError("student: set student.path to a model directory or student.init to a config for a new model")
     if needs_teacher(recipe) and cfg.teacher.path is None:

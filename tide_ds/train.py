@@ -1,23 +1,34 @@
 """`tide-ds distill`: build the pieces from the config, run the loop, save the student.
 
 The loop is short on purpose: noising, the teacher call and the loss live in
-`tide_ds.pipeline.step`, data in `tide_ds.data`, models in `tide_ds.models`.
+`tide_ds.pipeline.step`, data in `tide_ds.data`, models in `tide_ds.models`, DeepSpeed wiring in
+`tide_ds.engine`, checkpoints in `tide_ds.checkpoint`.
+
+Every rank reads the same global batch (a pure function of the step) and draws its noise from a
+generator seeded by the step, then keeps its own micro-batches: rank r's micro-step j takes rows
+[(r*G + j)*m, (r*G + j + 1)*m) for G accumulation steps of m rows. Any split of one global batch
+over ranks and accumulation steps thus sees the same micro-batches, and a resumed run continues
+with exactly the data and noise of an uninterrupted one.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
-import math
 import os
+import sys
 import time
 
 import torch
 import yaml
 from tqdm import tqdm
 
+from tide_ds import checkpoint
 from tide_ds.config import Config, ConfigError, load_config, to_dict
 from tide_ds.data.corpus import TextWindows, collate_windows, corpus_files, is_holdout
+from tide_ds.engine import build_engine, init_distributed, slice_rows, wants_deepspeed
+from tide_ds.engine.build import to_device
+from tide_ds.engine.dist import fail_fast
 from tide_ds.eval import masked_token_loss
 from tide_ds.models import build_student, build_teacher, load_tokenizer
 from tide_ds.objectives import needs_teacher, resolve_terms
@@ -26,25 +37,24 @@ from tide_ds.pipeline import DistillStep
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML run config (see tide_ds/configs/ for examples)")
+    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint directory, or 'latest' in output_dir")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
 
 
 def run(args) -> int:
-    distill(load_config(args.config, args.overrides))
+    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    distill(load_config(args.config, overrides))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        multi = torch.distributed.get_world_size() > 1
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        if multi:  # everything is saved; skip interpreter teardown, where gloo's threads can abort
+            if "mpi4py.MPI" in sys.modules and not sys.modules["mpi4py.MPI"].Is_finalized():
+                sys.modules["mpi4py.MPI"].Finalize()  # mpirun counts an exit without it as a failure
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     return 0
-
-
-def lr_lambda(cfg: Config):
-    """Linear warm-up, then cosine decay to min_lr_ratio of the peak."""
-    t = cfg.train
-
-    def f(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        p = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
-
-    return f
 
 
 def student_tokenizer(cfg: Config):
@@ -73,14 +83,30 @@ def build_data(cfg: Config, tokenizer):
     return TextWindows(train, tokenizer, cfg.data.seq_len), TextWindows(held, tokenizer, cfg.data.seq_len)
 
 
+def global_batch(dataset, size: int, seed: int, step: int) -> dict:
+    """The global batch of optimizer step `step`: one shuffled pass per epoch, seeded by the epoch."""
+    per_epoch = len(dataset) // size
+    if per_epoch == 0:
+        raise ConfigError(f"the global batch ({size}) is larger than the training set ({len(dataset)} windows); "
+                          f"lower train.micro_batch_size or train.gradient_accumulation_steps, or add data")
+    epoch, j = divmod(step, per_epoch)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 7919 * epoch))
+    return collate_windows([dataset[int(k)] for k in order[j * size:(j + 1) * size]])
+
+
 def distill(cfg: Config) -> dict:
+    dist = init_distributed(cfg)
+    return fail_fast(lambda: _distill(cfg, dist))
+
+
+def _distill(cfg: Config, dist) -> dict:
     t = cfg.train
     torch.manual_seed(t.seed)
     if t.threads:
         torch.set_num_threads(t.threads)
-    device = torch.device("cuda" if t.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if t.device == "auto" else t.device))
+    device = dist.device
     recipe = resolve_terms(cfg.recipe, cfg.terms)
+    resume = checkpoint.resolve_resume(cfg)  # a missing or incomplete checkpoint stops here
     tokenizer = student_tokenizer(cfg)
     teacher = None
     if needs_teacher(recipe):
@@ -88,57 +114,67 @@ def distill(cfg: Config) -> dict:
         teacher = build_teacher(cfg.teacher, cfg.diffusion.mask_token, block_size=cfg.diffusion.block_size).to(device)
     student = build_student(cfg.student, tokenizer, cfg.diffusion.block_size, cfg.diffusion.mask_token).to(device)
     train_set, eval_set = build_data(cfg, tokenizer)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=t.micro_batch_size, shuffle=True, drop_last=True,
-                                         collate_fn=collate_windows, generator=torch.Generator().manual_seed(t.seed))
     eval_batches = list(itertools.islice(torch.utils.data.DataLoader(
         eval_set, batch_size=t.micro_batch_size, collate_fn=collate_windows), t.eval_batches))
 
     step = DistillStep(student, teacher, recipe, cfg.objective, eps=cfg.diffusion.eps)
-    decay = [p for n, p in student.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in student.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=t.lr, betas=t.betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    gen = torch.Generator(device=device).manual_seed(t.seed + 1)  # noise draws, on the batch's device
+    engine = build_engine(cfg, step, dist, use_deepspeed=wants_deepspeed(cfg))  # settles the batch sizes
+    accum, micro = t.gradient_accumulation_steps, t.micro_batch_size
+    first = 0
+    if resume is not None:
+        first = checkpoint.load(engine, *resume)
 
-    n_params = sum(p.numel() for p in student.parameters())
-    print(f"recipe {cfg.recipe}: {' + '.join(f'{w:g}*{n}' for n, w in recipe.terms.items())}"
-          f"{' (CompDemo)' if recipe.comp_demo else ''}; student {n_params / 1e6:.2f}M params; "
-          f"{len(train_set)} train / {len(eval_set)} held-out windows of {cfg.data.seq_len} tokens; device {device}")
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())
+    log = print if dist.is_main else (lambda *a, **k: None)
+    log(f"recipe {cfg.recipe}: {' + '.join(f'{w:g}*{n}' for n, w in recipe.terms.items())}"
+        f"{' (CompDemo)' if recipe.comp_demo else ''}; student {n_params / 1e6:.2f}M params; "
+        f"{len(train_set)} train / {len(eval_set)} held-out windows of {cfg.data.seq_len} tokens; device {device}; "
+        f"{dist.world} rank(s) x {accum} accumulation x {micro} = global batch {t.global_batch_size}")
     before = masked_token_loss(student, eval_batches, eps=cfg.diffusion.eps)
-    print(f"held-out masked-token loss before: {before:.4f}")
+    log(f"held-out masked-token loss before: {before:.4f}")
 
-    batches = itertools.chain.from_iterable(itertools.repeat(loader))
-    bar = tqdm(range(t.steps), desc="distill", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(range(first, t.steps), desc="distill", dynamic_ncols=True, mininterval=1.0, disable=not dist.is_main)
     start = time.time()
     history = []
     for i in bar:
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
-        noised = step.noise(batch, generator=gen)
-        targets = step.teacher_targets(noised)
-        loss, terms = step.loss(noised, targets, progress=i / t.steps)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), t.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        batch = global_batch(train_set, t.global_batch_size, t.seed, i)
+        noised_all = step.noise(batch, generator=torch.Generator().manual_seed(t.seed * 1_000_003 + i))
+        sums: dict[str, torch.Tensor] = {}
+        for j in range(accum):
+            k = dist.rank * accum + j
+            noised = to_device(slice_rows(noised_all, slice(k * micro, (k + 1) * micro)), device)
+            targets = engine.teacher_targets(noised)
+            loss, terms = engine.loss(noised, targets, progress=i / t.steps)
+            engine.backward_step(loss)
+            for name, v in {**terms, "loss": loss.detach()}.items():
+                sums[name] = sums.get(name, 0) + v.float() / accum
         if i % t.log_every == 0 or i == t.steps - 1:
-            values = {k: v.item() for k, v in terms.items()}  # sync point: logging only
-            values["loss"] = loss.item()
+            stacked = torch.stack(list(sums.values()))
+            if dist.world > 1:
+                torch.distributed.all_reduce(stacked)
+                stacked /= dist.world
+            values = dict(zip(sums, stacked.tolist()))  # sync point: logging only
             history.append({"step": i, **values})
             bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()}, refresh=False)
+        if t.save_every and (i + 1) % t.save_every == 0 and i + 1 < t.steps:
+            checkpoint.save(engine, cfg, i + 1, tokenizer)
     elapsed = time.time() - start
+    if first < t.steps:
+        checkpoint.save(engine, cfg, t.steps, tokenizer)
 
     after = masked_token_loss(student, eval_batches, eps=cfg.diffusion.eps)
-    print(f"held-out masked-token loss after:  {after:.4f} (before {before:.4f}; {t.steps} steps in {elapsed:.0f} s)")
+    log(f"held-out masked-token loss after:  {after:.4f} (before {before:.4f}; {t.steps - first} steps in {elapsed:.0f} s)")
     out = os.path.join(cfg.output_dir, "final")
-    student.model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    with engine.gathered():
+        if dist.is_main:
+            student.model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
     result = {"heldout_loss_before": before, "heldout_loss_after": after, "steps": t.steps, "seconds": elapsed,
-              "history": history, "student_dir": out}
-    with open(os.path.join(cfg.output_dir, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"saved student to {out}")
+              "history": history, "student_dir": out, "first_step": first, "world": dist.world}
+    if dist.is_main:
+        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+        with open(os.path.join(cfg.output_dir, "metrics.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"saved student to {out}")
     return result

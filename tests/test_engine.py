@@ -1,0 +1,221 @@
+"""The DeepSpeed engine: config merge, ZeRO-3 student + ZeRO-3 teacher on 2 CPU ranks (gloo),
+checkpoints, resume, export, and bad input."""
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import tide_ds
+from tide_ds import checkpoint
+from tide_ds.config import ConfigError, load_config
+from tide_ds.engine import merge_ds_config
+from tide_ds.train import distill
+
+REPO = Path(tide_ds.__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+ZERO3 = str(REPO / "ds_configs" / "zero3.json")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(launcher: str, args: list[str], entry: str = "tide_ds.cli", timeout: int = 600):
+    """Starts 2 CPU ranks with `launcher` running `python -m entry distill args`."""
+    path = os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "DS_ACCELERATOR": "cpu",
+           "OMP_NUM_THREADS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    port = str(_port())
+    if launcher == "deepspeed":
+        cmd = [str(BIN / "deepspeed"), "--num_accelerators", "2", "--master_port", port, "--module", entry]
+    elif launcher == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, "-m", entry]
+    elif launcher == "mpirun":
+        env["MASTER_PORT"] = port
+        root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+        forward = [a for k in ("PYTHONPATH", "DS_ACCELERATOR", "OMP_NUM_THREADS", "MASTER_PORT", "PATH",
+                               "TORCH_EXTENSIONS_DIR") if k in env for a in ("-x", k)]
+        cmd = ["mpirun", *root, "--oversubscribe", "-n", "2", *forward, sys.executable, "-m", entry]
+    else:
+        raise ValueError(launcher)
+    start = time.time()
+    out = subprocess.run(cmd + ["distill", *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return out, time.time() - start
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def assert_same_weights(a, b, atol=1e-5, adam_lr=0.0):
+    """Same weights within atol. With adam_lr, a few elements may differ by up to a tenth of the
+    learning rate: Adam divides by sqrt(v), so a gradient near zero turns reduction-order rounding
+    (one all-reduce over 2 ranks vs one sum in one process) into a visible update difference."""
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    diff = torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa])
+    worst = diff.max().item()
+    if adam_lr:
+        assert worst <= 0.1 * adam_lr and (diff > atol).float().mean().item() <= 1e-3, (worst, int((diff > atol).sum()))
+    else:
+        assert worst <= atol, worst
+    return worst
+
+
+# -- merge of ds_config and YAML ---------------------------------------------------------------
+
+def test_auto_values_are_filled_from_the_yaml(tiny_overrides):
+    cfg = load_config(None, tiny_overrides + ["train.gradient_accumulation_steps=3", "train.grad_clip=0.5"])
+    ds = merge_ds_config(cfg, json.loads(Path(ZERO3).read_text()), world=2)
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 12 and cfg.train.global_batch_size == 12
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is False
+    assert ds["zero_optimization"]["stage"] == 3
+
+
+def test_a_json_value_the_yaml_leaves_unset_is_adopted(tiny_overrides):
+    cfg = load_config(None, tiny_overrides)
+    ds = merge_ds_config(cfg, {"gradient_clipping": 0.25, "bf16": {"enabled": True}}, world=1)
+    assert cfg.train.grad_clip == 0.25 and cfg.train.precision == "bf16" and ds["bf16"]["enabled"] is True
+
+
+@pytest.mark.parametrize("json_part, message", [
+    ({"train_micro_batch_size_per_gpu": 4}, r"train_micro_batch_size_per_gpu=4 .* train\.micro_batch_size=2"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}, r"optimizer\.params\.lr=0\.1 .* train\.lr=0\.001"),
+    ({"train_batch_size": 6}, r"global batch \(6\) must be a multiple of micro batch \(2\) x ranks \(2\)"),
+    ({"scheduler": {"type": "WarmupLR"}}, r"'scheduler' section"),
+])
+def test_a_ds_config_that_disagrees_with_the_yaml_names_both(tiny_overrides, json_part, message):
+    cfg = load_config(None, tiny_overrides)
+    with pytest.raises(ConfigError, match=message):
+        merge_ds_config(cfg, json_part, world=2, source="my.json")
+
+
+def test_precision_conflict_and_global_batch_conflict(tiny_overrides):
+    cfg = load_config(None, tiny_overrides + ["train.precision=fp32"])
+    with pytest.raises(ConfigError, match=r"my\.json selects bf16 .* train\.precision=fp32"):
+        merge_ds_config(cfg, {"bf16": {"enabled": True}}, world=1, source="my.json")
+    cfg = load_config(None, tiny_overrides + ["train.global_batch_size=8", "train.gradient_accumulation_steps=1"])
+    with pytest.raises(ConfigError, match=r"global batch 8 != micro batch 2 x gradient accumulation 1 x ranks 2"):
+        merge_ds_config(cfg, {}, world=2)
+
+
+def test_unimplemented_placement_and_missing_ds_config(tiny_overrides, tmp_path):
+    with pytest.raises(ConfigError, match="engine.ds_config not found"):
+        load_config(None, tiny_overrides + [f"engine.ds_config={tmp_path / 'x.json'}"])
+    cfg = load_config(None, tiny_overrides + ["recipe=kl", "engine.teacher_placement=tensor_parallel"])
+    with pytest.raises(ConfigError, match="teacher_placement=tensor_parallel is not yet supported"):
+        distill(cfg)
+
+
+# -- checkpoints (single process) ----------------------------------------------------------------
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_overrides, tmp_path):
+    over = tiny_overrides + ["recipe=tide_shared", "train.steps=6", "train.save_every=3",
+                             "train.gradient_accumulation_steps=2"]
+    full = distill(load_config(None, over + [f"output_dir={tmp_path / 'full'}"]))
+    ckpt = tmp_path / "full" / "checkpoints" / "step3"
+    assert (ckpt / checkpoint.MARKER).is_file()
+    resumed = distill(load_config(None, over + [f"output_dir={tmp_path / 'resumed'}", f"train.resume={ckpt}"]))
+    assert resumed["first_step"] == 3
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in full["history"][3:]], abs=1e-6)
+    assert_same_weights(full["student_dir"], resumed["student_dir"], atol=1e-6)
+
+
+def test_missing_or_incomplete_checkpoint_stops_before_training(tiny_overrides, tmp_path):
+    with pytest.raises(ConfigError, match="train.resume: checkpoint .*nowhere not found"):
+        distill(load_config(None, tiny_overrides + [f"train.resume={tmp_path / 'nowhere'}"]))
+    (tmp_path / "ck" / "step2").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"step2 is incomplete \(no tide_state.json"):
+        distill(load_config(None, tiny_overrides + [f"train.resume={tmp_path / 'ck' / 'step2'}"]))
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_of_a_plain_checkpoint_loads_and_generates(tiny_overrides, tmp_path):
+    result = distill(load_config(None, tiny_overrides + ["recipe=ce"]))
+    out = checkpoint.export(str(tmp_path / "run" / "checkpoints"), str(tmp_path / "exported"))
+    assert_same_weights(result["student_dir"], out, atol=0)
+
+
+# -- 2 ranks (gloo) ------------------------------------------------------------------------------
+
+def _args(tiny_overrides, out, *extra):
+    return [o for o in tiny_overrides if not o.startswith("output_dir=")] + [f"output_dir={out}", *extra]
+
+
+HAVE_MPI = shutil.which("mpirun") is not None and importlib.util.find_spec("mpi4py") is not None
+LAUNCHERS = ["deepspeed", "torchrun",
+             pytest.param("mpirun", marks=pytest.mark.skipif(not HAVE_MPI, reason="needs mpirun and mpi4py"))]
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("recipe", ["tide_cross", "tide_shared"])
+def test_zero3_student_and_teacher_on_2_ranks_match_one_process(launcher, recipe, tiny_overrides, tmp_path):
+    ds = json.loads(Path(ZERO3).read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even the tiny tensors
+    (tmp_path / "zero3.json").write_text(json.dumps(ds))
+    common = [f"recipe={recipe}", "train.steps=5", "train.warmup_steps=0", "train.lr=3e-3"]
+    out, seconds = launch(launcher, _args(tiny_overrides, tmp_path / "dist", *common,
+                                          f"engine.ds_config={tmp_path / 'zero3.json'}", "engine.teacher_placement=zero3"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "[rank 1] teacher (zero3): 0.04 MiB of parameters on this rank (of 0.08 MiB)" in out.stdout + out.stderr
+    dist = json.loads((tmp_path / "dist" / "metrics.json").read_text())
+    assert dist["world"] == 2 and dist["history"][-1]["loss"] < dist["history"][0]["loss"]
+    # one process, plain PyTorch, the same global batch of 4 as 2 accumulation steps of 2
+    single = distill(load_config(None, _args(tiny_overrides, tmp_path / "one", *common,
+                                             "train.gradient_accumulation_steps=2")))
+    assert [h["loss"] for h in dist["history"]] == pytest.approx([h["loss"] for h in single["history"]], abs=1e-5)
+    worst = assert_same_weights(dist["student_dir"], single["student_dir"], atol=1e-5, adam_lr=3e-3)
+    print(f"{launcher} {recipe}: {seconds:.0f} s for 2 ranks; max |w_2rank - w_1proc| = {worst:.2e}")
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_zero3_resume_and_export_on_2_ranks(tiny_overrides, tmp_path):
+    common = ["recipe=tide_cross", "train.steps=4", "train.save_every=2", f"engine.ds_config={ZERO3}",
+              "engine.teacher_placement=zero3"]
+    out, _ = launch("torchrun", _args(tiny_overrides, tmp_path / "full", *common))
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = tmp_path / "full" / "checkpoints" / "step2"
+    out, _ = launch("torchrun", _args(tiny_overrides, tmp_path / "resumed", *common, f"train.resume={ckpt}"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert resumed["first_step"] == 2
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in full["history"][2:]], abs=1e-6)
+    assert_same_weights(full["student_dir"], resumed["student_dir"], atol=1e-6)
+
+    # the final ZeRO-3 checkpoint exported to transformers gives the in-engine model's logits
+    exported = checkpoint.export(str(tmp_path / "full" / "checkpoints"), str(tmp_path / "exported"))
+    a = AutoModelForCausalLM.from_pretrained(exported).eval()
+    b = AutoModelForCausalLM.from_pretrained(full["student_dir"]).eval()
+    ids = torch.randint(0, a.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, atol=1e-6, rtol=0)
+    assert a.generate(ids[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_failure_on_one_rank_stops_every_rank(launcher, tiny_overrides, tmp_path):
+    out, seconds = launch(launcher, _args(tiny_overrides, tmp_path / "fail", "recipe=ce",
+                                            f"engine.ds_config={ZERO3}", "engine.timeout_s=60"),
+                          entry="rank_failure_main", timeout=300)
+    assert out.returncode != 0
+    assert "[rank 1] error: RuntimeError: injected failure on this rank" in out.stderr, out.stderr[-3000:]
+    assert seconds < 120, seconds

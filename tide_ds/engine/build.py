@@ -1,0 +1,251 @@
+"""The student's optimizer engine and the teacher's placement, behind one small `Engine`.
+
+Plain PyTorch (one process, no ds_config) and DeepSpeed share the loop: the loop calls
+`teacher_targets`, `loss`, `backward_step`, `save`, `load`. Under DeepSpeed the student's loss and
+the teacher call each run inside a module's forward, so ZeRO-3 gathers the partitioned parameters
+(including the output head, used outside its own Linear) while they are used.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from tide_ds.config import Config, ConfigError
+from tide_ds.engine.dist import Dist
+from tide_ds.engine.merge import load_ds_config, merge_ds_config, plain_batch
+
+PLAIN_STATE = "plain_state.pt"
+IMPLEMENTED_PLACEMENTS = ("replicate", "zero3")
+
+
+def slice_rows(obj, rows: slice):
+    """Rows of every tensor in a dataclass (tensors and lists of tensors; other fields as they are)."""
+    def cut(v):
+        if torch.is_tensor(v) and v.ndim >= 1:
+            return v[rows]
+        if isinstance(v, list):
+            return [cut(x) for x in v]
+        return v
+    return dataclasses.replace(obj, **{f.name: cut(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+
+
+def to_device(obj, device: torch.device):
+    def move(v):
+        if torch.is_tensor(v):
+            return v.to(device, non_blocking=True)
+        if isinstance(v, list):
+            return [move(x) for x in v]
+        return v
+    return dataclasses.replace(obj, **{f.name: move(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+
+
+class _StudentLoss(nn.Module):
+    """The student's loss as a module forward (what the DeepSpeed engine wraps)."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.student = step.student
+        self._step = step
+        _register_head(self, step.student)
+
+    def forward(self, noised, targets, progress: float):
+        return self._step.loss(noised, targets, progress=progress)
+
+
+class _TeacherCall(nn.Module):
+    """The teacher call as a module forward, for a ZeRO-3 partitioned teacher."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.teacher = step.teacher
+        self._step = step
+        _register_head(self, step.teacher)
+
+    def forward(self, noised):
+        # Targets may carry the teacher's head for the student's loss to use later, after this
+        # forward has released the gathered parameters: hand out a whole copy instead.
+        head = [p for p in (self.teacher.output_weight, self.teacher.output_bias) if p is not None]
+        return _replace_params(self._step.teacher_targets(noised), head)
+
+
+def _replace_params(obj, params):
+    if any(obj is p for p in params):
+        return obj.detach().clone()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _replace_params(getattr(obj, f.name), params)
+                                           for f in dataclasses.fields(obj) if f.init})
+    return obj
+
+
+def _register_head(module: nn.Module, model) -> None:
+    """The output head is read outside its Linear's forward: ZeRO-3 must gather it for `module`."""
+    import deepspeed
+
+    for p in (model.output_weight, model.output_bias):
+        if p is not None:
+            deepspeed.zero.register_external_parameter(module, p)
+
+
+@dataclasses.dataclass
+class Engine:
+    dist: Dist
+    student: nn.Module
+    teacher_targets: Callable
+    loss: Callable
+    ds: Any = None  # the student's DeepSpeedEngine (None: plain PyTorch)
+    optimizer: Any = None
+    scheduler: Any = None
+    accumulation: int = 1
+    grad_clip: float = 0.0
+    _micro: int = 0
+
+    def backward_step(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch; the optimizer steps after `accumulation` of them."""
+        if self.ds is not None:
+            self.ds.backward(loss)
+            self.ds.step()
+            return
+        (loss / self.accumulation).backward()
+        self._micro += 1
+        if self._micro % self.accumulation == 0:
+            if self.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        opt = self.ds.optimizer if self.ds is not None else self.optimizer
+        return opt.param_groups[0]["lr"]
+
+    def save(self, directory: str, tag: str, state: dict) -> None:
+        if self.ds is not None:
+            self.ds.save_checkpoint(directory, tag=tag, client_state=state)
+            return
+        os.makedirs(os.path.join(directory, tag), exist_ok=True)
+        torch.save({"model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "client_state": state},
+                   os.path.join(directory, tag, PLAIN_STATE))
+        with open(os.path.join(directory, "latest"), "w") as f:
+            f.write(tag)
+
+    def load(self, directory: str, tag: str) -> dict:
+        if self.ds is not None:
+            path, state = self.ds.load_checkpoint(directory, tag=tag)
+            if path is None:
+                raise ConfigError(f"train.resume: DeepSpeed could not load checkpoint {directory}/{tag}")
+            return state
+        saved = torch.load(os.path.join(directory, tag, PLAIN_STATE), weights_only=False)
+        self.student.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        return saved["client_state"]
+
+    def gathered(self):
+        """Context in which every student parameter is whole (ZeRO-3) on every rank."""
+        import contextlib
+
+        if self.ds is None or self.ds.zero_optimization_stage() != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.student.parameters()), modifier_rank=None)
+
+
+def lr_lambda(cfg: Config):
+    """Linear warm-up, then cosine decay to min_lr_ratio of the peak (per optimizer step)."""
+    t = cfg.train
+
+    def f(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        p = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+
+    return f
+
+
+def _adamw(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    t = cfg.train
+    return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=t.betas)
+
+
+def build_engine(cfg: Config, step, dist: Dist, *, use_deepspeed: bool) -> Engine:
+    """Places the teacher, then builds the student's optimizer engine (DeepSpeed or plain)."""
+    placement = cfg.engine.teacher_placement
+    if placement not in IMPLEMENTED_PLACEMENTS:
+        raise ConfigError(f"engine.teacher_placement={placement} is not yet supported; use one of "
+                          f"{', '.join(IMPLEMENTED_PLACEMENTS)}")
+    if not use_deepspeed:
+        if placement != "replicate":
+            raise ConfigError(f"engine.teacher_placement={placement} needs DeepSpeed: set engine.ds_config "
+                              f"(e.g. ds_configs/zero3.json) or launch several ranks")
+        plain_batch(cfg)
+        opt = _adamw(cfg, step.student)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+        _report_teacher(step.teacher, dist, "replicate")
+        return Engine(dist, step.student, step.teacher_targets, step.loss, optimizer=opt, scheduler=sched,
+                      accumulation=cfg.train.gradient_accumulation_steps, grad_clip=cfg.train.grad_clip)
+    import deepspeed
+
+    ds_raw = load_ds_config(cfg.engine.ds_config) if cfg.engine.ds_config else {"zero_optimization": {"stage": 0}}
+    ds_cfg = merge_ds_config(cfg, ds_raw, dist.world, source=cfg.engine.ds_config or "the default DeepSpeed config")
+    teacher_targets = step.teacher_targets
+    if step.teacher is not None and placement == "zero3":
+        teacher_targets = _zero3_teacher(step, ds_cfg)
+    _report_teacher(step.teacher, dist, placement)
+    module = _StudentLoss(step)
+    client_opt = None if "optimizer" in ds_cfg else _adamw(cfg, module)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=client_opt, config=ds_cfg,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+        model_parameters=None if client_opt is not None else module.parameters())
+    return Engine(dist, step.student, teacher_targets, engine, ds=engine,
+                  accumulation=cfg.train.gradient_accumulation_steps)
+
+
+def _zero3_teacher(step, student_ds: dict):
+    """The teacher's parameters partitioned over the ranks (ZeRO-3, no optimizer)."""
+    import deepspeed
+
+    zero = dict(student_ds.get("zero_optimization", {}))
+    zero.update(stage=3)
+    for k in ("offload_optimizer", "reduce_scatter", "overlap_comm", "contiguous_gradients", "reduce_bucket_size"):
+        zero.pop(k, None)
+    teacher_ds = {k: student_ds[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                              "train_batch_size", "bf16", "fp16", "steps_per_print")}
+    teacher_ds["zero_optimization"] = zero
+    engine, _, _, _ = deepspeed.initialize(model=_TeacherCall(step), config=teacher_ds)
+    engine.eval()
+    return engine
+
+
+def teacher_bytes(teacher) -> int:
+    """Bytes of teacher parameters held by this rank: the local partition under ZeRO-3, plus the
+    whole of the small parameters ZeRO-3 keeps on every rank (stage3_param_persistence_threshold)."""
+    total = 0
+    for p in teacher.parameters():
+        local = getattr(p, "ds_tensor", None)
+        if local is None:
+            total += p.numel() * p.element_size()
+            continue
+        whole = getattr(p, "ds_persist", False)
+        total += p.ds_numel * p.element_size() if whole else local.numel() * local.element_size()
+    return total
+
+
+def _report_teacher(teacher, dist: Dist, placement: str) -> None:
+    if teacher is None:
+        return
+    held = teacher_bytes(teacher)
+    full = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in teacher.parameters())
+    print(f"[rank {dist.rank}] teacher ({placement}): {held / 2**20:.2f} MiB of parameters on this rank "
+          f"(of {full / 2**20:.2f} MiB)", flush=True)

@@ -1,0 +1,107 @@
+"""Process-group set-up under every launcher: deepspeed, torchrun, mpirun, SLURM srun, or none."""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from tide_ds.config import Config, ConfigError
+
+_MPI_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_world() -> int:
+    """Ranks the launcher started (1 when run as a plain process)."""
+    for key in ("WORLD_SIZE", *_MPI_SIZE):
+        if key in os.environ:
+            return int(os.environ[key])
+    if "SLURM_STEP_ID" in os.environ and "SLURM_NTASKS" in os.environ:  # inside an srun step
+        return int(os.environ["SLURM_NTASKS"])
+    return 1
+
+
+def wants_deepspeed(cfg: Config) -> bool:
+    return cfg.engine.ds_config is not None or launched_world() > 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_env() -> None:
+    """`srun` starts the ranks itself: take rank and size from SLURM (MASTER_ADDR from the sbatch script).
+    Under mpirun (OMPI_*) or a launcher (RANK set), their variables win."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ or "SLURM_STEP_ID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:
+        if int(os.environ.get("SLURM_NNODES", "1")) > 1:
+            raise ConfigError("srun over several nodes: export MASTER_ADDR (the first node, e.g. "
+                              "$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1)) in the sbatch script")
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def init_distributed(cfg: Config) -> Dist:
+    """Starts the process group when DeepSpeed is wanted; a plain process otherwise."""
+    want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if not wants_deepspeed(cfg):
+        return Dist(device=torch.device("cuda" if want_cuda else "cpu"))
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if want_cuda else "cpu")
+    _slurm_env()
+    if launched_world() == 1 and "RANK" not in os.environ:  # one process with a ds_config
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    import deepspeed
+
+    backend = cfg.engine.backend if cfg.engine.backend != "auto" else ("nccl" if want_cuda else "gloo")
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False,
+                               distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
+                               timeout=datetime.timedelta(seconds=cfg.engine.timeout_s))
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if want_cuda:
+        torch.cuda.set_device(local_rank)
+    return Dist(rank, world, local_rank, torch.device(f"cuda:{local_rank}" if want_cuda else "cpu"))
+
+
+def fail_fast(fn):
+    """Runs fn(); on an exception in a multi-rank job, prints it with the rank and exits at once,
+    so that the launcher stops the other ranks (they would otherwise wait in a collective)."""
+    try:
+        return fn()
+    except BaseException as e:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1):
+            raise
+        rank = torch.distributed.get_rank()
+        if isinstance(e, SystemExit) and not e.code:
+            raise
+        if isinstance(e, ConfigError):  # a bad input: one line, as the CLI prints it
+            print(f"[rank {rank}] tide-ds: error: {e}", file=sys.stderr, flush=True)
+            os._exit(2)
+        text = "".join(traceback.format_exception(e)).rstrip().replace("\n", f"\n[rank {rank}] ")
+        print(f"[rank {rank}] {text}\n[rank {rank}] error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # no atexit / process-group teardown: either could wait on the other ranks
