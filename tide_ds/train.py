@@ -18,6 +18,8 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -25,13 +27,15 @@ from tqdm import tqdm
 
 from tide_ds import checkpoint
 from tide_ds.config import Config, ConfigError, load_config, to_dict
+from tide_ds.data.collate import Collator
 from tide_ds.data.corpus import TextWindows, collate_windows, corpus_files, is_holdout
+from tide_ds.data.prepare import REPORT_NAME, load_prepared
 from tide_ds.engine import build_engine, init_distributed, slice_rows, wants_deepspeed
 from tide_ds.engine.build import to_device
 from tide_ds.engine.dist import fail_fast
 from tide_ds.eval import masked_token_loss
 from tide_ds.models import build_student, build_teacher, load_tokenizer
-from tide_ds.objectives import needs_teacher, resolve_terms
+from tide_ds.objectives import TERMS, needs_teacher, resolve_terms
 from tide_ds.pipeline import DistillStep
 
 
@@ -76,22 +80,64 @@ def check_shared_vocab(cfg: Config, tokenizer, recipe_name: str) -> None:
             f"with the student's tokenizer, or prepare cross-tokenizer data with `tide-ds prepare` and recipe tide_cross")
 
 
-def build_data(cfg: Config, tokenizer):
-    files = corpus_files(cfg.data.source, cfg.data.max_files)
+@dataclass
+class Data:
+    train: Any
+    held_out: Any
+    collate: Callable[[list], dict]
+    cross_tokenizer: bool  # rows carry teacher ids of another tokenizer (pipeline A)
+
+
+def build_data(cfg: Config, tokenizer) -> Data:
+    """A dataset prepared by `tide-ds prepare` (read as is, never re-tokenized), or the demo text
+    corpus (tokenized here with the student's tokenizer, which the teacher then shares)."""
+    source = cfg.data.source
+    report_path = os.path.join(source, REPORT_NAME)
+    if os.path.isfile(report_path):
+        data = load_prepared(source)
+        with open(report_path, encoding="utf-8") as f:
+            report = json.load(f)
+        check_prepared_tokenizer(report["config"]["student"]["tokenizer"], tokenizer, source)
+        n_held = max(1, int(len(data) * cfg.data.holdout_fraction)) if len(data) > 1 else 0
+        collate = Collator(report["student_eos_id"], cfg.diffusion.block_size, report["teacher_pad_id"])
+        held = data.select(range(n_held)) if n_held else data
+        return Data(data.select(range(n_held, len(data))), held, collate,
+                    cross_tokenizer=report["config"]["pipeline"] == "cross")
+    files = corpus_files(source, cfg.data.max_files)
     held = [p for p in files if is_holdout(p, cfg.data.holdout_fraction)] or files[-1:]
     train = [p for p in files if p not in held] or files
-    return TextWindows(train, tokenizer, cfg.data.seq_len), TextWindows(held, tokenizer, cfg.data.seq_len)
+    return Data(TextWindows(train, tokenizer, cfg.data.seq_len), TextWindows(held, tokenizer, cfg.data.seq_len),
+                collate_windows, cross_tokenizer=False)
 
 
-def global_batch(dataset, size: int, seed: int, step: int) -> dict:
+def check_prepared_tokenizer(prepared_with: str, tokenizer, source: str) -> None:
+    """The student must read the ids the data was prepared with."""
+    if os.path.isdir(prepared_with) and load_tokenizer(prepared_with, "data.source").get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"data.source={source} was prepared with the student tokenizer {prepared_with}, which differs "
+                          f"from the student's tokenizer here; set student.tokenizer to it or prepare the data again")
+
+
+def check_teacher_fits(cfg: Config, recipe, data: Data, tokenizer) -> None:
+    """Shared-vocabulary terms need one vocabulary; without its own ids the teacher reads the student's."""
+    shared_only = [n for n, w in recipe.terms.items() if w > 0 and TERMS[n].shared_vocab_only]
+    if data.cross_tokenizer and shared_only:
+        raise ConfigError(f"recipe '{cfg.recipe}' uses {', '.join(shared_only)}, which needs one shared vocabulary, but "
+                          f"data.source={cfg.data.source} was prepared for two tokenizers; use tide_cross, calm or "
+                          f"tide_shared, or prepare the data with pipeline=shared")
+    if not data.cross_tokenizer:
+        check_shared_vocab(cfg, tokenizer, cfg.recipe)
+
+
+def global_batch(data: Data, size: int, seed: int, step: int) -> dict:
     """The global batch of optimizer step `step`: one shuffled pass per epoch, seeded by the epoch."""
+    dataset = data.train
     per_epoch = len(dataset) // size
     if per_epoch == 0:
-        raise ConfigError(f"the global batch ({size}) is larger than the training set ({len(dataset)} windows); "
+        raise ConfigError(f"the global batch ({size}) is larger than the training set ({len(dataset)} rows); "
                           f"lower train.micro_batch_size or train.gradient_accumulation_steps, or add data")
     epoch, j = divmod(step, per_epoch)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 7919 * epoch))
-    return collate_windows([dataset[int(k)] for k in order[j * size:(j + 1) * size]])
+    return data.collate([dataset[int(k)] for k in order[j * size:(j + 1) * size]])
 
 
 def distill(cfg: Config) -> dict:
@@ -108,16 +154,17 @@ def _distill(cfg: Config, dist) -> dict:
     recipe = resolve_terms(cfg.recipe, cfg.terms)
     resume = checkpoint.resolve_resume(cfg)  # a missing or incomplete checkpoint stops here
     tokenizer = student_tokenizer(cfg)
+    data = build_data(cfg, tokenizer)
     teacher = None
     if needs_teacher(recipe):
-        check_shared_vocab(cfg, tokenizer, cfg.recipe)
+        check_teacher_fits(cfg, recipe, data, tokenizer)
         teacher = build_teacher(cfg.teacher, cfg.diffusion.mask_token, block_size=cfg.diffusion.block_size).to(device)
     student = build_student(cfg.student, tokenizer, cfg.diffusion.block_size, cfg.diffusion.mask_token).to(device)
-    train_set, eval_set = build_data(cfg, tokenizer)
     eval_batches = list(itertools.islice(torch.utils.data.DataLoader(
-        eval_set, batch_size=t.micro_batch_size, collate_fn=collate_windows), t.eval_batches))
+        data.held_out, batch_size=t.micro_batch_size, collate_fn=data.collate), t.eval_batches))
 
-    step = DistillStep(student, teacher, recipe, cfg.objective, eps=cfg.diffusion.eps)
+    step = DistillStep(student, teacher, recipe, cfg.objective, cross_tokenizer=data.cross_tokenizer,
+                       eps=cfg.diffusion.eps)
     engine = build_engine(cfg, step, dist, use_deepspeed=wants_deepspeed(cfg))  # settles the batch sizes
     accum, micro = t.gradient_accumulation_steps, t.micro_batch_size
     first = 0
@@ -128,7 +175,7 @@ def _distill(cfg: Config, dist) -> dict:
     log = print if dist.is_main else (lambda *a, **k: None)
     log(f"recipe {cfg.recipe}: {' + '.join(f'{w:g}*{n}' for n, w in recipe.terms.items())}"
         f"{' (CompDemo)' if recipe.comp_demo else ''}; student {n_params / 1e6:.2f}M params; "
-        f"{len(train_set)} train / {len(eval_set)} held-out windows of {cfg.data.seq_len} tokens; device {device}; "
+        f"{len(data.train)} train / {len(data.held_out)} held-out rows; device {device}; "
         f"{dist.world} rank(s) x {accum} accumulation x {micro} = global batch {t.global_batch_size}")
     before = masked_token_loss(student, eval_batches, eps=cfg.diffusion.eps)
     log(f"held-out masked-token loss before: {before:.4f}")
@@ -137,7 +184,7 @@ def _distill(cfg: Config, dist) -> dict:
     start = time.time()
     history = []
     for i in bar:
-        batch = global_batch(train_set, t.global_batch_size, t.seed, i)
+        batch = global_batch(data, t.global_batch_size, t.seed, i)
         noised_all = step.noise(batch, generator=torch.Generator().manual_seed(t.seed * 1_000_003 + i))
         sums: dict[str, torch.Tensor] = {}
         for j in range(accum):
