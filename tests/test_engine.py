@@ -2,7 +2,9 @@
 checkpoints, resume, export, and bad input."""
 import importlib.util
 import json
+import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tide_ds
 from tide_ds import checkpoint
@@ -121,6 +123,34 @@ def test_unimplemented_placement_and_missing_ds_config(tiny_overrides, tmp_path)
         distill(cfg)
 
 
+@pytest.fixture
+def llada2_teacher(tiny_assets, tmp_path):
+    """A tiny LLaDA2-style MoE teacher (8 experts) on the student's tokenizer."""
+    from tiny import llada2
+
+    tok = AutoTokenizer.from_pretrained(tiny_assets["tokenizer"])
+    path = tmp_path / "llada2"
+    llada2(vocab_size=len(tok), num_experts=8, mask_token_id=len(tok) - 1).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["engine.ep_size=3"], r"engine.ep_size=3 does not divide the teacher's 8 experts per layer"),
+    (["engine.ep_size=2"], r"engine.ep_size=2 does not divide the number of ranks \(1\)"),
+    (["engine.ep_size=2", "engine.teacher_placement=zero3"], r"engine.ep_size=2 is read only by .*expert_parallel"),
+    (["teacher.path=DENSE"], r"expert_parallel needs an MoE teacher .* Qwen3ForCausalLM has no routed experts"),
+])
+def test_bad_expert_parallel_settings_stop_before_training(tiny_overrides, tiny_assets, llada2_teacher, tmp_path,
+                                                           extra, message):
+    extra = [x.replace("DENSE", tiny_assets["teacher"]) for x in extra]
+    cfg = load_config(None, tiny_overrides + ["recipe=tide_shared", f"teacher.path={llada2_teacher}",
+                                              "engine.teacher_placement=expert_parallel", *extra])
+    with pytest.raises(ConfigError, match=message):
+        distill(cfg)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
 # -- checkpoints (single process) ----------------------------------------------------------------
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_overrides, tmp_path):
@@ -219,3 +249,37 @@ def test_a_failure_on_one_rank_stops_every_rank(launcher, tiny_overrides, tmp_pa
     assert out.returncode != 0
     assert "[rank 1] error: RuntimeError: injected failure on this rank" in out.stderr, out.stderr[-3000:]
     assert seconds < 120, seconds
+
+
+@pytest.mark.multirank
+def test_expert_parallel_teacher_equals_the_unsharded_teacher(tmp_path):
+    """Each rank feeds its own inputs, so tokens cross ranks both ways in the all_to_alls."""
+    out, seconds = launch("torchrun", [str(tmp_path / "ep")], entry="expert_parallel_main", timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"ep.rank{rank}.json").read_text())
+        assert r["layers"] == 2 and r["max_diff"] <= 1e-5, r
+        assert 2 * r["expert_numel"]["sharded"] == r["expert_numel"]["whole"], r  # half the experts
+        assert r["param_numel"]["whole"] - r["param_numel"]["sharded"] == r["expert_numel"]["sharded"], r
+    print(f"expert parallel, 2 ranks: {seconds:.0f} s; max |h_ep - h| = {r['max_diff']:.1e}")
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_distill_with_an_expert_parallel_teacher(launcher, tiny_overrides, llada2_teacher, tmp_path):
+    common = ["recipe=tide_shared", f"teacher.path={llada2_teacher}", "train.steps=3", "train.warmup_steps=0"]
+    out, seconds = launch(launcher, _args(tiny_overrides, tmp_path / "ep", *common, f"engine.ds_config={ZERO3}",
+                                          "engine.teacher_placement=expert_parallel", "engine.ep_size=2"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    for rank in (0, 1):
+        assert re.search(rf"\[rank {rank}\] teacher \(expert_parallel\): [0-9.]+ MiB of parameters on this rank", log)
+    ep = json.loads((tmp_path / "ep" / "metrics.json").read_text())
+    assert ep["world"] == 2 and all(math.isfinite(h["loss"]) for h in ep["history"])
+    # the same run with the teacher replicated: the same losses
+    out, _ = launch(launcher, _args(tiny_overrides, tmp_path / "rep", *common, f"engine.ds_config={ZERO3}"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    rep = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert [h["loss"] for h in ep["history"]] == pytest.approx([h["loss"] for h in rep["history"]], abs=1e-5)
+    print(f"{launcher}: distill with an expert-parallel teacher, 2 ranks, {seconds:.0f} s")

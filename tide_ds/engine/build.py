@@ -18,9 +18,10 @@ from torch import nn
 from tide_ds.config import Config, ConfigError
 from tide_ds.engine.dist import Dist
 from tide_ds.engine.merge import load_ds_config, merge_ds_config, plain_batch
+from tide_ds.models.llada2 import Experts, shard_experts
 
 PLAIN_STATE = "plain_state.pt"
-IMPLEMENTED_PLACEMENTS = ("replicate", "zero3")
+IMPLEMENTED_PLACEMENTS = ("replicate", "zero3", "expert_parallel")
 
 
 def slice_rows(obj, rows: slice):
@@ -181,9 +182,8 @@ def _adamw(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 def build_engine(cfg: Config, step, dist: Dist, *, use_deepspeed: bool) -> Engine:
     """Places the teacher, then builds the student's optimizer engine (DeepSpeed or plain)."""
     placement = cfg.engine.teacher_placement
-    if placement not in IMPLEMENTED_PLACEMENTS:
-        raise ConfigError(f"engine.teacher_placement={placement} is not yet supported; use one of "
-                          f"{', '.join(IMPLEMENTED_PLACEMENTS)}")
+    check_placement(cfg, step.teacher, dist.world)
+    full = param_bytes(step.teacher)
     if not use_deepspeed:
         if placement != "replicate":
             raise ConfigError(f"engine.teacher_placement={placement} needs DeepSpeed: set engine.ds_config "
@@ -191,7 +191,7 @@ def build_engine(cfg: Config, step, dist: Dist, *, use_deepspeed: bool) -> Engin
         plain_batch(cfg)
         opt = _adamw(cfg, step.student)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-        _report_teacher(step.teacher, dist, "replicate")
+        _report_teacher(step.teacher, dist, "replicate", full)
         return Engine(dist, step.student, step.teacher_targets, step.loss, optimizer=opt, scheduler=sched,
                       accumulation=cfg.train.gradient_accumulation_steps, grad_clip=cfg.train.grad_clip)
     import deepspeed
@@ -201,7 +201,9 @@ def build_engine(cfg: Config, step, dist: Dist, *, use_deepspeed: bool) -> Engin
     teacher_targets = step.teacher_targets
     if step.teacher is not None and placement == "zero3":
         teacher_targets = _zero3_teacher(step, ds_cfg)
-    _report_teacher(step.teacher, dist, placement)
+    if step.teacher is not None and placement == "expert_parallel":
+        shard_experts(step.teacher, expert_group(cfg.engine.ep_size, dist))
+    _report_teacher(step.teacher, dist, placement, full)
     module = _StudentLoss(step)
     client_opt = None if "optimizer" in ds_cfg else _adamw(cfg, module)
     engine, _, _, _ = deepspeed.initialize(
@@ -210,6 +212,43 @@ def build_engine(cfg: Config, step, dist: Dist, *, use_deepspeed: bool) -> Engin
         model_parameters=None if client_opt is not None else module.parameters())
     return Engine(dist, step.student, teacher_targets, engine, ds=engine,
                   accumulation=cfg.train.gradient_accumulation_steps)
+
+
+def check_placement(cfg: Config, teacher, world: int) -> None:
+    """Refuses, before anything is placed, a placement the teacher or the number of ranks cannot take."""
+    e = cfg.engine
+    placement = e.teacher_placement
+    if placement not in IMPLEMENTED_PLACEMENTS:
+        raise ConfigError(f"engine.teacher_placement={placement} is not yet supported; use one of "
+                          f"{', '.join(IMPLEMENTED_PLACEMENTS)}")
+    if e.ep_size > 1 and placement != "expert_parallel":
+        raise ConfigError(f"engine.ep_size={e.ep_size} is read only by engine.teacher_placement=expert_parallel "
+                          f"(here {placement}); leave it at 1")
+    if e.tp_size > 1 and placement != "tensor_parallel":
+        raise ConfigError(f"engine.tp_size={e.tp_size} is read only by engine.teacher_placement=tensor_parallel "
+                          f"(here {placement}); leave it at 1")
+    if placement == "expert_parallel" and teacher is not None:
+        counts = {m.num_experts for m in teacher.modules() if isinstance(m, Experts)}
+        if not counts:
+            raise ConfigError(f"engine.teacher_placement=expert_parallel needs an MoE teacher (teacher.kind "
+                              f"llada2_moe); {type(teacher.model).__name__} has no routed experts: use replicate, "
+                              f"zero3 or tensor_parallel")
+        n = max(counts)
+        if any(c % e.ep_size for c in counts):
+            raise ConfigError(f"engine.ep_size={e.ep_size} does not divide the teacher's {n} experts per layer")
+        if world % e.ep_size:
+            raise ConfigError(f"engine.ep_size={e.ep_size} does not divide the number of ranks ({world}); "
+                              f"expert-parallel groups are ranks [0, ep_size), [ep_size, 2 ep_size), ...")
+
+
+def expert_group(ep: int, dist: Dist):
+    """This rank's expert-parallel group: ranks [0, ep), [ep, 2ep), ... (every rank creates every group)."""
+    mine = None
+    for first in range(0, dist.world, ep):
+        group = torch.distributed.new_group(list(range(first, first + ep)))
+        if first <= dist.rank < first + ep:
+            mine = group
+    return mine
 
 
 def _zero3_teacher(step, student_ds: dict):
@@ -242,10 +281,16 @@ def teacher_bytes(teacher) -> int:
     return total
 
 
-def _report_teacher(teacher, dist: Dist, placement: str) -> None:
+def param_bytes(teacher) -> int:
+    """Bytes of the whole teacher (before any placement splits it)."""
+    if teacher is None:
+        return 0
+    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in teacher.parameters())
+
+
+def _report_teacher(teacher, dist: Dist, placement: str, full: int) -> None:
     if teacher is None:
         return
     held = teacher_bytes(teacher)
-    full = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in teacher.parameters())
     print(f"[rank {dist.rank}] teacher ({placement}): {held / 2**20:.2f} MiB of parameters on this rank "
           f"(of {full / 2**20:.2f} MiB)", flush=True)
