@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from tide_ds.engine.build import expert_group
+from tide_ds.engine.placement import consecutive_group
 from tide_ds.engine.dist import Dist
 from tide_ds.models.llada2 import Experts, shard_experts
 from tide_ds.models.teacher import LLaDA2Teacher
@@ -16,7 +16,7 @@ torch.distributed.init_process_group("gloo")
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 teacher = LLaDA2Teacher(llada2(seed=0, num_experts=8, num_hidden_layers=3), mask_token_id=63)
 whole = copy.deepcopy(teacher)
-sharded = shard_experts(teacher, expert_group(2, Dist(rank, world)))
+sharded = shard_experts(teacher, consecutive_group(2, Dist(rank, world)))
 
 ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(100 + rank))
 pad = torch.ones_like(ids)

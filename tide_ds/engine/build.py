@@ -18,10 +18,9 @@ from torch import nn
 from tide_ds.config import Config, ConfigError
 from tide_ds.engine.dist import Dist
 from tide_ds.engine.merge import load_ds_config, merge_ds_config, plain_batch
-from tide_ds.models.llada2 import Experts, shard_experts
+from tide_ds.engine.placement import check_placement, expert_parallel, tensor_parallel
 
 PLAIN_STATE = "plain_state.pt"
-IMPLEMENTED_PLACEMENTS = ("replicate", "zero3", "expert_parallel")
 
 
 def slice_rows(obj, rows: slice):
@@ -182,7 +181,7 @@ def _adamw(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 def build_engine(cfg: Config, step, dist: Dist, *, use_deepspeed: bool) -> Engine:
     """Places the teacher, then builds the student's optimizer engine (DeepSpeed or plain)."""
     placement = cfg.engine.teacher_placement
-    check_placement(cfg, step.teacher, dist.world)
+    check_placement(cfg, step.teacher, dist)
     full = param_bytes(step.teacher)
     if not use_deepspeed:
         if placement != "replicate":
@@ -202,7 +201,9 @@ def build_engine(cfg: Config, step, dist: Dist, *, use_deepspeed: bool) -> Engin
     if step.teacher is not None and placement == "zero3":
         teacher_targets = _zero3_teacher(step, ds_cfg)
     if step.teacher is not None and placement == "expert_parallel":
-        shard_experts(step.teacher, expert_group(cfg.engine.ep_size, dist))
+        expert_parallel(step.teacher, cfg.engine.ep_size, dist)
+    if step.teacher is not None and placement == "tensor_parallel":
+        step.teacher = tensor_parallel(step.teacher, cfg.engine.tp_size)
     _report_teacher(step.teacher, dist, placement, full)
     module = _StudentLoss(step)
     client_opt = None if "optimizer" in ds_cfg else _adamw(cfg, module)
@@ -212,43 +213,6 @@ def build_engine(cfg: Config, step, dist: Dist, *, use_deepspeed: bool) -> Engin
         model_parameters=None if client_opt is not None else module.parameters())
     return Engine(dist, step.student, teacher_targets, engine, ds=engine,
                   accumulation=cfg.train.gradient_accumulation_steps)
-
-
-def check_placement(cfg: Config, teacher, world: int) -> None:
-    """Refuses, before anything is placed, a placement the teacher or the number of ranks cannot take."""
-    e = cfg.engine
-    placement = e.teacher_placement
-    if placement not in IMPLEMENTED_PLACEMENTS:
-        raise ConfigError(f"engine.teacher_placement={placement} is not yet supported; use one of "
-                          f"{', '.join(IMPLEMENTED_PLACEMENTS)}")
-    if e.ep_size > 1 and placement != "expert_parallel":
-        raise ConfigError(f"engine.ep_size={e.ep_size} is read only by engine.teacher_placement=expert_parallel "
-                          f"(here {placement}); leave it at 1")
-    if e.tp_size > 1 and placement != "tensor_parallel":
-        raise ConfigError(f"engine.tp_size={e.tp_size} is read only by engine.teacher_placement=tensor_parallel "
-                          f"(here {placement}); leave it at 1")
-    if placement == "expert_parallel" and teacher is not None:
-        counts = {m.num_experts for m in teacher.modules() if isinstance(m, Experts)}
-        if not counts:
-            raise ConfigError(f"engine.teacher_placement=expert_parallel needs an MoE teacher (teacher.kind "
-                              f"llada2_moe); {type(teacher.model).__name__} has no routed experts: use replicate, "
-                              f"zero3 or tensor_parallel")
-        n = max(counts)
-        if any(c % e.ep_size for c in counts):
-            raise ConfigError(f"engine.ep_size={e.ep_size} does not divide the teacher's {n} experts per layer")
-        if world % e.ep_size:
-            raise ConfigError(f"engine.ep_size={e.ep_size} does not divide the number of ranks ({world}); "
-                              f"expert-parallel groups are ranks [0, ep_size), [ep_size, 2 ep_size), ...")
-
-
-def expert_group(ep: int, dist: Dist):
-    """This rank's expert-parallel group: ranks [0, ep), [ep, 2ep), ... (every rank creates every group)."""
-    mine = None
-    for first in range(0, dist.world, ep):
-        group = torch.distributed.new_group(list(range(first, first + ep)))
-        if first <= dist.rank < first + ep:
-            mine = group
-    return mine
 
 
 def _zero3_teacher(step, student_ds: dict):
