@@ -2,7 +2,9 @@
 checkpoints, resume, export, and bad input."""
 import importlib.util
 import json
+import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tide_ds
 from tide_ds import checkpoint
@@ -113,12 +115,66 @@ def test_precision_conflict_and_global_batch_conflict(tiny_overrides):
         merge_ds_config(cfg, {}, world=2)
 
 
-def test_unimplemented_placement_and_missing_ds_config(tiny_overrides, tmp_path):
+def test_missing_ds_config(tiny_overrides, tmp_path):
     with pytest.raises(ConfigError, match="engine.ds_config not found"):
         load_config(None, tiny_overrides + [f"engine.ds_config={tmp_path / 'x.json'}"])
-    cfg = load_config(None, tiny_overrides + ["recipe=kl", "engine.teacher_placement=tensor_parallel"])
-    with pytest.raises(ConfigError, match="teacher_placement=tensor_parallel is not yet supported"):
+
+
+@pytest.fixture
+def llada2_teacher(tiny_assets, tmp_path):
+    """A tiny LLaDA2-style MoE teacher (8 experts) on the student's tokenizer."""
+    from tiny import llada2
+
+    tok = AutoTokenizer.from_pretrained(tiny_assets["tokenizer"])
+    path = tmp_path / "llada2"
+    llada2(vocab_size=len(tok), num_experts=8, mask_token_id=len(tok) - 1).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["engine.ep_size=3"], r"engine.ep_size=3 does not divide the teacher's 8 experts per layer"),
+    (["engine.ep_size=2"], r"engine.ep_size=2 does not divide the number of ranks \(1\)"),
+    (["engine.ep_size=2", "engine.teacher_placement=zero3"], r"engine.ep_size=2 is read only by .*expert_parallel"),
+    (["teacher.path=DENSE"], r"expert_parallel needs an MoE teacher .* Qwen3ForCausalLM has no routed experts"),
+])
+def test_bad_expert_parallel_settings_stop_before_training(tiny_overrides, tiny_assets, llada2_teacher, tmp_path,
+                                                           extra, message):
+    extra = [x.replace("DENSE", tiny_assets["teacher"]) for x in extra]
+    cfg = load_config(None, tiny_overrides + ["recipe=tide_shared", f"teacher.path={llada2_teacher}",
+                                              "engine.teacher_placement=expert_parallel", *extra])
+    with pytest.raises(ConfigError, match=message):
         distill(cfg)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["teacher.path=MOE"], r"tensor_parallel \(AutoTP\) is for dense teachers; LLaDA2MoeModelLM is an MoE"),
+    (["engine.tp_size=2"], r"engine.tp_size=2 does not divide the number of ranks \(1\)"),
+    ([], r"teacher_placement=tensor_parallel needs DeepSpeed"),
+])
+def test_bad_tensor_parallel_settings_stop_before_training(tiny_overrides, llada2_teacher, tmp_path, extra, message):
+    extra = [x.replace("MOE", llada2_teacher) for x in extra]
+    cfg = load_config(None, tiny_overrides + ["recipe=tide_shared", "engine.teacher_placement=tensor_parallel", *extra])
+    with pytest.raises(ConfigError, match=message):
+        distill(cfg)
+
+
+def test_tensor_parallel_on_cpu_needs_every_rank_on_one_machine(tiny_overrides, monkeypatch):
+    from tide_ds.engine.dist import Dist
+    from tide_ds.engine.placement import check_placement
+    from tiny import decoder
+    from tide_ds.models.teacher import HFBidirectionalTeacher
+
+    teacher = HFBidirectionalTeacher(decoder(), mask_token_id=63)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    cfg = load_config(None, tiny_overrides + ["engine.teacher_placement=tensor_parallel", "engine.tp_size=2"])
+    with pytest.raises(ConfigError, match=r"tp_size \(2\) must equal the number of ranks \(4\) .*LOCAL_SIZE=unset"):
+        check_placement(cfg, teacher, Dist(rank=0, world=4))
+    with pytest.raises(ConfigError, match=r"LOCAL_SIZE=unset"):
+        check_placement(cfg, teacher, Dist(rank=0, world=2))
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    check_placement(cfg, teacher, Dist(rank=0, world=2))
 
 
 # -- checkpoints (single process) ----------------------------------------------------------------
@@ -219,3 +275,84 @@ def test_a_failure_on_one_rank_stops_every_rank(launcher, tiny_overrides, tmp_pa
     assert out.returncode != 0
     assert "[rank 1] error: RuntimeError: injected failure on this rank" in out.stderr, out.stderr[-3000:]
     assert seconds < 120, seconds
+
+
+@pytest.mark.multirank
+def test_expert_parallel_teacher_equals_the_unsharded_teacher(tmp_path):
+    """Each rank feeds its own inputs, so tokens cross ranks both ways in the all_to_alls."""
+    out, seconds = launch("torchrun", [str(tmp_path / "ep")], entry="expert_parallel_main", timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"ep.rank{rank}.json").read_text())
+        assert r["layers"] == 2 and r["max_diff"] <= 1e-5, r
+        assert 2 * r["expert_numel"]["sharded"] == r["expert_numel"]["whole"], r  # half the experts
+        assert r["param_numel"]["whole"] - r["param_numel"]["sharded"] == r["expert_numel"]["sharded"], r
+    print(f"expert parallel, 2 ranks: {seconds:.0f} s; max |h_ep - h| = {r['max_diff']:.1e}")
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_distill_with_an_expert_parallel_teacher(launcher, tiny_overrides, llada2_teacher, tmp_path):
+    common = ["recipe=tide_shared", f"teacher.path={llada2_teacher}", "train.steps=3", "train.warmup_steps=0"]
+    out, seconds = launch(launcher, _args(tiny_overrides, tmp_path / "ep", *common, f"engine.ds_config={ZERO3}",
+                                          "engine.teacher_placement=expert_parallel", "engine.ep_size=2"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    for rank in (0, 1):
+        assert re.search(rf"\[rank {rank}\] teacher \(expert_parallel\): [0-9.]+ MiB of parameters on this rank", log)
+    ep = json.loads((tmp_path / "ep" / "metrics.json").read_text())
+    assert ep["world"] == 2 and all(math.isfinite(h["loss"]) for h in ep["history"])
+    # the same run with the teacher replicated: the same losses
+    out, _ = launch(launcher, _args(tiny_overrides, tmp_path / "rep", *common, f"engine.ds_config={ZERO3}"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    rep = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert [h["loss"] for h in ep["history"]] == pytest.approx([h["loss"] for h in rep["history"]], abs=1e-5)
+    print(f"{launcher}: distill with an expert-parallel teacher, 2 ranks, {seconds:.0f} s")
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_tensor_parallel_teacher_equals_the_unsharded_teacher(launcher, tmp_path):
+    """AutoTP, tp_size=2, each rank with its own inputs; torchrun runs it too (LOCAL_SIZE from LOCAL_WORLD_SIZE)."""
+    out, seconds = launch(launcher, [str(tmp_path / "tp")], entry="tensor_parallel_main", timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"tp.rank{rank}.json").read_text())
+        for kind in ("bidirectional", "wedlm"):
+            assert r[kind]["max_diff"] <= 1e-5 and r[kind]["head_diff"] == 0, r
+            split, whole = r[kind]["params"]
+            assert split < 0.6 * whole, r
+    print(f"{launcher}: tensor parallel, 2 ranks: {seconds:.0f} s; max |h_tp - h| = {r['wedlm']['max_diff']:.1e}")
+
+
+@pytest.fixture
+def tp_teacher(tiny_assets, tmp_path):
+    """A tiny Qwen3 teacher whose heads and MLP split evenly over 2 ranks, on the student's tokenizer."""
+    from tiny import decoder
+
+    tok = AutoTokenizer.from_pretrained(tiny_assets["tokenizer"])
+    path = tmp_path / "tp_teacher"
+    decoder("qwen3", vocab_size=len(tok), intermediate_size=128).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_distill_with_a_tensor_parallel_teacher(tiny_overrides, tp_teacher, tmp_path):
+    common = ["recipe=tide_shared", f"teacher.path={tp_teacher}", "train.steps=3", "train.warmup_steps=0",
+              f"engine.ds_config={ZERO3}"]
+    out, seconds = launch("deepspeed", _args(tiny_overrides, tmp_path / "tp", *common,
+                                             "engine.teacher_placement=tensor_parallel", "engine.tp_size=2"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    for rank in (0, 1):
+        assert re.search(rf"\[rank {rank}\] teacher \(tensor_parallel\): [0-9.]+ MiB of parameters on this rank", log)
+    tp = json.loads((tmp_path / "tp" / "metrics.json").read_text())
+    assert all(math.isfinite(h["loss"]) for h in tp["history"])
+    out, _ = launch("deepspeed", _args(tiny_overrides, tmp_path / "rep", *common))
+    assert out.returncode == 0, out.stderr[-3000:]
+    rep = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert [h["loss"] for h in tp["history"]] == pytest.approx([h["loss"] for h in rep["history"]], abs=1e-5)
+    print(f"deepspeed: distill with a tensor-parallel teacher, 2 ranks, {seconds:.0f} s")

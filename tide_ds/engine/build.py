@@ -18,9 +18,9 @@ from torch import nn
 from tide_ds.config import Config, ConfigError
 from tide_ds.engine.dist import Dist
 from tide_ds.engine.merge import load_ds_config, merge_ds_config, plain_batch
+from tide_ds.engine.placement import check_placement, expert_parallel, tensor_parallel
 
 PLAIN_STATE = "plain_state.pt"
-IMPLEMENTED_PLACEMENTS = ("replicate", "zero3")
 
 
 def slice_rows(obj, rows: slice):
@@ -181,9 +181,8 @@ def _adamw(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 def build_engine(cfg: Config, step, dist: Dist, *, use_deepspeed: bool) -> Engine:
     """Places the teacher, then builds the student's optimizer engine (DeepSpeed or plain)."""
     placement = cfg.engine.teacher_placement
-    if placement not in IMPLEMENTED_PLACEMENTS:
-        raise ConfigError(f"engine.teacher_placement={placement} is not yet supported; use one of "
-                          f"{', '.join(IMPLEMENTED_PLACEMENTS)}")
+    check_placement(cfg, step.teacher, dist)
+    full = param_bytes(step.teacher)
     if not use_deepspeed:
         if placement != "replicate":
             raise ConfigError(f"engine.teacher_placement={placement} needs DeepSpeed: set engine.ds_config "
@@ -191,7 +190,7 @@ def build_engine(cfg: Config, step, dist: Dist, *, use_deepspeed: bool) -> Engin
         plain_batch(cfg)
         opt = _adamw(cfg, step.student)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-        _report_teacher(step.teacher, dist, "replicate")
+        _report_teacher(step.teacher, dist, "replicate", full)
         return Engine(dist, step.student, step.teacher_targets, step.loss, optimizer=opt, scheduler=sched,
                       accumulation=cfg.train.gradient_accumulation_steps, grad_clip=cfg.train.grad_clip)
     import deepspeed
@@ -201,7 +200,11 @@ def build_engine(cfg: Config, step, dist: Dist, *, use_deepspeed: bool) -> Engin
     teacher_targets = step.teacher_targets
     if step.teacher is not None and placement == "zero3":
         teacher_targets = _zero3_teacher(step, ds_cfg)
-    _report_teacher(step.teacher, dist, placement)
+    if step.teacher is not None and placement == "expert_parallel":
+        expert_parallel(step.teacher, cfg.engine.ep_size, dist)
+    if step.teacher is not None and placement == "tensor_parallel":
+        step.teacher = tensor_parallel(step.teacher, cfg.engine.tp_size)
+    _report_teacher(step.teacher, dist, placement, full)
     module = _StudentLoss(step)
     client_opt = None if "optimizer" in ds_cfg else _adamw(cfg, module)
     engine, _, _, _ = deepspeed.initialize(
@@ -242,10 +245,16 @@ def teacher_bytes(teacher) -> int:
     return total
 
 
-def _report_teacher(teacher, dist: Dist, placement: str) -> None:
+def param_bytes(teacher) -> int:
+    """Bytes of the whole teacher (before any placement splits it)."""
+    if teacher is None:
+        return 0
+    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in teacher.parameters())
+
+
+def _report_teacher(teacher, dist: Dist, placement: str, full: int) -> None:
     if teacher is None:
         return
     held = teacher_bytes(teacher)
-    full = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in teacher.parameters())
     print(f"[rank {dist.rank}] teacher ({placement}): {held / 2**20:.2f} MiB of parameters on this rank "
           f"(of {full / 2**20:.2f} MiB)", flush=True)

@@ -73,6 +73,10 @@ def init_distributed(cfg: Config) -> Dist:
     if launched_world() == 1 and "RANK" not in os.environ:  # one process with a ds_config
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
+    if cfg.engine.teacher_placement == "tensor_parallel":
+        from tide_ds.engine.placement import local_size_for_autotp
+
+        local_size_for_autotp()
     import deepspeed
 
     backend = cfg.engine.backend if cfg.engine.backend != "auto" else ("nccl" if want_cuda else "gloo")

@@ -4,7 +4,9 @@ Config keys and parameter names follow the published `llada2_moe` format (TIDE.m
 real checkpoint directory loads with `AutoModelForCausalLM.from_pretrained(path)` once this module
 is imported. Attention is bidirectional. Routed experts are stored stacked ([E, out, in] per
 projection) and run as three grouped GEMMs over tokens sorted by expert: no Python loop over
-experts and no host synchronisation in the forward. On disk they keep the published per-expert
+experts and no host synchronisation in the forward. With experts split over ranks (`shard_experts`,
+expert parallelism) tokens travel to their experts' rank by all_to_all, at one host sync per MoE
+layer (the exchange sizes). On disk they keep the published per-expert
 names (`mlp.experts.<e>.{gate,up,down}_proj.weight`): a checkpoint conversion registered with
 transformers stacks them on load and splits them again on save.
 """
@@ -206,13 +208,19 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """All routed experts as stacked weights, run with grouped GEMMs over expert-sorted tokens."""
+    """Routed experts as stacked weights, run with grouped GEMMs over expert-sorted tokens.
+
+    Unsharded, every expert is here. After `shard_experts` this rank holds only experts
+    [first, first + E / ep) of its expert-parallel group: tokens routed to other experts travel to
+    their rank and back with two all_to_alls (frozen inference only: no gradient through them)."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int):
         super().__init__()
         self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        self.num_experts = num_experts  # in the whole model, sharded or not
+        self.group = None  # the expert-parallel process group once sharded
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [n, H], ids / weights [n, k] -> sum_k weights * expert_{ids}(x), [n, H]."""
@@ -220,13 +228,56 @@ class Experts(nn.Module):
         flat = ids.flatten()
         order = flat.argsort(stable=True)
         sorted_x = x.index_select(0, order // k)
-        counts = torch.zeros(self.gate_proj.shape[0], dtype=torch.int32, device=x.device)
-        counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-        offs = counts.cumsum(0, dtype=torch.int32)  # group ends, on device: no sync
-        h = F.silu(grouped_mm(sorted_x, self.gate_proj, offs)) * grouped_mm(sorted_x, self.up_proj, offs)
-        out_sorted = grouped_mm(h, self.down_proj, offs)
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
+        run = self.run_sorted if self.group is None else self.run_dispatched
+        out_sorted = run(sorted_x, counts)
         out = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)  # back to (token, slot) order
         return (out.view(n, k, -1).float() * weights[..., None]).sum(1).to(x.dtype)
+
+    def run_sorted(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The one expert computation: rows of x sorted by local expert, counts[e] rows for expert e."""
+        offs = counts.cumsum(0).to(torch.int32)  # group ends, on device: no sync
+        h = F.silu(grouped_mm(x, self.gate_proj, offs)) * grouped_mm(x, self.up_proj, offs)
+        return grouped_mm(h, self.down_proj, offs)
+
+    def run_dispatched(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by global expert (so by owning rank) go to their rank, run there, come back."""
+        dist, group = torch.distributed, self.group
+        ep, local = dist.get_world_size(group), self.gate_proj.shape[0]
+        send_counts = counts.view(ep, local)  # [destination rank, its local expert]
+        recv_counts = torch.empty_like(send_counts)  # [source rank, my local expert]
+        dist.all_to_all_single(recv_counts, send_counts, group=group)
+        send_split, recv_split = send_counts.sum(1), recv_counts.sum(1)
+        splits = torch.stack([send_split, recv_split]).tolist()  # sync point: one per MoE layer
+        received = x.new_empty(sum(splits[1]), x.shape[1])
+        dist.all_to_all_single(received, x.contiguous(), splits[1], splits[0], group=group)
+        # received rows are grouped by (source rank, expert): regroup them by expert
+        expert = torch.arange(local, device=x.device).repeat(ep).repeat_interleave(recv_counts.flatten())
+        order = expert.argsort(stable=True)
+        out = self.run_sorted(received.index_select(0, order), recv_counts.sum(0))
+        out = torch.empty_like(out).index_copy_(0, order, out)
+        back = x.new_empty(x.shape[0], out.shape[1])
+        dist.all_to_all_single(back, out, splits[0], splits[1], group=group)
+        return back
+
+
+def shard_experts(model: nn.Module, group) -> int:
+    """Keeps on this rank only its contiguous slice of every MoE layer's routed experts (E / ep of
+    them, ep = the size of `group`), frees the rest, and routes tokens over `group` from then on.
+    Router, shared experts and dense parts stay whole. Returns the number of layers sharded."""
+    ep, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+    layers = [m for m in model.modules() if isinstance(m, Experts)]
+    for m in layers:
+        if m.num_experts % ep:
+            raise ValueError(f"{m.num_experts} experts do not split over {ep} ranks")
+        size = m.num_experts // ep
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            whole = getattr(m, name)
+            part = whole.detach()[rank * size:(rank + 1) * size].clone()  # a copy: the whole stack is freed
+            setattr(m, name, nn.Parameter(part, requires_grad=whole.requires_grad))
+        m.group = group
+    return len(layers)
 
 
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

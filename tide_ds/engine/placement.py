@@ -1,0 +1,131 @@
+"""Teacher placements that split the frozen teacher itself: expert parallel (our LLaDA2 MoE) and
+tensor parallel (DeepSpeed AutoTP, dense transformers teachers). `replicate` and ZeRO-3 need
+nothing here; `check_placement` refuses every impossible combination before anything is placed."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from tide_ds.config import Config, ConfigError
+from tide_ds.engine.dist import Dist
+from tide_ds.models.llada2 import Experts, shard_experts
+
+PLACEMENTS = ("replicate", "zero3", "expert_parallel", "tensor_parallel")
+
+
+def check_placement(cfg: Config, teacher, dist: Dist) -> None:
+    """Refuses, before anything is placed, a placement the teacher or the ranks cannot take."""
+    e = cfg.engine
+    placement = e.teacher_placement
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"engine.teacher_placement={placement} is not one of {', '.join(PLACEMENTS)}")
+    for key, size, wants in (("ep_size", e.ep_size, "expert_parallel"), ("tp_size", e.tp_size, "tensor_parallel")):
+        if size > 1 and placement != wants:
+            raise ConfigError(f"engine.{key}={size} is read only by engine.teacher_placement={wants} "
+                              f"(here {placement}); leave it at 1")
+    if teacher is None:
+        return
+    experts = {m.num_experts for m in teacher.modules() if isinstance(m, Experts)}
+    if placement == "expert_parallel":
+        if not experts:
+            raise ConfigError(f"engine.teacher_placement=expert_parallel needs an MoE teacher (teacher.kind "
+                              f"llada2_moe); {type(teacher.model).__name__} has no routed experts: use replicate, "
+                              f"zero3 or tensor_parallel")
+        if any(n % e.ep_size for n in experts):
+            raise ConfigError(f"engine.ep_size={e.ep_size} does not divide the teacher's {max(experts)} experts per layer")
+        if dist.world % e.ep_size:
+            raise ConfigError(f"engine.ep_size={e.ep_size} does not divide the number of ranks ({dist.world}); "
+                              f"expert-parallel groups are ranks [0, ep_size), [ep_size, 2 ep_size), ...")
+    if placement == "tensor_parallel":
+        if experts:
+            raise ConfigError(f"engine.teacher_placement=tensor_parallel (AutoTP) is for dense teachers; "
+                              f"{type(teacher.model).__name__} is an MoE: use expert_parallel")
+        if dist.world % e.tp_size:
+            raise ConfigError(f"engine.tp_size={e.tp_size} does not divide the number of ranks ({dist.world})")
+        local = int(os.environ.get("LOCAL_SIZE", 0))
+        if dist.device.type == "cpu" and e.tp_size > 1 and not e.tp_size == dist.world == local:
+            raise ConfigError(
+                f"engine.teacher_placement=tensor_parallel on CPU: DeepSpeed's CPU all-reduce for AutoTP spans "
+                f"every rank and works only with all ranks on one machine, so engine.tp_size ({e.tp_size}) must "
+                f"equal the number of ranks ({dist.world}) and the ranks on this machine (LOCAL_SIZE="
+                f"{os.environ.get('LOCAL_SIZE', 'unset')}); launch with deepspeed or torchrun on one machine")
+
+
+def local_size_for_autotp() -> None:
+    """DeepSpeed's CPU all-reduce (used by AutoTP) reads LOCAL_SIZE, which only its own launcher sets;
+    torchrun and mpirun say the same thing under another name. Called before the process group starts."""
+    for key in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        if "LOCAL_SIZE" not in os.environ and key in os.environ:
+            os.environ["LOCAL_SIZE"] = os.environ[key]
+
+
+def consecutive_group(size: int, dist: Dist):
+    """This rank's group among ranks [0, size), [size, 2 size), ... (every rank creates every group)."""
+    mine = None
+    for first in range(0, dist.world, size):
+        group = torch.distributed.new_group(list(range(first, first + size)))
+        if first <= dist.rank < first + size:
+            mine = group
+    return mine
+
+
+def expert_parallel(teacher, ep_size: int, dist: Dist):
+    """Each rank keeps E / ep_size experts of every MoE layer; router, shared experts, attention,
+    embeddings, dense layers and head stay whole (replicated)."""
+    shard_experts(teacher, consecutive_group(ep_size, dist))
+    return teacher
+
+
+class TensorParallelTeacher(nn.Module):
+    """A teacher split by AutoTP. The ranks of a tensor-parallel group compute one batch together,
+    but each holds its own micro-batch: every call gathers the group's micro-batches (equal shapes,
+    as every rank slices the same global batch), runs them at once, and keeps this rank's rows."""
+
+    def __init__(self, teacher, group):
+        super().__init__()
+        self.teacher, self.group = teacher, group
+        self.mask_token_id = teacher.mask_token_id
+
+    @property
+    def output_weight(self):
+        return self.teacher.output_weight
+
+    @property
+    def output_bias(self):
+        return self.teacher.output_bias
+
+    @property
+    def vocab_size(self) -> int:
+        return self.teacher.vocab_size
+
+    def hidden_states(self, input_ids, attention_mask=None, x0=None):
+        size, rank = torch.distributed.get_world_size(self.group), torch.distributed.get_rank(self.group)
+
+        def gather(t):
+            if t is None:
+                return None
+            parts = [torch.empty_like(t) for _ in range(size)]
+            torch.distributed.all_gather(parts, t.contiguous(), group=self.group)
+            return torch.cat(parts)
+
+        b = input_ids.shape[0]
+        return self.teacher.hidden_states(gather(input_ids), gather(attention_mask), gather(x0))[rank * b:(rank + 1) * b]
+
+
+def tensor_parallel(teacher, tp_size: int) -> TensorParallelTeacher:
+    """AutoTP over groups of tp_size ranks. The output head stays whole on every rank (the loss
+    reads it directly), so it is hidden from AutoTP, which would otherwise split it."""
+    import deepspeed
+
+    model = teacher.model
+    head = model.get_output_embeddings()
+    parent, attr = next((m, n) for m in model.modules() for n, c in m.named_children() if c is head)
+    setattr(parent, attr, nn.Identity())
+    try:
+        engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": tp_size}, dtype=model.dtype,
+                                          replace_with_kernel_inject=False)
+    finally:
+        setattr(parent, attr, head)
+    return TensorParallelTeacher(teacher, engine.mp_group)
