@@ -48,8 +48,8 @@ def _free_port() -> int:
 
 
 def _slurm_env() -> None:
-    """`srun` starts the ranks itself: take rank and size from SLURM (MASTER_ADDR from the sbatch script).
-    Under mpirun (OMPI_*) or a launcher (RANK set), their variables win."""
+    """`srun` starts the ranks itself: take rank and size from SLURM (MASTER_ADDR from the sbatch script;
+    MASTER_PORT from it or from the job id). Under mpirun (OMPI_*) or a launcher (RANK set), their variables win."""
     if "RANK" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ or "SLURM_STEP_ID" not in os.environ:
         return
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
@@ -60,7 +60,13 @@ def _slurm_env() -> None:
             raise ConfigError("srun over several nodes: export MASTER_ADDR (the first node, e.g. "
                               "$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1)) in the sbatch script")
         os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("MASTER_PORT", str(slurm_port()))
+
+
+def slurm_port() -> int:
+    """A rendezvous port per job (the sbatch script computes the same one): a fixed port fails with
+    EADDRINUSE as soon as two jobs share a node."""
+    return 15000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 10000
 
 
 def init_distributed(cfg: Config) -> Dist:
