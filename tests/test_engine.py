@@ -51,6 +51,9 @@ def launch(launcher: str, args: list[str], entry: str = "tide_ds.cli", timeout: 
         forward = [a for k in ("PYTHONPATH", "DS_ACCELERATOR", "OMP_NUM_THREADS", "MASTER_PORT", "PATH",
                                "TORCH_EXTENSIONS_DIR") if k in env for a in ("-x", k)]
         cmd = ["mpirun", *root, "--oversubscribe", "-n", "2", *forward, sys.executable, "-m", entry]
+    elif launcher == "srun":  # ranks from SLURM_PROCID / SLURM_NTASKS (tide_ds/engine/dist.py)
+        env["MASTER_PORT"] = port
+        cmd = ["srun", "--nodes=1", "--ntasks=2", "--kill-on-bad-exit=1", sys.executable, "-m", entry]
     else:
         raise ValueError(launcher)
     start = time.time()
@@ -212,9 +215,23 @@ def _args(tiny_overrides, out, *extra):
     return [o for o in tiny_overrides if not o.startswith("output_dir=")] + [f"output_dir={out}", *extra]
 
 
+def _slurm_answers() -> bool:
+    """srun on PATH and a controller that answers `scontrol ping` (see docs/distributed.md for one machine)."""
+    if not (shutil.which("srun") and shutil.which("scontrol")):
+        return False
+    try:
+        out = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and " is UP" in out.stdout
+
+
 HAVE_MPI = shutil.which("mpirun") is not None and importlib.util.find_spec("mpi4py") is not None
+HAVE_SLURM = _slurm_answers()
+NEEDS_SLURM = pytest.mark.skipif(not HAVE_SLURM, reason="needs srun and a SLURM controller (scontrol ping)")
 LAUNCHERS = ["deepspeed", "torchrun",
-             pytest.param("mpirun", marks=pytest.mark.skipif(not HAVE_MPI, reason="needs mpirun and mpi4py"))]
+             pytest.param("mpirun", marks=pytest.mark.skipif(not HAVE_MPI, reason="needs mpirun and mpi4py")),
+             pytest.param("srun", marks=NEEDS_SLURM)]
 
 
 @pytest.mark.multirank
@@ -238,6 +255,29 @@ def test_zero3_student_and_teacher_on_2_ranks_match_one_process(launcher, recipe
     assert [h["loss"] for h in dist["history"]] == pytest.approx([h["loss"] for h in single["history"]], abs=1e-5)
     worst = assert_same_weights(dist["student_dir"], single["student_dir"], atol=1e-5, adam_lr=3e-3)
     print(f"{launcher} {recipe}: {seconds:.0f} s for 2 ranks; max |w_2rank - w_1proc| = {worst:.2e}")
+
+
+@pytest.mark.multirank
+@NEEDS_SLURM
+def test_srun_distill_on_2_ranks(tiny_overrides, tmp_path):
+    """`srun -n2` starts the ranks itself; both train a ZeRO-3 student and teacher, save, and exit 0."""
+    ds = json.loads(Path(ZERO3).read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even the tiny tensors
+    (tmp_path / "zero3.json").write_text(json.dumps(ds))
+    out, seconds = launch("srun", _args(tiny_overrides, tmp_path / "srun", "recipe=tide_cross", "train.steps=3",
+                                        f"engine.ds_config={tmp_path / 'zero3.json'}", "engine.teacher_placement=zero3"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]  # srun: 0 only when every task exits 0
+    log = out.stdout + out.stderr
+    for rank in (0, 1):
+        assert f"[rank {rank}] teacher (zero3): 0.04 MiB of parameters on this rank (of 0.08 MiB)" in log, log[-3000:]
+    run = json.loads((tmp_path / "srun" / "metrics.json").read_text())
+    assert run["world"] == 2 and len(run["history"]) == 3
+    assert all(math.isfinite(h["loss"]) for h in run["history"]), run["history"]
+    step = tmp_path / "srun" / "checkpoints" / "step3"
+    assert (step / checkpoint.MARKER).is_file()
+    for rank in (0, 1):  # each rank wrote its own partition at the end
+        assert (step / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
+    print(f"srun: distill on 2 ranks, {seconds:.0f} s")
 
 
 @pytest.mark.multirank
