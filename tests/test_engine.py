@@ -180,6 +180,18 @@ def test_tensor_parallel_on_cpu_needs_every_rank_on_one_machine(tiny_overrides, 
     check_placement(cfg, teacher, Dist(rank=0, world=2))
 
 
+@pytest.mark.parametrize("tasks, local", [("2", "2"), ("4(x2)", "4"), ("3,1", None)])
+def test_local_size_for_autotp_under_srun(monkeypatch, tasks, local):
+    from tide_ds.engine.placement import local_size_for_autotp
+
+    for key in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", tasks)
+    local_size_for_autotp()
+    assert os.environ.get("LOCAL_SIZE") == local
+
+
 # -- checkpoints (single process) ----------------------------------------------------------------
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_overrides, tmp_path):
@@ -380,10 +392,11 @@ def tp_teacher(tiny_assets, tmp_path):
 
 @pytest.mark.multirank
 @pytest.mark.slow
-def test_distill_with_a_tensor_parallel_teacher(tiny_overrides, tp_teacher, tmp_path):
+@pytest.mark.parametrize("launcher", ["deepspeed", pytest.param("srun", marks=NEEDS_SLURM)])
+def test_distill_with_a_tensor_parallel_teacher(launcher, tiny_overrides, tp_teacher, tmp_path):
     common = ["recipe=tide_shared", f"teacher.path={tp_teacher}", "train.steps=3", "train.warmup_steps=0",
               f"engine.ds_config={ZERO3}"]
-    out, seconds = launch("deepspeed", _args(tiny_overrides, tmp_path / "tp", *common,
+    out, seconds = launch(launcher, _args(tiny_overrides, tmp_path / "tp", *common,
                                              "engine.teacher_placement=tensor_parallel", "engine.tp_size=2"))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     log = out.stdout + out.stderr
@@ -391,8 +404,8 @@ def test_distill_with_a_tensor_parallel_teacher(tiny_overrides, tp_teacher, tmp_
         assert re.search(rf"\[rank {rank}\] teacher \(tensor_parallel\): [0-9.]+ MiB of parameters on this rank", log)
     tp = json.loads((tmp_path / "tp" / "metrics.json").read_text())
     assert all(math.isfinite(h["loss"]) for h in tp["history"])
-    out, _ = launch("deepspeed", _args(tiny_overrides, tmp_path / "rep", *common))
+    out, _ = launch(launcher, _args(tiny_overrides, tmp_path / "rep", *common))
     assert out.returncode == 0, out.stderr[-3000:]
     rep = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert [h["loss"] for h in tp["history"]] == pytest.approx([h["loss"] for h in rep["history"]], abs=1e-5)
-    print(f"deepspeed: distill with a tensor-parallel teacher, 2 ranks, {seconds:.0f} s")
+    print(f"{launcher}: distill with a tensor-parallel teacher, 2 ranks, {seconds:.0f} s")
