@@ -58,3 +58,17 @@ def run_decoder(model, backend: str, input_ids: torch.Tensor, position_ids: torc
     out = model.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
                               past_key_values=past_key_values, use_cache=past_key_values is not None, **extra)
     return out.last_hidden_state
+
+
+class OutputHead:
+    """The wrapped transformers model's output projection, which the tiled ops read directly."""
+
+    model: torch.nn.Module
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.model.get_output_embeddings().weight
+
+    @property
+    def output_bias(self) -> torch.Tensor | None:
+        return getattr(self.model.get_output_embeddings(), "bias", None)

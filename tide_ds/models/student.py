@@ -13,10 +13,10 @@ from torch import nn
 
 from tide_ds.diffusion import bd3lm_inputs
 from tide_ds.diffusion.layout import Pattern
-from tide_ds.models.attention import resolve_backend, run_decoder
+from tide_ds.models.attention import OutputHead, resolve_backend, run_decoder
 
 
-class BD3LMStudent(nn.Module):
+class BD3LMStudent(OutputHead, nn.Module):
     def __init__(self, model: nn.Module, block_size: int, mask_token_id: int, attn_backend: str = "auto"):
         super().__init__()
         resolve_backend(attn_backend, "cpu", key="student.attn_backend")  # fail early on a bad name
@@ -25,14 +25,6 @@ class BD3LMStudent(nn.Module):
         self.mask_token_id = mask_token_id
         self.attn_backend = attn_backend
         model.config.bd3lm = {"block_size": block_size, "mask_token_id": mask_token_id}
-
-    @property
-    def output_weight(self) -> torch.Tensor:
-        return self.model.get_output_embeddings().weight
-
-    @property
-    def output_bias(self) -> torch.Tensor | None:
-        return getattr(self.model.get_output_embeddings(), "bias", None)
 
     @property
     def max_length(self) -> int:

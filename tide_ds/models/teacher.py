@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from tide_ds.diffusion.layout import Order, Pattern, bd3lm_inputs, noisy_half
-from tide_ds.models.attention import resolve_backend, run_decoder
+from tide_ds.models.attention import OutputHead, resolve_backend, run_decoder
 
-class Teacher(nn.Module):
+class Teacher(OutputHead, nn.Module):
     """A frozen model plus its output head; subclasses define `hidden_states`."""
 
     def __init__(self, model: nn.Module, mask_token_id: int):
@@ -34,14 +34,6 @@ class Teacher(nn.Module):
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: dropout stays off whatever the caller asks
-
-    @property
-    def output_weight(self) -> torch.Tensor:
-        return self.model.get_output_embeddings().weight
-
-    @property
-    def output_bias(self) -> torch.Tensor | None:
-        return getattr(self.model.get_output_embeddings(), "bias", None)
 
     @property
     def vocab_size(self) -> int:
