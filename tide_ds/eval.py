@@ -19,8 +19,9 @@ def masked_token_loss(student, batches: list[dict], *, eps: float = 1e-3, seed: 
         x0, maskable = batch["input_ids"], batch["maskable"]
         n = noise_batch(x0, maskable, student.mask_token_id, eps=eps, chunk_ids=batch.get("chunk_ids"), generator=gen)
         x0, x_t, masked = x0.to(device), n.x_t.to(device), n.masked.to(device)
-        logits = student(x_t, x0)
-        lp = token_logprobs(logits[masked], x0[masked])
+        # Only the masked rows are projected, through the head module (so ZeRO-3 gathers it).
+        logits = student.model.get_output_embeddings()(student.hidden_states(x_t, x0)[masked])
+        lp = token_logprobs(logits, x0[masked])
         total += -lp.sum().item()  # sync point: evaluation only
         count += int(masked.sum())
     student.train(was_training)
