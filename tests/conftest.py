@@ -7,6 +7,20 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def no_shm_left_behind(request):
+    """A multi-rank run leaves no DeepSpeed shared-memory segment in /dev/shm."""
+    if request.node.get_closest_marker("multirank") is None or not os.path.isdir("/dev/shm"):
+        yield
+        return
+    before = {f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer")}
+    yield
+    left = {f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer")} - before
+    for f in left:  # clean up, then fail
+        os.unlink(os.path.join("/dev/shm", f))
+    assert not left, f"segments left in /dev/shm: {sorted(left)}"
+
+
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(0)

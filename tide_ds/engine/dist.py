@@ -91,9 +91,29 @@ def init_distributed(cfg: Config) -> Dist:
                                timeout=datetime.timedelta(seconds=cfg.engine.timeout_s))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if not want_cuda and world > 1:
+        _unlink_shm_workspace(rank)
     if want_cuda:
         torch.cuda.set_device(local_rank)
     return Dist(rank, world, local_rank, torch.device(f"cuda:{local_rank}" if want_cuda else "cpu"))
+
+
+SHM_WORKSPACE = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
+
+
+def _unlink_shm_workspace(rank: int) -> None:
+    """DeepSpeed's CPU shared-memory allreduce gives every rank of a one-node job a /dev/shm segment
+    (about 66 MB) and never removes it, so each CPU run would leave its segments behind until the
+    machine reboots, and /dev/shm counts against RAM. Once every rank has mapped every segment
+    (the barrier), the names can go: the memory stays mapped and is freed when the last rank exits,
+    however it exits."""
+    path = SHM_WORKSPACE.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
+                                port=os.environ.get("MASTER_PORT", ""), rank=rank)
+    torch.distributed.barrier()  # on every rank: whether a segment exists is not known elsewhere
+    try:
+        os.unlink(path)
+    except FileNotFoundError:  # no shared-memory allreduce in this job (ranks on several nodes)
+        pass
 
 
 def fail_fast(fn):
