@@ -5,6 +5,7 @@ BENCHMARKS = {
     "kernel": "tide_ds.bench.kernel",
     "teacher": "tide_ds.bench.teacher",
     "align": "tide_ds.bench.align",
+    "step": "tide_ds.bench.step",
 }
 
 

@@ -16,8 +16,9 @@ import math
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from tide_ds.bench.measure import device_name, peak_growth, resolve_device, timed
 
 VARIANTS = ("matmul", "reference", "fused")
 OPS = ("calm", "kl", "logprobs")
@@ -43,12 +44,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--csv", type=Path, help="also append the rows to this CSV file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-
-
-def _device(name: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def _fill_defaults(args) -> None:
@@ -115,45 +110,6 @@ def _step(variant, op, x, block_rows):
     return step
 
 
-def _rss_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _peak_growth(step, device: str) -> int:
-    """Peak memory growth during one call of step(), in bytes."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-    base = _rss_bytes("VmRSS")
-    step()
-    return _rss_bytes("VmHWM") - base
-
-
-def _timed(step, device: str) -> float:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
 def _worker(args) -> int:
     import torch
 
@@ -162,8 +118,8 @@ def _worker(args) -> int:
     _step(args.worker, args.op, small, args.block_rows)()  # warm-up: lazy initialisation, not the op
     x = _inputs(args.op, args.n, args.h, args.v, dtype, args.device, args.chunk_len)
     step = _step(args.worker, args.op, x, args.block_rows)
-    peak = _peak_growth(step, args.device)
-    times = [_timed(step, args.device) for _ in range(args.repeats)]
+    peak = peak_growth(step, args.device)
+    times = [timed(step, args.device) for _ in range(args.repeats)]
     print(json.dumps({"variant": args.worker, "time_s": statistics.median(times), "peak_bytes": peak}))
     return 0
 
@@ -183,18 +139,8 @@ def _run_variant(args, variant: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _device_name(device: str) -> str:
-    import os
-
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"cpu ({torch.get_num_threads()} threads, {os.cpu_count()} cores)"
-
-
 def run(args) -> int:
-    args.device = _device(args.device)
+    args.device = resolve_device(args.device)
     _fill_defaults(args)
     if args.worker:
         return _worker(args)
@@ -202,9 +148,9 @@ def run(args) -> int:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
-    device_name = _device_name(args.device)
+    name = device_name(args.device)
     print(f"tide-ds bench kernel: op={args.op} N={args.n} H={args.h} V={args.v} dtype={args.dtype} "
-          f"device={device_name}")
+          f"device={name}")
     print("peak memory: growth over the inputs during the first forward+backward in a fresh process "
           + ("(torch.cuda.max_memory_allocated)" if args.device == "cuda" else "(resident set high-water mark, VmHWM)")
           + f"; time: median of {args.repeats} calls")
@@ -232,6 +178,6 @@ def run(args) -> int:
             if new:
                 out.writerow(["op", "variant", "n", "h", "v", "dtype", "device", "time_ms", "peak_mib"])
             for v, r in rows.items():
-                out.writerow([args.op, v, args.n, args.h, args.v, args.dtype, device_name,
+                out.writerow([args.op, v, args.n, args.h, args.v, args.dtype, name,
                               f"{1e3 * r['time_s']:.2f}", f"{r['peak_bytes'] / 2**20:.1f}"])
     return 0

@@ -1,0 +1,55 @@
+"""What the benchmarks share: peak memory growth and time of one call, and the device's name."""
+from __future__ import annotations
+
+import gc
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+def _rss_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_growth(step, device: str) -> int:
+    """Peak memory growth during one call of step(), in bytes: on GPU torch.cuda.max_memory_allocated,
+    on CPU the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) minus the
+    resident set before the call, so it counts every allocation torch makes."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    base = _rss_bytes("VmRSS")
+    step()
+    return _rss_bytes("VmHWM") - base
+
+
+def timed(step, device: str) -> float:
+    """Seconds of one call of step(), the device synchronised on both sides."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu ({torch.get_num_threads()} threads, {os.cpu_count()} cores)"
+
+
+def resolve_device(name: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
