@@ -8,6 +8,7 @@ import sys
 import deepspeed
 import torch
 
+from tide_ds.engine.dist import unlink_shm_workspace
 from tide_ds.engine.placement import local_size_for_autotp, tensor_parallel
 from tide_ds.models.teacher import HFBidirectionalTeacher, WeDLMTeacher
 from tiny import decoder
@@ -15,6 +16,7 @@ from tiny import decoder
 local_size_for_autotp()  # under torchrun
 deepspeed.init_distributed("gloo")
 rank = torch.distributed.get_rank()
+unlink_shm_workspace(rank)
 result = {"rank": rank}
 for name, cls, kw in (("bidirectional", HFBidirectionalTeacher, {}), ("wedlm", WeDLMTeacher, {"block_size": 4})):
     teacher = cls(decoder("qwen3", seed=1, intermediate_size=256), mask_token_id=63, attn_backend="sdpa", **kw)

@@ -92,7 +92,7 @@ def init_distributed(cfg: Config) -> Dist:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if not want_cuda and world > 1:
-        _unlink_shm_workspace(rank)
+        unlink_shm_workspace(rank)
     if want_cuda:
         torch.cuda.set_device(local_rank)
     return Dist(rank, world, local_rank, torch.device(f"cuda:{local_rank}" if want_cuda else "cpu"))
@@ -101,7 +101,7 @@ def init_distributed(cfg: Config) -> Dist:
 SHM_WORKSPACE = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
 
 
-def _unlink_shm_workspace(rank: int) -> None:
+def unlink_shm_workspace(rank: int) -> None:
     """DeepSpeed's CPU shared-memory allreduce gives every rank of a one-node job a /dev/shm segment
     (about 66 MB) and never removes it, so each CPU run would leave its segments behind until the
     machine reboots, and /dev/shm counts against RAM. Once every rank has mapped every segment
