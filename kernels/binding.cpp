@@ -66,20 +66,31 @@ at::Tensor logit_grad_(at::Tensor z, const at::Tensor& targets, const at::Tensor
 }
 
 at::Tensor kl_grad_(at::Tensor zs, const at::Tensor& zt, const at::Tensor& coef, double temperature,
-                    const std::optional<at::Tensor>& lam, bool reverse) {
+                    const std::optional<at::Tensor>& lam, bool reverse, const std::optional<at::Tensor>& lse,
+                    const std::optional<at::Tensor>& targets, const std::optional<at::Tensor>& coef_target) {
   check_block(zs, "zs");
   check_block(zt, "zt");
-  TORCH_CHECK(zs.sizes() == zt.sizes(), "tide kernels: zs and zt must have the same shape");
+  TORCH_CHECK(zs.size(0) == zt.size(0) && zt.size(1) <= zs.size(1),
+              "tide kernels: zt must have zs's rows and at most its width");
   TORCH_CHECK(!(reverse && lam.has_value()), "tide kernels: TIDAL (lam) is a forward KL");
+  TORCH_CHECK(coef_target.has_value() == lse.has_value() && coef_target.has_value() == targets.has_value(),
+              "tide kernels: lse, targets and coef_target go together");
   const c10::cuda::CUDAGuard guard(zs.device());
   const int64_t rows = zs.size(0);
   const at::Tensor c = per_row(coef, rows, at::kFloat, "coef");
-  at::Tensor mix;
+  at::Tensor mix, l1, y, ct;
   if (lam.has_value()) mix = per_row(*lam, rows, at::kFloat, "lam");
+  if (coef_target.has_value()) {
+    l1 = per_row(*lse, rows, at::kFloat, "lse");
+    y = per_row(*targets, rows, at::kLong, "targets");
+    ct = per_row(*coef_target, rows, at::kFloat, "coef_target");
+  }
   at::Tensor kl = at::empty({rows}, zs.options().dtype(at::kFloat));
-  check(tide_kl_grad(zs.data_ptr(), dtype_code(zs), zt.data_ptr(), dtype_code(zt), rows, zs.size(1),
+  check(tide_kl_grad(zs.data_ptr(), dtype_code(zs), zs.size(1), zt.data_ptr(), dtype_code(zt), rows, zt.size(1),
                      static_cast<float>(1.0 / temperature), c.data_ptr<float>(),
-                     mix.defined() ? mix.data_ptr<float>() : nullptr, reverse ? 1 : 0, kl.data_ptr<float>(),
+                     mix.defined() ? mix.data_ptr<float>() : nullptr, reverse ? 1 : 0,
+                     l1.defined() ? l1.data_ptr<float>() : nullptr, y.defined() ? y.data_ptr<int64_t>() : nullptr,
+                     ct.defined() ? ct.data_ptr<float>() : nullptr, kl.data_ptr<float>(),
                      c10::cuda::getCurrentCUDAStream()));
   return kl;
 }
@@ -90,6 +101,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale"));
   m.def("logit_grad_", &logit_grad_, "overwrites z with the logit gradient", py::arg("z"), py::arg("targets"),
         py::arg("lse"), py::arg("coef_target"), py::arg("coef_prob"), py::arg("scale"));
-  m.def("kl_grad_", &kl_grad_, "per-row KL; overwrites zs with coef * dKL/dzs", py::arg("zs"), py::arg("zt"),
-        py::arg("coef"), py::arg("temperature"), py::arg("lam"), py::arg("reverse"));
+  m.def("kl_grad_", &kl_grad_, "per-row KL; overwrites zs with coef * dKL/dzs (+ a log-prob term's gradient)",
+        py::arg("zs"), py::arg("zt"), py::arg("coef"), py::arg("temperature"), py::arg("lam"), py::arg("reverse"),
+        py::arg("lse") = py::none(), py::arg("targets") = py::none(), py::arg("coef_target") = py::none());
 }

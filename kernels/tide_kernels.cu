@@ -111,24 +111,31 @@ logit_grad_kernel(T* __restrict__ z, const int64_t* __restrict__ targets, int64_
   }
 }
 
-// Student a = zs / T, teacher c = zt / T; the other side of the KL: d = c, or with TIDAL
-// d = (1 - lam) a + lam c. Pass 1: log-normalisers of a and d. Pass 2: the KL sum
-// (p log p - p log q per element, as the reference) and, for the forward KL / TIDAL, the
+// Student a = zs / T, teacher c = zt / T, on the shared ids j < vocab; the other side of the KL:
+// d = c, or with TIDAL d = (1 - lam) a + lam c. Pass 1: log-normalisers of a and d. Pass 2: the
+// KL sum (p log p - p log q per element, as the reference) and, for the forward KL / TIDAL, the
 // gradient p_s - p_d. Reverse KL needs the row's KL in its gradient p_s (log p_s - log p_t - KL),
-// so it writes in a third pass.
+// so it writes in a third pass. The student row may be wider (vocab_s >= vocab): the KL gradient is
+// 0 there. With coef_target, every element also gets the gradient of coef_target * log p(target)
+// at temperature 1: coef_target * ([j == target] - exp(zs - lse1)).
 template <typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads)
-kl_grad_kernel(TS* __restrict__ zs, const TT* __restrict__ zt, int64_t vocab, float inv_t,
+kl_grad_kernel(TS* __restrict__ zs, int64_t vocab_s, const TT* __restrict__ zt, int64_t vocab, float inv_t,
                const float* __restrict__ coef, const float* __restrict__ lam, int reverse,
-               float* __restrict__ kl_out) {
+               const float* __restrict__ lse1, const int64_t* __restrict__ targets,
+               const float* __restrict__ coef_target, float* __restrict__ kl_out) {
   __shared__ Lse lse_scratch[kWarps];
   __shared__ Sum sum_scratch[kWarps];
   const int64_t row = blockIdx.x;
-  TS* zsr = zs + row * vocab;
+  TS* zsr = zs + row * vocab_s;
   const TT* ztr = zt + row * vocab;
   const bool tidal = lam != nullptr && !reverse;
   const float mix = tidal ? lam[row] : 1.f;
   auto target = [&](float a, float c) { return tidal ? (1.f - mix) * a + mix * c : c; };
+  const bool with_logp = coef_target != nullptr;
+  const float ct = with_logp ? coef_target[row] : 0.f, l1 = with_logp ? lse1[row] : 0.f;
+  const int64_t tgt = with_logp ? targets[row] : -1;
+  auto logp_grad = [&](int64_t j, float z) { return with_logp ? ct * ((j == tgt ? 1.f : 0.f) - expf(z - l1)) : 0.f; };
 
   Lse acc_s{-INFINITY, 0.f}, acc_d{-INFINITY, 0.f};
   for (int64_t j = threadIdx.x; j < vocab; j += kThreads) {
@@ -141,22 +148,32 @@ kl_grad_kernel(TS* __restrict__ zs, const TT* __restrict__ zt, int64_t vocab, fl
   const float g = coef[row] * inv_t;
 
   Sum kl{0.f};
-  for (int64_t j = threadIdx.x; j < vocab; j += kThreads) {
-    const float a = load(zsr + j) * inv_t, c = load(ztr + j) * inv_t;
-    const float log_s = a - lse_s, log_d = target(a, c) - lse_d;
-    const float p_s = expf(log_s), p_d = expf(log_d);
-    if (reverse) {
-      if (p_s > 0.f) kl.v += p_s * (log_s - log_d);
-    } else {
-      if (p_d > 0.f) kl.v += p_d * (log_d - log_s);
-      store(zsr + j, g * (p_s - p_d));
+  for (int64_t j = threadIdx.x; j < vocab_s; j += kThreads) {
+    const float z = load(zsr + j);
+    float grad = 0.f;
+    if (j < vocab) {
+      const float a = z * inv_t, c = load(ztr + j) * inv_t;
+      const float log_s = a - lse_s, log_d = target(a, c) - lse_d;
+      const float p_s = expf(log_s), p_d = expf(log_d);
+      if (reverse) {
+        if (p_s > 0.f) kl.v += p_s * (log_s - log_d);
+      } else {
+        if (p_d > 0.f) kl.v += p_d * (log_d - log_s);
+        grad = g * (p_s - p_d);
+      }
     }
+    if (!reverse) store(zsr + j, grad + logp_grad(j, z));
   }
   kl = block_reduce(kl, sum_scratch);
   if (reverse) {
-    for (int64_t j = threadIdx.x; j < vocab; j += kThreads) {
-      const float log_s = load(zsr + j) * inv_t - lse_s, log_t = load(ztr + j) * inv_t - lse_d;
-      store(zsr + j, g * expf(log_s) * (log_s - log_t - kl.v));
+    for (int64_t j = threadIdx.x; j < vocab_s; j += kThreads) {
+      const float z = load(zsr + j);
+      float grad = 0.f;
+      if (j < vocab) {
+        const float log_s = z * inv_t - lse_s, log_t = load(ztr + j) * inv_t - lse_d;
+        grad = g * expf(log_s) * (log_s - log_t - kl.v);
+      }
+      store(zsr + j, grad + logp_grad(j, z));
     }
   }
   if (threadIdx.x == 0) kl_out[row] = kl.v;
@@ -197,17 +214,22 @@ cudaError_t tide_logit_grad(void* z, int dtype, const int64_t* targets, int64_t 
   });
 }
 
-cudaError_t tide_kl_grad(void* zs, int zs_dtype, const void* zt, int zt_dtype, int64_t rows, int64_t vocab,
-                         float inv_temperature, const float* coef, const float* lam, int reverse, float* kl,
+cudaError_t tide_kl_grad(void* zs, int zs_dtype, int64_t vocab_s, const void* zt, int zt_dtype, int64_t rows,
+                         int64_t vocab, float inv_temperature, const float* coef, const float* lam, int reverse,
+                         const float* lse1, const int64_t* targets, const float* coef_target, float* kl,
                          cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   if (zt_dtype != kTideF32 && zt_dtype != kTideF16 && zt_dtype != kTideBF16) return cudaErrorInvalidValue;
+  if (vocab > vocab_s || (coef_target != nullptr && (lse1 == nullptr || targets == nullptr))) {
+    return cudaErrorInvalidValue;
+  }
   return dispatch(zs_dtype, [&](auto* s_tag) {
     using TS = typename std::remove_pointer<decltype(s_tag)>::type;
     dispatch(zt_dtype, [&](auto* t_tag) {
       using TT = typename std::remove_pointer<decltype(t_tag)>::type;
-      kl_grad_kernel<TS, TT><<<grid(rows), kThreads, 0, stream>>>(static_cast<TS*>(zs), static_cast<const TT*>(zt),
-                                                                  vocab, inv_temperature, coef, lam, reverse, kl);
+      kl_grad_kernel<TS, TT><<<grid(rows), kThreads, 0, stream>>>(static_cast<TS*>(zs), vocab_s,
+                                                                  static_cast<const TT*>(zt), vocab, inv_temperature,
+                                                                  coef, lam, reverse, lse1, targets, coef_target, kl);
     });
   });
 }

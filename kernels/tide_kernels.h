@@ -22,10 +22,13 @@ cudaError_t tide_lse_target(const void* z, int dtype, const int64_t* targets, in
 cudaError_t tide_logit_grad(void* z, int dtype, const int64_t* targets, int64_t rows, int64_t vocab, float scale,
                             const float* lse, const float* coef_target, const float* coef_prob, cudaStream_t stream);
 
-// Per-row KL at temperature T = 1 / inv_temperature between student logits zs and teacher logits zt:
+// Per-row KL at temperature T = 1 / inv_temperature between student logits zs [rows, vocab_s] and
+// teacher logits zt [rows, vocab] on the shared ids j < vocab (vocab <= vocab_s):
 // lam == nullptr: KL(p_t || p_s), or KL(p_s || p_t) when reverse; lam[r]: KL(r || p_s) with
 // r = softmax(((1 - lam) zs + lam zt) / T) held constant (TIDAL). Writes kl[r] and overwrites zs with
-// coef[r] * dKL/dzs.
-cudaError_t tide_kl_grad(void* zs, int zs_dtype, const void* zt, int zt_dtype, int64_t rows, int64_t vocab,
-                         float inv_temperature, const float* coef, const float* lam, int reverse, float* kl,
+// coef[r] * dKL/dzs (0 for j >= vocab), plus, when coef_target != nullptr (then lse1 and targets too),
+// coef_target[r] * ([j == targets[r]] - exp(zs[r, j] - lse1[r])): the gradient of a log-prob term.
+cudaError_t tide_kl_grad(void* zs, int zs_dtype, int64_t vocab_s, const void* zt, int zt_dtype, int64_t rows,
+                         int64_t vocab, float inv_temperature, const float* coef, const float* lam, int reverse,
+                         const float* lse1, const int64_t* targets, const float* coef_target, float* kl,
                          cudaStream_t stream);

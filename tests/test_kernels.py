@@ -13,8 +13,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tide_ds.kernels import (FusedCALMLoss, FusedKLLoss, cuda_extension, fused_calm, fused_kl, fused_tidal,
-                             target_logprobs, twin)
+from tide_ds.kernels import (FusedCALMLoss, FusedKLLoss, cuda_extension, fused_calm, fused_head_loss, fused_kl,
+                             fused_tidal, kl_rows, target_logprobs, twin)
+from tide_ds.objectives import bd3lm_ce, calm, chunk_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -259,6 +260,78 @@ def test_fused_tidal_matches_reference(dtype, rows):
     compare(lambda impl: fused_tidal(hs, ws, ht, wt, masked, t, 0.4, impl=impl, block_rows=3), [hs, ws], dtype)
 
 
+# ---------------------------------------------------------------- one pass: log-prob terms + a KL term
+
+
+def head_case(g, dtype, vocab, kind, mask_mode="random", bias=True):
+    """A CE + CALM loss of the target log-probs of b x l rows (chunks of 1-3 tokens, some rows in no
+    chunk) and a KL term of `kind` against teacher rows; returns (fn(impl) -> the three outputs,
+    the student tensors)."""
+    b, l = 3, 10
+    hs, ws, bs = projection(g, (b * l,), 16, vocab[0], dtype, bias=bias)
+    ht, wt, bt = projection(g, (b * l,), 24, vocab[1], dtype, bias=True)
+    targets = peaked_targets(g, hs, ws)
+    ids, num_chunks = chunk_layout(g, b, l, 3)
+    active = chunk_mask(g, b, num_chunks, mask_mode)
+    teacher_lp = -4 * torch.rand(b, num_chunks, generator=g)
+    masked, t = chunk_mask(g, b, l, "random"), torch.rand(b * l, generator=g)
+    groups = torch.where(ids >= 0, ids + torch.arange(b)[:, None] * num_chunks, -1).reshape(-1)
+    w_ce = (torch.rand(b * l, generator=g) < 0.7).float()
+
+    def logprob_loss(lp):
+        token_lp = lp.view(b, l)
+        ce = bd3lm_ce(token_lp, w_ce.view(b, l).bool(), torch.ones(b, l, dtype=torch.bool), t.view(b, l)[:, 0])
+        return ce + 0.5 * calm(chunk_logprobs(token_lp, ids, num_chunks), teacher_lp, active)
+
+    kl = None if kind is None else kl_rows(
+        ht, wt, masked.reshape(-1), temperature=1.5, reverse=kind == "reverse", teacher_bias=bt,
+        lam=0.8 * t if kind == "tidal" else None, row_weight=t + 0.5 if kind == "tidal" else None)
+
+    def fn(impl):
+        return fused_head_loss(hs, ws, targets, logprob_loss, groups=groups, num_groups=b * num_chunks, kl=kl,
+                               bias=bs, impl=impl, block_rows=4)
+
+    return fn, [hs, ws, bs]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", [None, "forward", "reverse", "tidal"])
+@pytest.mark.parametrize("vocab", [(523, 611), (611, 523)])
+def test_fused_head_loss_matches_reference(dtype, kind, vocab):
+    """CE + CALM on the log-probs and a KL term in one pass: value, log-probs, KL rows, gradients."""
+    g = torch.Generator().manual_seed(5)
+    fn, params = head_case(g, dtype, vocab, kind)
+    outputs = {}
+    for impl in ("reference", "twin"):
+        for p in params:
+            p.grad = None
+        loss, logp, kl_vals = fn(impl)
+        (1.5 * loss).backward()
+        outputs[impl] = [loss.detach(), logp, kl_vals] + [p.grad for p in params]
+    for i, (got, want) in enumerate(zip(outputs["twin"], outputs["reference"])):
+        if want is None:
+            assert got is None
+        else:
+            assert_rel(got, want, TOL[dtype], ["value", "logp", "kl rows", "dh", "dW", "db"][i])
+    assert outputs["twin"][4].abs().max() > 0
+
+
+@pytest.mark.parametrize("mask_mode", ["all", "none"])
+def test_fused_head_loss_all_and_nothing_active(mask_mode):
+    g = torch.Generator().manual_seed(6)
+    fn, params = head_case(g, torch.float32, (300, 300), "forward", mask_mode=mask_mode, bias=False)
+    compare(lambda impl: fn(impl)[0], params[:2], torch.float32)
+
+
+def test_fused_head_loss_with_no_rows():
+    hidden, weight, _ = projection(torch.Generator().manual_seed(0), (0,), 8, 50, torch.float32)
+    loss, logp, kl_vals = fused_head_loss(hidden, weight, torch.zeros(0, dtype=torch.long), lambda lp: lp.sum(),
+                                          kl=kl_rows(torch.zeros(0, 8), weight.detach()))
+    loss.backward()
+    assert loss.item() == 0 and logp.shape == (0,) and kl_vals.shape == (0,)
+    assert not weight.grad.any()
+
+
 # ---------------------------------------------------------------- modules, dispatch, memory
 
 
@@ -295,10 +368,12 @@ class BindingChecks:
         self._block(z), self._rows(z, targets, lse, coef_target, coef_prob)
         return twin.logit_grad_(z, targets, lse, coef_target, coef_prob, scale)
 
-    def kl_grad_(self, zs, zt, coef, temperature, lam, reverse):
-        self._block(zs), self._block(zt), self._rows(zs, coef, *([] if lam is None else [lam]))
-        assert zs.shape == zt.shape and not (reverse and lam is not None)
-        return twin.kl_grad_(zs, zt, coef, temperature, lam, reverse)
+    def kl_grad_(self, zs, zt, coef, temperature, lam, reverse, lse=None, targets=None, coef_target=None):
+        extra = [x for x in (lam, lse, targets, coef_target) if x is not None]
+        self._block(zs), self._block(zt), self._rows(zs, coef, *extra)
+        assert zs.shape[0] == zt.shape[0] and zt.shape[1] <= zs.shape[1] and not (reverse and lam is not None)
+        assert (lse is None) == (targets is None) == (coef_target is None)
+        return twin.kl_grad_(zs, zt, coef, temperature, lam, reverse, lse, targets, coef_target)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -323,6 +398,9 @@ def test_ops_call_the_row_kernels_as_the_cuda_binding_accepts(monkeypatch, dtype
                                       block_rows=4), params, dtype)
     compare(lambda impl: fused_tidal(hidden, weight, ht, wt, masked, t, 0.7, student_bias=bias, impl=impl,
                                      block_rows=4), params, dtype)
+    for kind in ("forward", "reverse", "tidal"):
+        fn, params = head_case(g, dtype, (211, 200), kind)
+        compare(lambda impl: fn(impl)[0], params, dtype)
 
 
 def test_unknown_impl_is_refused():
@@ -461,3 +539,13 @@ def test_fused_ops_on_gpu_match_cpu_reference(dtype):
             results[device] = [loss.detach().cpu()] + [p.grad.cpu() for p in x]
         for got, want in zip(results["cuda"], results["cpu"]):
             assert_rel(got, want, max(TOL[dtype], 1e-4), name)
+
+
+def test_fused_head_loss_refuses_mismatched_rows():
+    hidden, weight, _ = projection(torch.Generator().manual_seed(0), (6,), 8, 50, torch.float32)
+    with pytest.raises(ValueError, match="targets"):
+        fused_head_loss(hidden, weight, None, lambda lp: lp.sum())
+    with pytest.raises(ValueError, match="rows"):
+        fused_head_loss(hidden.view(2, 3, 8), weight, torch.zeros(2, 3, dtype=torch.long), lambda lp: lp.sum())
+    with pytest.raises(ValueError, match="student's 6 rows"):
+        fused_head_loss(hidden, weight, None, kl=kl_rows(torch.zeros(5, 8), weight.detach()))

@@ -131,3 +131,30 @@ def test_step_fused_equals_reference_for_every_recipe(tiny_assets):
             torch.testing.assert_close(t_fused[k], t_ref[k], rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
         for a, b in zip(g_fused, g_ref):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_step_projects_each_masked_row_once(tiny_assets, monkeypatch):
+    """Every recipe's student loss, forward and backward, projects the masked rows to the vocabulary
+    once in all (one tiled pass: no recomputation, no second pass for a KL term)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tide_ds.kernels import ops
+    from tide_ds.models import BD3LMStudent, HFBidirectionalTeacher
+
+    tok = AutoTokenizer.from_pretrained(tiny_assets["tokenizer"])
+    teacher = HFBidirectionalTeacher(AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"]), tok.mask_token_id)
+    student = BD3LMStudent(AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"]), 4, tok.mask_token_id)
+    x0 = torch.randint(0, len(tok) - 2, (3, 16))
+    batch = {"input_ids": x0, "maskable": torch.ones_like(x0, dtype=torch.bool)}
+    projected = []
+    logits = ops._logits
+    monkeypatch.setattr(ops, "_logits", lambda h, w, b: (projected.append((w, h.shape[0])), logits(h, w, b))[1])
+    for name, recipe in RECIPES.items():
+        step = DistillStep(student, teacher, recipe, ObjectiveConfig(kernels="twin"))
+        n = step.noise(batch, generator=torch.Generator().manual_seed(2))
+        targets = step.teacher_targets(n)
+        projected.clear()
+        loss, _ = step.loss(n, targets, progress=0.5)
+        loss.backward()
+        rows = sum(r for w, r in projected if w.data_ptr() == student.output_weight.data_ptr())
+        assert rows == int(n.masked.sum()) > 0, name

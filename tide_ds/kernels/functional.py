@@ -6,6 +6,7 @@ path, which builds full [N, V] logits).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, Literal
 
@@ -15,7 +16,7 @@ from tide_ds.kernels import ops, twin
 from tide_ds.kernels._ext import cuda_extension
 from tide_ds.objectives.calm import calm, chunk_logprobs
 from tide_ds.objectives.ce import _fp32, token_logprobs
-from tide_ds.objectives.kl import kl, tidal_kl, tidal_lambda, timestep_weighting
+from tide_ds.objectives.kl import kl, kl_per_position, tidal_kl, tidal_lambda, timestep_weighting
 
 Impl = Literal["auto", "twin", "reference"]
 IMPLS = ("auto", "twin", "reference")
@@ -72,6 +73,81 @@ def target_logprobs(
     return logp.view(targets.shape), lse.view(targets.shape)
 
 
+def fused_head_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor | None,
+    logprob_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    *,
+    groups: torch.Tensor | None = None,
+    num_groups: int = 0,
+    kl: ops.KLRows | None = None,
+    bias: torch.Tensor | None = None,
+    impl: Impl = "auto",
+    block_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A whole loss on a set of rows from one tiled pass over the output projection:
+    logprob_loss(log p(targets)) + sum_n kl.coef[n] * KL_n, with logits = hidden @ weight.T + bias.
+
+    hidden [N, H], weight [V, H], targets [N] (may be None without logprob_loss). logprob_loss maps
+    the fp32 target log-probs [N] to a scalar and must be separable by group (groups [N] in
+    [0, num_groups), -1 = a group of its own; None = every row its own group): a row's gradient
+    may depend only on the log-probs of its own group, as CE (per row) plus CALM or chunk TIDAL
+    (per chunk, with a normaliser that does not depend on the log-probs) are. kl: a
+    shared-vocabulary term (`kl_rows`). Returns (loss, log-probs [N], KL per row [N] or None);
+    only the loss carries gradients (for hidden, weight, bias), computed during the forward."""
+    n = hidden.shape[0]
+    if hidden.dim() != 2:
+        raise ValueError(f"fused_head_loss: hidden must be rows [N, H], got shape {tuple(hidden.shape)}")
+    if logprob_loss is not None and (targets is None or targets.shape != (n,)):
+        raise ValueError(f"fused_head_loss: logprob_loss needs targets [N] = [{n}]")
+    if groups is not None and (groups.shape != (n,) or num_groups <= 0):
+        raise ValueError(f"fused_head_loss: groups must be [N] = [{n}] with num_groups > 0")
+    if kl is not None and (kl.hidden.shape[0] != n or kl.coef.shape != (n,)):
+        raise ValueError(f"fused_head_loss: kl.hidden and kl.coef must have the student's {n} rows")
+    if kl is not None:
+        kl = dataclasses.replace(kl, hidden=kl.hidden.detach(), weight=kl.weight.detach(),
+                                 bias=None if kl.bias is None else kl.bias.detach())
+    if _reference(impl):
+        z = ops._logits(hidden, weight, bias)
+        if logprob_loss is None:
+            logp = z.new_zeros(z.shape[0], dtype=_fp32(z).dtype)
+            loss = logp.new_zeros(())
+        else:
+            logp = token_logprobs(z, targets)
+            loss = logprob_loss(logp)
+        kl_vals = None
+        if kl is not None:
+            zt = ops._logits(kl.hidden, kl.weight, kl.bias)
+            kl_vals = kl_per_position(z, zt, temperature=kl.temperature, reverse=kl.reverse, lam=kl.lam)
+            loss = loss + (_fp32(kl.coef) * kl_vals).sum()
+        return loss, logp.detach(), None if kl_vals is None else kl_vals.detach()
+    return ops.HeadLossFunction.apply(hidden, weight, bias, targets, logprob_loss, groups, num_groups, kl,
+                                      _kernels(hidden, impl), _rows(block_rows, hidden, weight.shape[0]),
+                                      torch.is_grad_enabled())
+
+
+def kl_rows(
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    masked: torch.Tensor | None = None,
+    *,
+    temperature: float = 2.0,
+    reverse: bool = False,
+    lam: torch.Tensor | None = None,
+    row_weight: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+) -> ops.KLRows:
+    """A KL (or, with lam [n], TIDAL) term over n rows for `fused_head_loss`: T^2 times the mean
+    over masked rows [n] (None = all) of row_weight [n] (None = 1) times each row's KL."""
+    n = teacher_hidden.shape[0]
+    masked = torch.ones(n, dtype=torch.bool, device=teacher_hidden.device) if masked is None else masked.bool()
+    coef = masked.to(_fp32(teacher_hidden).dtype) * (temperature**2 / masked.sum().clamp_min(1))
+    if row_weight is not None:
+        coef = coef * row_weight
+    return ops.KLRows(teacher_hidden, teacher_weight, teacher_bias, coef, lam, temperature, reverse)
+
+
 def fused_chunk_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -99,8 +175,16 @@ def fused_chunk_loss(
         return chunk_loss(chunk_logprobs(logp, ids, num_chunks))
     offset = torch.arange(b, device=ids.device)[:, None] * num_chunks
     key = torch.where(ids >= 0, ids + offset, -1).reshape(-1)
-    return ops.ChunkLossFunction.apply(h, weight, bias, y, key, chunk_mask.bool(), chunk_loss, _kernels(h, impl),
-                                       _rows(block_rows, h, weight.shape[0]), torch.is_grad_enabled())
+    # Only tokens of active chunks enter the loss: compact to them (a host sync sizes the work).
+    rows = ((key >= 0) & chunk_mask.reshape(-1).bool()[key.clamp_min(0)]).nonzero().squeeze(1)
+
+    def logprob_loss(lp):
+        token_lp = lp.new_zeros(y.shape).index_put((rows,), lp).view(b, -1)
+        return chunk_loss(chunk_logprobs(token_lp, ids, num_chunks))
+
+    loss, _, _ = fused_head_loss(h[rows], weight, y[rows], logprob_loss, groups=key[rows],
+                                 num_groups=b * num_chunks, bias=bias, impl=impl, block_rows=block_rows)
+    return loss
 
 
 def fused_calm(
@@ -128,19 +212,17 @@ def fused_calm(
 
 
 def _shared_vocab_term(student, teacher, masked, lam, row_weight, temperature, reverse, impl, block_rows):
+    """fused_kl / fused_tidal: compacted to the rows that count (a host sync sizes the work)."""
     hs, ws, bs = student
     ht, wt, bt = teacher
-    lead = hs.shape[:-1]
-    masked = torch.ones(lead, dtype=torch.bool, device=hs.device) if masked is None else masked.bool()
-    coef = masked.reshape(-1).to(_fp32(hs).dtype) * (temperature**2 / masked.sum().clamp_min(1))
-    if row_weight is not None:
-        coef = coef * row_weight.reshape(-1)
-    h_s, h_t = hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1])
-    tb = None if bt is None else bt.detach()
-    return ops.KLFunction.apply(h_s, ws, bs, h_t.detach(), wt.detach(), tb, coef,
-                                None if lam is None else lam.reshape(-1), temperature, reverse,
-                                _kernels(h_s, impl), _rows(block_rows, h_s, min(ws.shape[0], wt.shape[0])),
-                                torch.is_grad_enabled())
+    flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
+    kl = kl_rows(ht.reshape(-1, ht.shape[-1]), wt, flat(masked), temperature=temperature, reverse=reverse,
+                 lam=flat(lam), row_weight=flat(row_weight), teacher_bias=bt)
+    live = (kl.coef != 0).nonzero().squeeze(1)
+    kl = dataclasses.replace(kl, hidden=kl.hidden[live], coef=kl.coef[live], lam=None if lam is None else kl.lam[live])
+    loss, _, _ = fused_head_loss(hs.reshape(-1, hs.shape[-1])[live], ws, None, kl=kl, bias=bs, impl=impl,
+                                 block_rows=block_rows)
+    return loss
 
 
 def fused_kl(

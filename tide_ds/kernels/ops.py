@@ -6,14 +6,17 @@ elementwise work on a block; the matrix products are plain `torch` calls.
 
 - `target_logprobs`: the gradient is unknown in the forward, so the backward recomputes each block
   (one product more than the plain path).
-- chunk losses (CALM) and shared-vocabulary terms (KL, TIDAL): the gradient is computed inside the
-  forward, block by block, as fused linear cross-entropy kernels do, so they need no more products
-  than the plain path; the backward only rescales. A token's chunk-term gradient needs its whole
-  chunk: tokens whose chunk ends in their own block (or earlier) get it at once; the few whose chunk
-  runs past the end of their block are finished after the last block (their logits recomputed).
+- losses (`head_loss_forward`: a loss of the per-row target log-probs, such as CE plus CALM, plus
+  a shared-vocabulary KL / TIDAL term): the gradient is computed inside the forward, block by
+  block, as fused linear cross-entropy kernels do, so the whole student loss needs no more products
+  than the plain path (logits, dz W, dz^T h); the backward only rescales. A row's chunk-term
+  gradient needs its whole chunk: rows whose chunk ends in their own block (or earlier) get it at
+  once; the few whose chunk runs past the end of their block are finished after the last block
+  (their logits recomputed).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -80,11 +83,11 @@ class _Grads:
 
     def add(self, rows, h: torch.Tensor, dz: torch.Tensor) -> None:
         """Adds a block: rows (slice or index tensor) of hidden, h = hidden[rows], dz = dL/dz [R, vocab]."""
-        if self.dh is not None:
+        if self.dh is not None:  # added: a row may come twice (its log-prob gradient finished late)
             if isinstance(rows, slice):
-                self.dh[rows] = dz @ self.weight
+                self.dh[rows] += dz @ self.weight
             else:
-                self.dh.index_copy_(0, rows, dz @ self.weight)
+                self.dh.index_add_(0, rows, dz @ self.weight)
         if self.dw is not None:
             _accumulate_mm(self.dw[: self.vocab], dz.T, h)
         if self.db is not None:
@@ -153,115 +156,115 @@ class TargetLogprobsFunction(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
-# ---------------------------------------------------------------- chunk losses (CALM)
+# ---------------------------------------------------------------- losses with gradients in the forward
 
 
-def _value_and_grad(chunk_loss: Callable[[torch.Tensor], torch.Tensor], chunk_logp: torch.Tensor):
+@dataclass
+class KLRows:
+    """A shared-vocabulary term over the rows: sum_n coef[n] * KL_n at `temperature` between the
+    student's row n and the teacher's (`twin.kl_grad_`: forward, reverse, or TIDAL when lam [N] is
+    given). The teacher side (hidden [N, H'], weight [V_t, H'], bias) gets no gradient; only the
+    shared id range min(V_s, V_t) enters the KL."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    coef: torch.Tensor
+    lam: torch.Tensor | None = None
+    temperature: float = 2.0
+    reverse: bool = False
+
+
+def _value_and_grad(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):
     with torch.enable_grad():
-        x = chunk_logp.detach().requires_grad_()
-        loss = chunk_loss(x)
+        x = x.detach().requires_grad_()
+        loss = loss_fn(x)
         (g,) = torch.autograd.grad(loss, x, allow_unused=True)
     return loss.detach(), torch.zeros_like(x) if g is None else g
 
 
-def chunk_loss_forward(hidden, weight, bias, targets, chunk_key, chunk_active, chunk_loss, need, kernels, rows):
-    """A separable chunk loss and its gradients (computed here, in the forward).
+def _ready(groups: torch.Tensor | None, num_groups: int, n: int, rows: int) -> torch.Tensor:
+    """[n] bool: the row's whole group (its chunk) is inside its own block or earlier ones, so its
+    log-prob gradient is known when the block is. Rows in no group (-1) are ready at once."""
+    pos = torch.arange(n, device=groups.device if groups is not None else None)
+    if groups is None:
+        return torch.ones(n, dtype=torch.bool, device=pos.device)
+    last = torch.full((num_groups,), -1, dtype=pos.dtype, device=pos.device)
+    last.scatter_reduce_(0, groups.clamp_min(0), torch.where(groups >= 0, pos, -1), "amax")
+    return (groups < 0) | (last[groups.clamp_min(0)] < (pos // rows + 1) * rows)
 
-    hidden [N, H], targets [N]; chunk_key [N]: each token's index into the flattened chunk table
-    (-1 = none); chunk_active: that table [b, C] (bool). chunk_loss maps chunk log-probs [b, C] to a
-    scalar in which each chunk's gradient depends on its own log-prob only (and inactive chunks
-    have none), e.g. a masked mean of per-chunk terms whose normaliser does not depend on them.
-    Returns (loss, (dh, dW, db))."""
-    flat_active = chunk_active.reshape(-1)
-    chunk_logp = hidden.new_zeros(chunk_active.shape, dtype=_acc_dtype(hidden))
-    flat_logp = chunk_logp.view(-1)
-    # Only tokens of active chunks enter the loss: compact to them (a host sync sizes the work).
-    in_chunk = chunk_key >= 0
-    token_rows = (in_chunk & flat_active[chunk_key.clamp_min(0)]).nonzero().squeeze(1)
-    n = token_rows.numel()
-    h, y, key = hidden[token_rows], targets[token_rows], chunk_key[token_rows]
-    pos = torch.arange(n, device=hidden.device)
-    last = torch.full_like(flat_active, -1, dtype=pos.dtype).scatter_reduce_(0, key, pos, "amax")
-    ready = last[key] < (pos // rows + 1) * rows  # the token's chunk ends inside its block (or earlier)
-    lse = flat_logp.new_empty(n)
-    grads = _Grads(hidden, weight, bias, need) if any(need) else None
+
+def head_loss_forward(hidden, weight, bias, targets, logprob_loss, groups, num_groups, kl, need, kernels, rows):
+    """logprob_loss(log p(target) per row) + sum_n kl.coef[n] * KL_n, and the student's gradients
+    (computed here, in the forward). Returns (loss, logp [N], kl rows [N] or None, (dh, dW, db)).
+
+    hidden [N, H], weight [V, H], targets [N]. logprob_loss: None, or a map of the fp32 log-probs
+    [N] to a scalar that is separable by group: the gradient for row n depends only on the
+    log-probs of the rows in its group (groups [N] in [0, num_groups), -1 = a group of its own),
+    e.g. CE (per row) plus CALM (per chunk). Rows of a group that runs past the end of their block
+    get their log-prob gradient after the last block, their logits recomputed."""
+    n = hidden.shape[0]
+    acc = _acc_dtype(hidden)
+    logp = hidden.new_zeros(n, dtype=acc)
+    lse = hidden.new_zeros(n, dtype=acc)
+    kl_vals = None if kl is None else hidden.new_zeros(n, dtype=acc)
+    # Without a log-prob term only the shared id range is projected; with one, the whole vocabulary.
+    width = weight.shape[0] if kl is None or logprob_loss is not None else min(weight.shape[0], kl.weight.shape[0])
+    w, b = weight[:width], None if bias is None else bias[:width]
+    if kl is not None:
+        shared = min(width, kl.weight.shape[0])
+        wt, bt = kl.weight[:shared], None if kl.bias is None else kl.bias[:shared]
+    grads = _Grads(hidden, weight, bias, need, width) if any(need) else None
+    ready = _ready(groups, num_groups, n, rows) if logprob_loss is not None and grads is not None else None
     for s in range(0, n, rows):
         e = min(s + rows, n)
-        z = _logits(h[s:e], weight, bias)
-        lse[s:e], tgt = kernels.lse_target(z, y[s:e], 1.0)
-        flat_logp.index_add_(0, key[s:e], tgt - lse[s:e])
+        z = _logits(hidden[s:e], w, b)
+        g = None
+        if logprob_loss is not None:
+            lse[s:e], tgt = kernels.lse_target(z, targets[s:e], 1.0)
+            logp[s:e] = tgt - lse[s:e]
+            if ready is not None:
+                g = torch.where(ready[s:e], _value_and_grad(logprob_loss, logp)[1][s:e], 0.0)
+        if kl is not None:
+            zt = _logits(kl.hidden[s:e], wt, bt)
+            kl_vals[s:e] = kernels.kl_grad_(z, zt, kl.coef[s:e], kl.temperature,
+                                            None if kl.lam is None else kl.lam[s:e], kl.reverse,
+                                            None if g is None else lse[s:e], None if g is None else targets[s:e], g)
+        elif g is not None:
+            kernels.logit_grad_(z, targets[s:e], lse[s:e], g, -g, 1.0)
         if grads is not None:
-            _, g_chunk = _value_and_grad(chunk_loss, chunk_logp)
-            g = torch.where(ready[s:e], g_chunk.view(-1)[key[s:e]], 0.0)
-            kernels.logit_grad_(z, y[s:e], lse[s:e], g, -g, 1.0)
-            grads.add(token_rows[s:e], h[s:e], z)
-    loss, g_chunk = _value_and_grad(chunk_loss, chunk_logp)
+            grads.add(slice(s, e), hidden[s:e], z)
+    loss = logp.new_zeros(())
+    if logprob_loss is not None:
+        value, g = _value_and_grad(logprob_loss, logp)
+        loss = loss + value
+    if kl is not None:
+        loss = loss + (kl.coef.to(acc) * kl_vals).sum()
     if grads is None:
-        return loss, (None, None, None)
-    # Tokens whose chunk ran past the end of their block: finish them now that every chunk is complete.
-    g = g_chunk.view(-1)[key]
-    late = (~ready & (g != 0)).nonzero().squeeze(1)
-    for s in range(0, late.numel(), rows):
-        idx = late[s : s + rows]
-        z = _logits(h[idx], weight, bias)
-        kernels.logit_grad_(z, y[idx], lse[idx], g[idx], -g[idx], 1.0)
-        grads.add(token_rows[idx], h[idx], z)
-    return loss, grads.result(weight, bias)
+        return loss, logp, kl_vals, (None, None, None)
+    if ready is not None:  # rows whose group ran past their block: their log-prob gradient now
+        late = (~ready & (g != 0)).nonzero().squeeze(1)
+        for s in range(0, late.numel(), rows):
+            idx = late[s : s + rows]
+            z = _logits(hidden[idx], w, b)
+            kernels.logit_grad_(z, targets[idx], lse[idx], g[idx], -g[idx], 1.0)
+            grads.add(idx, hidden[idx], z)
+    return loss, logp, kl_vals, grads.result(weight, bias)
 
 
-class ChunkLossFunction(torch.autograd.Function):
+class HeadLossFunction(torch.autograd.Function):
+    """(loss, logp, kl rows) of `head_loss_forward`; only the loss is differentiable."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_key, chunk_active, chunk_loss, kernels, rows, grad_enabled):
+    def forward(ctx, hidden, weight, bias, targets, logprob_loss, groups, num_groups, kl, kernels, rows,
+                grad_enabled):
         need = tuple(grad_enabled and r for r in ctx.needs_input_grad[:3])
-        loss, grads = chunk_loss_forward(hidden, weight, bias, targets, chunk_key, chunk_active, chunk_loss,
-                                         need, kernels, rows)
+        loss, logp, kl_vals, grads = head_loss_forward(hidden, weight, bias, targets, logprob_loss, groups,
+                                                       num_groups, kl, need, kernels, rows)
         ctx.save_for_backward(*grads)
-        return loss
+        ctx.mark_non_differentiable(logp, *([] if kl_vals is None else [kl_vals]))
+        return loss, logp, kl_vals
 
     @staticmethod
-    def backward(ctx, grad_output):
-        return (*_rescaled(ctx, grad_output), *(None,) * 7)
-
-
-# ---------------------------------------------------------------- shared-vocabulary terms (KL, TIDAL)
-
-
-def kl_forward(student, teacher, row_coef, lam, temperature, reverse, need, kernels, rows):
-    """sum_i row_coef_i * KL_i over the shared vocabulary, and the student's gradients.
-
-    student = (hidden [N, H], weight [Vs, H], bias or None), teacher = (hidden [N, H'], weight
-    [Vt, H'], bias or None); row_coef [N] (rows with 0 are skipped); lam [N] or None (see
-    `twin.kl_grad_`). Returns (loss, (dh, dW, db)) for the student."""
-    hs, ws, bs = student
-    ht, wt, bt = teacher
-    vocab = min(ws.shape[0], wt.shape[0])
-    ws_v, wt_v = ws[:vocab], wt[:vocab]
-    bs_v = None if bs is None else bs[:vocab]
-    bt_v = None if bt is None else bt[:vocab]
-    grads = _Grads(hs, ws, bs, need, vocab) if any(need) else None
-    loss = row_coef.new_zeros((), dtype=_acc_dtype(hs))
-    live = (row_coef != 0).nonzero().squeeze(1)  # rows that count (a host sync sizes the work)
-    for s in range(0, live.numel(), rows):
-        idx = live[s : s + rows]
-        coef, h = row_coef[idx], hs[idx]
-        zs = _logits(h, ws_v, bs_v)
-        zt = _logits(ht[idx], wt_v, bt_v)
-        kl = kernels.kl_grad_(zs, zt, coef, temperature, None if lam is None else lam[idx], reverse)
-        loss += (coef.to(kl.dtype) * kl).sum()
-        if grads is not None:
-            grads.add(idx, h, zs)
-    return loss, (None, None, None) if grads is None else grads.result(ws, bs)
-
-
-class KLFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, row_coef, lam, temperature, reverse, kernels, rows, grad_enabled):
-        need = tuple(grad_enabled and r for r in ctx.needs_input_grad[:3])
-        loss, grads = kl_forward((hs, ws, bs), (ht, wt, bt), row_coef, lam, temperature, reverse, need,
-                                 kernels, rows)
-        ctx.save_for_backward(*grads)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        return (*_rescaled(ctx, grad_output), *(None,) * 10)
+    def backward(ctx, grad_output, *_):
+        return (*_rescaled(ctx, grad_output), *(None,) * 8)

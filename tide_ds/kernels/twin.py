@@ -52,13 +52,21 @@ def kl_grad_(
     temperature: float,
     lam: torch.Tensor | None,
     reverse: bool,
+    lse: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    coef_target: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-row KL at temperature T between student logits zs and teacher logits zt (same width).
+    """Per-row KL at temperature T between student logits zs [R, Vs] and teacher logits zt [R, V]
+    on the shared ids 0..V-1 (V <= Vs).
 
     lam None: KL(p_T || p_S) (forward) or KL(p_S || p_T) (reverse). lam [R]: TIDAL,
     KL(r || p_S) with r = softmax(((1 - lam) zs + lam zt) / T) held constant. Returns the KL rows
-    (fp32) and overwrites zs with coef * dKL/dzs. Works in place on a few fp32 [R, V] buffers."""
-    zs32, zt32 = _fp32(zs), _fp32(zt)
+    (fp32) and overwrites zs with coef * dKL/dzs (0 beyond the shared ids), plus, when coef_target
+    [R] is given, the gradient of coef_target * log p(target) at temperature 1:
+    coef_target * (onehot(targets) - exp(zs - lse)), over the whole row. Works on a few fp32
+    [R, Vs] buffers."""
+    v = zt.shape[1]
+    zs32, zt32 = _fp32(zs[:, :v]), _fp32(zt)
     log_s = F.log_softmax(zs32 / temperature, dim=-1)
     if lam is None:
         log_t = F.log_softmax(zt32 / temperature, dim=-1)
@@ -79,5 +87,13 @@ def kl_grad_(
         grad = diff.sub_(kl[:, None]).mul_(p)
     else:
         grad = log_s.exp_().mul_(p.sum(-1, keepdim=True)).sub_(p)
-    zs.copy_(grad.mul_((coef.to(grad.dtype) / temperature)[:, None]))
+    grad.mul_((coef.to(grad.dtype) / temperature)[:, None])
+    if coef_target is None:
+        zs[:, v:].zero_()
+        zs[:, :v].copy_(grad)
+        return kl
+    full = _fp32(zs).sub(lse[:, None]).exp_().mul_(-coef_target[:, None].to(grad.dtype))  # a new buffer
+    full.scatter_add_(1, targets[:, None], coef_target[:, None].to(full.dtype))
+    full[:, :v] += grad
+    zs.copy_(full)
     return kl

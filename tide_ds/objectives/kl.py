@@ -27,6 +27,26 @@ def _masked_mean(values: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     return values.sum() / masked.sum().clamp_min(1)
 
 
+def kl_per_position(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 2.0,
+    reverse: bool = False,
+    lam: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KL at temperature T per position, on the shared id range (no T^2 factor): KL(p_T || p_S),
+    KL(p_S || p_T) with reverse, or with lam (broadcast over the leading dims) TIDAL's
+    KL(r || p_S), r = stopgrad softmax(((1 - lam) z_s + lam z_T) / T)."""
+    zs, zt = shared_vocab(_fp32(student_logits), _fp32(teacher_logits).detach())
+    log_s = F.log_softmax(zs / temperature, dim=-1)
+    if lam is not None:
+        lam = _fp32(lam).to(zs.dtype)[..., None]
+        return _kl_rows(F.log_softmax(((1 - lam) * zs.detach() + lam * zt) / temperature, dim=-1), log_s)
+    log_t = F.log_softmax(zt / temperature, dim=-1)
+    return _kl_rows(log_s, log_t) if reverse else _kl_rows(log_t, log_s)
+
+
 def kl(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -36,10 +56,7 @@ def kl(
     reverse: bool = False,
 ) -> torch.Tensor:
     """T^2 * mean over masked positions of KL(p_T || p_S) (forward) or KL(p_S || p_T) (reverse)."""
-    zs, zt = shared_vocab(_fp32(student_logits), _fp32(teacher_logits).detach())
-    log_s = F.log_softmax(zs / temperature, dim=-1)
-    log_t = F.log_softmax(zt / temperature, dim=-1)
-    per_pos = _kl_rows(log_s, log_t) if reverse else _kl_rows(log_t, log_s)
+    per_pos = kl_per_position(student_logits, teacher_logits, temperature=temperature, reverse=reverse)
     return temperature**2 * _masked_mean(per_pos, masked)
 
 
@@ -96,11 +113,8 @@ def tidal_kl(
 
     logits [b, l, V], masked [b, l], t [b]; mix = (1 - lambda) z_s + lambda z_T.
     """
-    zs, zt = shared_vocab(_fp32(student_logits), _fp32(teacher_logits).detach())
     t = _fp32(t)
     lam = tidal_lambda(t, progress, lambda_init=lambda_init, lambda_max=lambda_max, schedule=schedule, axis=axis)
-    lam = lam.to(zs.dtype)[:, None, None]
-    log_r = F.log_softmax(((1 - lam) * zs.detach() + lam * zt) / temperature, dim=-1)
-    log_s = F.log_softmax(zs / temperature, dim=-1)
-    w = timestep_weighting(t, timestep_weight).to(zs.dtype)[:, None]
-    return temperature**2 * _masked_mean(w * _kl_rows(log_r, log_s), masked)
+    per_pos = kl_per_position(student_logits, teacher_logits, temperature=temperature, lam=lam[:, None])
+    w = timestep_weighting(t, timestep_weight)[:, None]
+    return temperature**2 * _masked_mean(w * per_pos, masked)

@@ -2,9 +2,12 @@
 
 The step computes what the recipe's terms need (declared in `needs`) once, then every term reads it.
 Pipeline A (cross-tokenizer) and B (shared vocabulary) share the terms; where a term has a chunk
-and a token form (TIDAL), the pipeline picks it. Terms that need whole distributions (KL, TIDAL)
-receive hidden states and output heads, and evaluate through the tiled ops of `tide_ds.kernels`
-(`objective.kernels: reference` runs the plain objectives instead).
+and a token form (TIDAL), the pipeline picks it. Two kinds:
+- log-prob terms (CE, CALM, chunk TIDAL) are functions of the student's target log-probs;
+- whole-distribution terms (KL, reverse KL, token TIDAL: the ones that need TEACHER_ROWS) return a
+  `KLRows`, the per-row KL they sum, against the teacher's hidden states and head.
+The step evaluates all of them in one tiled pass over the student's output projection
+(`tide_ds.kernels.fused_head_loss`; `objective.kernels: reference` runs it on full logits).
 """
 from __future__ import annotations
 
@@ -40,11 +43,10 @@ class TermInputs:
     t: torch.Tensor  # [b]
     masked: torch.Tensor  # [b, l] bool
     maskable: torch.Tensor  # [b, l] bool
-    student_token_logprobs: torch.Tensor  # [b, l] fp32, valid at masked positions
-    student: Rows  # at the masked rows, in `masked.nonzero()` order
-    row_t: torch.Tensor  # [n] each masked row's t
+    row_t: torch.Tensor  # [n] each masked row's t, in `masked.nonzero()` order
+    student_token_logprobs: torch.Tensor | None = None  # [b, l] fp32, valid at masked positions
     cross_tokenizer: bool = False
-    teacher: Rows | None = None  # at the same rows
+    teacher: Rows | None = None  # at the masked rows
     row_valid: torch.Tensor | None = None  # [n] bool: the row has a teacher counterpart
     student_chunk_logprobs: torch.Tensor | None = None
     teacher_chunk_logprobs: torch.Tensor | None = None
@@ -56,10 +58,10 @@ def ce_term(x: TermInputs) -> torch.Tensor:
 
 
 def _kl_term(reverse: bool):
-    def term(x: TermInputs) -> torch.Tensor:
-        s, te = x.student, x.teacher
-        return kernels.fused_kl(s.hidden, s.weight, te.hidden, te.weight, x.row_valid, temperature=x.cfg.temperature,
-                                reverse=reverse, student_bias=s.bias, teacher_bias=te.bias, impl=x.cfg.kernels)
+    def term(x: TermInputs) -> kernels.KLRows:
+        te = x.teacher
+        return kernels.kl_rows(te.hidden, te.weight, x.row_valid, temperature=x.cfg.temperature, reverse=reverse,
+                               teacher_bias=te.bias)
 
     return term
 
@@ -72,18 +74,18 @@ def _calm_term(reverse: bool):
     return term
 
 
-def tidal_term(x: TermInputs) -> torch.Tensor:
+def tidal_term(x: TermInputs) -> torch.Tensor | kernels.KLRows:
     c = x.cfg
     if x.cross_tokenizer:  # TIDAL over chunks, per-row lambda and weight from each sequence's t
         lam = tidal_lambda(x.t, x.progress, lambda_init=c.lambda_init, lambda_max=c.lambda_max,
                            schedule=c.tidal_schedule, axis=c.tidal_axis)
         return chunk_tidal(x.student_chunk_logprobs, x.teacher_chunk_logprobs, x.chunk_mask, lam,
                            weight=timestep_weighting(x.t, c.timestep_weight), temperature=c.temperature)
-    s, te = x.student, x.teacher
-    return kernels.fused_tidal(s.hidden, s.weight, te.hidden, te.weight, x.row_valid, x.row_t, x.progress,
-                               lambda_init=c.lambda_init, lambda_max=c.lambda_max, schedule=c.tidal_schedule,
-                               axis=c.tidal_axis, timestep_weight=c.timestep_weight, temperature=c.temperature,
-                               student_bias=s.bias, teacher_bias=te.bias, impl=c.kernels)
+    te = x.teacher
+    lam = tidal_lambda(x.row_t, x.progress, lambda_init=c.lambda_init, lambda_max=c.lambda_max,
+                       schedule=c.tidal_schedule, axis=c.tidal_axis)
+    return kernels.kl_rows(te.hidden, te.weight, x.row_valid, temperature=c.temperature, lam=lam,
+                           row_weight=timestep_weighting(x.row_t, c.timestep_weight), teacher_bias=te.bias)
 
 
 @dataclass(frozen=True)

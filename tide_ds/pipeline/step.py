@@ -7,10 +7,12 @@
 Both pipelines take the same path. A batch without teacher ids (same tokenizer, same template) is
 given identity chunks, one per maskable token, so Reverse CALM in pipeline B and everything else
 need no special case. All losses read rows at masked positions only: the student's x_0 half and its
-unmasked positions are never projected to the vocabulary.
+unmasked positions are never projected to the vocabulary, and the masked rows are projected in one
+tiled pass that yields every term's value and gradient (`tide_ds.kernels.fused_head_loss`).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -132,22 +134,53 @@ class DistillStep:
 
     # -- 3. student loss -----------------------------------------------------------------------
     def loss(self, noised: Noised, targets: TeacherTargets, progress: float):
+        """The recipe's weighted terms, from one tiled pass over the student's output projection at
+        its masked rows (gradients computed during that pass). Returns (loss, detached term values)."""
         hidden = self.student.hidden_states(noised.x_t, noised.x0)
         rows = noised.masked.nonzero(as_tuple=True)  # sync point: the number of masked rows
-        student = Rows(hidden[rows], self.student.output_weight, self.student.output_bias)
-        token_lp = self.row_logprobs(student, noised.x0, rows)
         x = TermInputs(
             cfg=self.cfg, progress=progress, t=noised.t, masked=noised.masked, maskable=noised.maskable,
-            student_token_logprobs=token_lp, student=student, row_t=noised.t[rows[0]],
-            cross_tokenizer=self.cross_tokenizer, teacher=targets.rows, row_valid=targets.row_valid,
+            row_t=noised.t[rows[0]], cross_tokenizer=self.cross_tokenizer, teacher=targets.rows,
+            row_valid=targets.row_valid,
         )
+        groups, num_chunks = None, noised.chunk_mask.shape[1]
         if CHUNKS in self.needs:
-            x.student_chunk_logprobs = chunk_logprobs(token_lp, noised.chunk_ids, noised.chunk_mask.shape[1])
-            x.teacher_chunk_logprobs = targets.chunk_logprobs
-            x.chunk_mask = noised.chunk_mask
-        values = {name: TERMS[name].fn(x) for name, w in self.recipe.terms.items() if w > 0}
-        total = sum(self.recipe.terms[name] * v for name, v in values.items())
-        return total, {name: v.detach() for name, v in values.items()}
+            x.teacher_chunk_logprobs, x.chunk_mask = targets.chunk_logprobs, noised.chunk_mask
+            chunk = noised.chunk_ids[rows]  # a row's log-prob gradient waits for the rest of its chunk
+            groups = torch.where(chunk >= 0, rows[0] * num_chunks + chunk, -1)
+        weights = {name: w for name, w in self.recipe.terms.items() if w > 0}
+        whole = [n for n in weights if TEACHER_ROWS in term_needs(n, self.cross_tokenizer)]
+        by_logprob = [n for n in weights if n not in whole]
+
+        def with_logprobs(lp: torch.Tensor) -> TermInputs:
+            token_lp = lp.new_zeros(noised.x0.shape).index_put(rows, lp)
+            chunk_lp = chunk_logprobs(token_lp, noised.chunk_ids, num_chunks) if CHUNKS in self.needs else None
+            return dataclasses.replace(x, student_token_logprobs=token_lp, student_chunk_logprobs=chunk_lp)
+
+        def logprob_loss(lp: torch.Tensor) -> torch.Tensor:
+            xl = with_logprobs(lp)
+            return sum(weights[n] * TERMS[n].fn(xl) for n in by_logprob)
+
+        kl_terms = {n: TERMS[n].fn(x) for n in whole}
+        head = dict(weight=self.student.output_weight, bias=self.student.output_bias, impl=self.cfg.kernels)
+        h = hidden[rows]
+        values, total = {}, None
+        # The first whole-distribution term rides on the log-prob pass; any further one (a custom
+        # `terms:` mix) costs a pass of its own.
+        for i, n in enumerate(whole or [None]):
+            spec = None if n is None else dataclasses.replace(kl_terms[n], coef=weights[n] * kl_terms[n].coef)
+            first = i == 0 and bool(by_logprob)
+            loss, lp, kl_vals = kernels.fused_head_loss(
+                h, targets=noised.x0[rows] if first else None, logprob_loss=logprob_loss if first else None,
+                groups=groups, num_groups=noised.x0.shape[0] * num_chunks, kl=spec, **head)
+            total = loss if total is None else total + loss
+            if n is not None:
+                values[n] = (kl_terms[n].coef * kl_vals).sum()
+            if first:
+                with torch.no_grad():
+                    xl = with_logprobs(lp)
+                    values.update({m: TERMS[m].fn(xl) for m in by_logprob})
+        return total, {n: values[n].detach() for n in weights}
 
     def row_logprobs(self, r: Rows, targets: torch.Tensor, rows) -> torch.Tensor:
         """Target log-probs at `rows` (tiled over the vocabulary), scattered into [b, l] (0 elsewhere)."""
