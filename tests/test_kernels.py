@@ -452,6 +452,30 @@ def test_bench_kernel_prints_figures(capsys):
 # ---------------------------------------------------------------- build
 
 
+def _cuda_include() -> Path | None:
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and (Path(root) / "include" / "cuda_runtime.h").exists():
+            return Path(root) / "include"
+    return None
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or _cuda_include() is None, reason="needs g++ and the CUDA headers")
+def test_cuda_binding_compiles(tmp_path):
+    """The PyTorch binding compiles against this torch's headers (syntax and types; nothing links)."""
+    from torch.utils.cpp_extension import include_paths
+
+    stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"  # generated only in CUDA builds
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#pragma once\n")
+    py_include = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['include'])"],
+                                capture_output=True, text=True).stdout.strip()
+    cmd = ["g++", "-std=c++17", "-fsyntax-only", f"-I{tmp_path}", *(f"-I{p}" for p in include_paths()),
+           f"-I{_cuda_include()}", f"-I{py_include}", "-DTORCH_EXTENSION_NAME=tide_ds_kernels",
+           str(ROOT / "kernels" / "binding.cpp")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_cuda_source_compiles(tmp_path):
     """The pure CUDA source (no torch headers) compiles for Hopper."""
@@ -498,12 +522,18 @@ def test_cuda_row_kernels_match_twin(dtype):
     zt = (torch.randn(rows, vocab, generator=g) * 4).to(dtype)
     coef, lam = torch.rand(rows, generator=g), torch.rand(rows, generator=g)
     for mix, reverse in ((None, False), (None, True), (lam, False)):
-        zs_gpu = z.cuda()
-        kl = ext.kl_grad_(zs_gpu, zt.cuda(), coef.cuda(), 2.0, None if mix is None else mix.cuda(), reverse)
-        zs_cpu = z.clone()
-        want = twin.kl_grad_(zs_cpu, zt, coef, 2.0, mix, reverse)
-        assert_rel(kl.cpu(), want, 1e-4, f"kl reverse={reverse} tidal={mix is not None}")
-        assert_rel(zs_gpu.cpu().float(), zs_cpu.float(), tol, f"kl grad reverse={reverse} tidal={mix is not None}")
+        # the teacher row as wide as the student's, or narrower (shared ids), with and without a log-prob term
+        for width, logp_term in ((vocab, False), (vocab - 1000, True)):
+            what = f"kl reverse={reverse} tidal={mix is not None} width={width} logp={logp_term}"
+            extra = (want_lse, y, coef_t) if logp_term else (None, None, None)
+            zs_gpu = z.cuda()
+            kl = ext.kl_grad_(zs_gpu, zt[:, :width].contiguous().cuda(), coef.cuda(), 2.0,
+                              None if mix is None else mix.cuda(), reverse,
+                              *(None if x is None else x.cuda() for x in extra))
+            zs_cpu = z.clone()
+            want = twin.kl_grad_(zs_cpu, zt[:, :width].contiguous(), coef, 2.0, mix, reverse, *extra)
+            assert_rel(kl.cpu(), want, 1e-4, what)
+            assert_rel(zs_gpu.cpu().float(), zs_cpu.float(), tol, what + " grad")
 
 
 @pytest.mark.gpu
