@@ -560,6 +560,15 @@ def test_fused_ops_on_gpu_match_cpu_reference(dtype):
                                              masked.to(x[0].device), t.to(x[0].device), 0.5, student_bias=x[2],
                                              impl=impl),
     }
+    rows_t = targets.reshape(-1)
+
+    def head(x, impl):  # CE-like log-prob term without groups plus a KL term, as the step's pass-B call
+        dev = x[0].device
+        kl = kl_rows(ht.reshape(b * l, -1).to(dev), wt.to(dev), masked.reshape(-1).to(dev), temperature=1.5)
+        return fused_head_loss(x[0].reshape(b * l, -1), x[1], rows_t.to(dev), lambda lp: -lp.mean(), kl=kl,
+                               bias=x[2], impl=impl)[0]
+
+    cases["head"] = head
     for name, fn in cases.items():
         results = {}
         for device, impl in (("cpu", "reference"), ("cuda", "auto")):
@@ -579,3 +588,7 @@ def test_fused_head_loss_refuses_mismatched_rows():
         fused_head_loss(hidden.view(2, 3, 8), weight, torch.zeros(2, 3, dtype=torch.long), lambda lp: lp.sum())
     with pytest.raises(ValueError, match="student's 6 rows"):
         fused_head_loss(hidden, weight, None, kl=kl_rows(torch.zeros(5, 8), weight.detach()))
+    with pytest.raises(ValueError, match="nothing to compute"):
+        fused_head_loss(hidden, weight, None)
+    with pytest.raises(ValueError, match="forward KL"):
+        kl_rows(torch.zeros(6, 8), weight.detach(), reverse=True, lam=torch.rand(6))

@@ -40,6 +40,8 @@ def test_unknown_key_recipe_and_missing_files(tiny_overrides, tmp_path):
         load_config(None, tiny_overrides + ["recipe=tide_crossx"])
     with pytest.raises(ConfigError, match="unknown loss term 'klx'"):
         load_config(None, tiny_overrides + ["terms={klx: 1}"])
+    with pytest.raises(ConfigError, match="no term a positive weight"):
+        load_config(None, tiny_overrides + ["terms={ce: 0}"])
     with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
         load_config(str(tmp_path / "nope.yaml"))
     with pytest.raises(ConfigError, match="teacher.path not found"):

@@ -97,6 +97,8 @@ def fused_head_loss(
     shared-vocabulary term (`kl_rows`). Returns (loss, log-probs [N], KL per row [N] or None);
     only the loss carries gradients (for hidden, weight, bias), computed during the forward."""
     n = hidden.shape[0]
+    if logprob_loss is None and kl is None:
+        raise ValueError("fused_head_loss: nothing to compute; give logprob_loss, kl or both")
     if hidden.dim() != 2:
         raise ValueError(f"fused_head_loss: hidden must be rows [N, H], got shape {tuple(hidden.shape)}")
     if logprob_loss is not None and (targets is None or targets.shape != (n,)):
@@ -140,6 +142,8 @@ def kl_rows(
 ) -> ops.KLRows:
     """A KL (or, with lam [n], TIDAL) term over n rows for `fused_head_loss`: T^2 times the mean
     over masked rows [n] (None = all) of row_weight [n] (None = 1) times each row's KL."""
+    if reverse and lam is not None:
+        raise ValueError("kl_rows: TIDAL (lam) is a forward KL; reverse=True takes no lam")
     n = teacher_hidden.shape[0]
     masked = torch.ones(n, dtype=torch.bool, device=teacher_hidden.device) if masked is None else masked.bool()
     coef = masked.to(_fp32(teacher_hidden).dtype) * (temperature**2 / masked.sum().clamp_min(1))

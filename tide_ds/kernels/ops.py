@@ -183,13 +183,13 @@ def _value_and_grad(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
     return loss.detach(), torch.zeros_like(x) if g is None else g
 
 
-def _ready(groups: torch.Tensor | None, num_groups: int, n: int, rows: int) -> torch.Tensor:
+def _ready(groups: torch.Tensor | None, num_groups: int, n: int, rows: int, device: torch.device) -> torch.Tensor:
     """[n] bool: the row's whole group (its chunk) is inside its own block or earlier ones, so its
     log-prob gradient is known when the block is. Rows in no group (-1) are ready at once."""
-    pos = torch.arange(n, device=groups.device if groups is not None else None)
     if groups is None:
-        return torch.ones(n, dtype=torch.bool, device=pos.device)
-    last = torch.full((num_groups,), -1, dtype=pos.dtype, device=pos.device)
+        return torch.ones(n, dtype=torch.bool, device=device)
+    pos = torch.arange(n, device=device)
+    last = torch.full((num_groups,), -1, dtype=pos.dtype, device=device)
     last.scatter_reduce_(0, groups.clamp_min(0), torch.where(groups >= 0, pos, -1), "amax")
     return (groups < 0) | (last[groups.clamp_min(0)] < (pos // rows + 1) * rows)
 
@@ -215,7 +215,7 @@ def head_loss_forward(hidden, weight, bias, targets, logprob_loss, groups, num_g
         shared = min(width, kl.weight.shape[0])
         wt, bt = kl.weight[:shared], None if kl.bias is None else kl.bias[:shared]
     grads = _Grads(hidden, weight, bias, need, width) if any(need) else None
-    ready = _ready(groups, num_groups, n, rows) if logprob_loss is not None and grads is not None else None
+    ready = _ready(groups, num_groups, n, rows, hidden.device) if logprob_loss is not None and grads is not None else None
     for s in range(0, n, rows):
         e = min(s + rows, n)
         z = _logits(hidden[s:e], w, b)

@@ -36,6 +36,8 @@ def resolve_terms(recipe: str, terms: dict[str, float] | None = None) -> Recipe:
             raise ConfigError(f"unknown loss term '{name}' in config key 'terms'; choose from {', '.join(TERMS)}")
         if weight < 0:
             raise ConfigError(f"terms.{name} has negative weight {weight}; weights must be >= 0")
+    if not any(weight > 0 for weight in terms.values()):
+        raise ConfigError(f"config key 'terms' gives no term a positive weight ({terms}); the loss would be empty")
     return Recipe(dict(terms), comp_demo=base.comp_demo)
 
 
