@@ -2,7 +2,6 @@
 module holds no parameters and works with any lm_head, sharded or not)."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from tide_ds.kernels.functional import Impl, fused_calm, fused_kl

@@ -209,11 +209,12 @@ def head_loss_forward(hidden, weight, bias, targets, logprob_loss, groups, num_g
     lse = hidden.new_zeros(n, dtype=acc)
     kl_vals = None if kl is None else hidden.new_zeros(n, dtype=acc)
     # Without a log-prob term only the shared id range is projected; with one, the whole vocabulary.
-    width = weight.shape[0] if kl is None or logprob_loss is not None else min(weight.shape[0], kl.weight.shape[0])
-    w, b = weight[:width], None if bias is None else bias[:width]
+    width = weight.shape[0]
     if kl is not None:
         shared = min(width, kl.weight.shape[0])
         wt, bt = kl.weight[:shared], None if kl.bias is None else kl.bias[:shared]
+        width = width if logprob_loss is not None else shared
+    w, b = weight[:width], None if bias is None else bias[:width]
     grads = _Grads(hidden, weight, bias, need, width) if any(need) else None
     ready = _ready(groups, num_groups, n, rows, hidden.device) if logprob_loss is not None and grads is not None else None
     for s in range(0, n, rows):
@@ -242,7 +243,7 @@ def head_loss_forward(hidden, weight, bias, targets, logprob_loss, groups, num_g
         loss = loss + (kl.coef.to(acc) * kl_vals).sum()
     if grads is None:
         return loss, logp, kl_vals, (None, None, None)
-    if ready is not None:  # rows whose group ran past their block: their log-prob gradient now
+    if ready is not None and groups is not None:  # rows whose group ran past their block: finish them
         late = (~ready & (g != 0)).nonzero().squeeze(1)
         for s in range(0, late.numel(), rows):
             idx = late[s : s + rows]

@@ -13,6 +13,7 @@ tiled pass that yields every term's value and gradient (`tide_ds.kernels.fused_h
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,6 @@ from tide_ds.objectives import (
     Recipe,
     TermInputs,
     chunk_logprobs,
-    comp_demo_inputs,
     comp_demo_merge,
     comp_demo_split,
     term_needs,
@@ -48,6 +48,11 @@ class Noised:
     teacher_pass_inputs: list[torch.Tensor]  # one teacher input per pass (two with CompDemo)
     teacher_pass_masked: torch.Tensor | None  # [b, lt] bool: positions masked in pass 1 (M_B)
     has_teacher_ids: bool  # the teacher reads its own token sequence (another tokenizer or template)
+
+    @functools.cached_property
+    def masked_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """masked.nonzero(as_tuple=True), found once for the teacher call and the loss (a host sync)."""
+        return self.masked.nonzero(as_tuple=True)
 
 
 @dataclass
@@ -137,7 +142,7 @@ class DistillStep:
         """The recipe's weighted terms, from one tiled pass over the student's output projection at
         its masked rows (gradients computed during that pass). Returns (loss, detached term values)."""
         hidden = self.student.hidden_states(noised.x_t, noised.x0)
-        rows = noised.masked.nonzero(as_tuple=True)  # sync point: the number of masked rows
+        rows = noised.masked_rows
         x = TermInputs(
             cfg=self.cfg, progress=progress, t=noised.t, masked=noised.masked, maskable=noised.maskable,
             row_t=noised.t[rows[0]], cross_tokenizer=self.cross_tokenizer, teacher=targets.rows,
@@ -153,7 +158,7 @@ class DistillStep:
         by_logprob = [n for n in weights if n not in whole]
 
         def with_logprobs(lp: torch.Tensor) -> TermInputs:
-            token_lp = lp.new_zeros(noised.x0.shape).index_put(rows, lp)
+            token_lp = scatter_rows(lp, rows, noised.x0.shape)
             chunk_lp = chunk_logprobs(token_lp, noised.chunk_ids, num_chunks) if CHUNKS in self.needs else None
             return dataclasses.replace(x, student_token_logprobs=token_lp, student_chunk_logprobs=chunk_lp)
 
@@ -185,7 +190,12 @@ class DistillStep:
     def row_logprobs(self, r: Rows, targets: torch.Tensor, rows) -> torch.Tensor:
         """Target log-probs at `rows` (tiled over the vocabulary), scattered into [b, l] (0 elsewhere)."""
         lp, _ = kernels.target_logprobs(r.hidden, r.weight, targets[rows], bias=r.bias, impl=self.cfg.kernels)
-        return torch.zeros(targets.shape, dtype=lp.dtype, device=lp.device).index_put(rows, lp)
+        return scatter_rows(lp, rows, targets.shape)
+
+
+def scatter_rows(values: torch.Tensor, rows, shape) -> torch.Tensor:
+    """Per-row values [n] at `rows` (a nonzero tuple) in a zero tensor of `shape`."""
+    return values.new_zeros(shape).index_put(rows, values)
 
 
 def teacher_rows(noised: Noised):
@@ -194,7 +204,7 @@ def teacher_rows(noised: Noised):
     Identity chunks (same tokenizer and template) give the same positions. Otherwise a masked
     student token is paired with the teacher token of its chunk when that chunk is one token on
     both sides (the same id under two chat templates); other rows are left out of KL / TIDAL."""
-    rows = noised.masked.nonzero(as_tuple=True)
+    rows = noised.masked_rows
     if not noised.has_teacher_ids:
         return rows, None
     b, lt = noised.teacher_chunk_ids.shape
