@@ -16,6 +16,7 @@ import argparse
 import itertools
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from tide_ds.data.prepare import REPORT_NAME, load_prepared
 from tide_ds.engine import build_engine, init_distributed, slice_rows, wants_deepspeed
 from tide_ds.engine.build import to_device
 from tide_ds.engine.dist import fail_fast
+from tide_ds.engine.guard import StepGuard
+from tide_ds.engine.preempt import Preemption, resume_command
 from tide_ds.eval import masked_token_loss
 from tide_ds.models import build_student, build_teacher, load_tokenizer
 from tide_ds.objectives import TERMS, needs_teacher, resolve_terms
@@ -41,13 +44,15 @@ from tide_ds.pipeline import DistillStep
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML run config (see tide_ds/configs/ for examples)")
-    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint directory, or 'latest' in output_dir")
+    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint directory; 'latest': the newest "
+                   "complete one in output_dir; 'auto': that one if there is one, else start fresh")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
 
 
 def run(args) -> int:
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
-    distill(load_config(args.config, overrides))
+    result = distill(load_config(args.config, overrides))
+    code = 128 + result["preempted"] if result.get("preempted") else 0  # 143 SIGTERM, 130 SIGINT, 138 SIGUSR1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         multi = torch.distributed.get_world_size() > 1
         torch.distributed.barrier()
@@ -57,8 +62,8 @@ def run(args) -> int:
                 sys.modules["mpi4py.MPI"].Finalize()  # mpirun counts an exit without it as a failure
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(0)
-    return 0
+            os._exit(code)
+    return code
 
 
 def student_tokenizer(cfg: Config):
@@ -142,17 +147,28 @@ def global_batch(data: Data, size: int, seed: int, step: int) -> dict:
 
 def distill(cfg: Config) -> dict:
     dist = init_distributed(cfg)
-    return fail_fast(lambda: _distill(cfg, dist))
+    with Preemption() as signals:
+        return fail_fast(lambda: _distill(cfg, dist, signals))
 
 
-def _distill(cfg: Config, dist) -> dict:
+def preempted(engine, cfg: Config, step: int, tokenizer, signum: int) -> dict:
+    """A signal asked to stop: save a complete checkpoint of `step` on every rank, say how to resume."""
+    path = checkpoint.save(engine, cfg, step, tokenizer)
+    if engine.dist.is_main:
+        print(f"tide-ds distill: {signal.Signals(signum).name}: saved checkpoint {path} (step {step} of "
+              f"{cfg.train.steps}); resume with: {resume_command(engine.dist.world)}", flush=True)
+    return {"preempted": signum, "checkpoint": path, "steps": step, "world": engine.dist.world}
+
+
+def _distill(cfg: Config, dist, signals: Preemption) -> dict:
     t = cfg.train
     torch.manual_seed(t.seed)
     if t.threads:
         torch.set_num_threads(t.threads)
     device = dist.device
     recipe = resolve_terms(cfg.recipe, cfg.terms)
-    resume = checkpoint.resolve_resume(cfg)  # a missing or incomplete checkpoint stops here
+    log = print if dist.is_main else (lambda *a, **k: None)
+    resume = checkpoint.resolve_resume(cfg, log)  # a missing or incomplete checkpoint stops here
     tokenizer = student_tokenizer(cfg)
     data = build_data(cfg, tokenizer)
     teacher = None
@@ -172,7 +188,7 @@ def _distill(cfg: Config, dist) -> dict:
         first = checkpoint.load(engine, *resume)
 
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())
-    log = print if dist.is_main else (lambda *a, **k: None)
+    guard = StepGuard(cfg, engine, signals, log)
     log(f"recipe {cfg.recipe}: {' + '.join(f'{w:g}*{n}' for n, w in recipe.terms.items())}"
         f"{' (CompDemo)' if recipe.comp_demo else ''}; student {n_params / 1e6:.2f}M params; "
         f"{len(data.train)} train / {len(data.held_out)} held-out rows; device {device}; "
@@ -195,6 +211,9 @@ def _distill(cfg: Config, dist) -> dict:
             engine.backward_step(loss)
             for name, v in {**terms, "loss": loss.detach()}.items():
                 sums[name] = sums.get(name, 0) + v.float() / accum
+        stop = guard.after_step(i, sums)  # one sync per optimizer step: a stop signal, non-finite values
+        if stop:
+            return preempted(engine, cfg, i + 1, tokenizer, stop)
         if i % t.log_every == 0 or i == t.steps - 1:
             stacked = torch.stack(list(sums.values()))
             if dist.world > 1:
