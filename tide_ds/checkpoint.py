@@ -7,7 +7,7 @@ Layout under `<output_dir>/checkpoints/`:
                            every file's size (a truncated shard is found before it is read)
   step<N>.partial/         a save in progress, or one that was interrupted: never read, removed later
   hf/                      the student's transformers config and tokenizer (what `export` builds on)
-  latest                   the newest complete tag
+  latest                   the newest complete tag (for DeepSpeed's tools; resume scans the directories)
 
 A save writes everything into step<N>.partial, fsyncs it, writes the marker there and renames the
 directory to step<N>; only then is `latest` replaced, by a rename. A kill at any point of a save
@@ -84,15 +84,10 @@ def _steps(root: str) -> list[tuple[int, str]]:
 
 
 def newest_complete(root: str) -> tuple[str | None, list[str]]:
-    """The tag `latest` names if complete, else the newest complete step<N>; and what was skipped, why."""
-    skipped = [f"{name} (an interrupted save)" for name in sorted(os.listdir(root)) if name.endswith(PARTIAL)] \
-        if os.path.isdir(root) else []
-    candidates = [tag for _, tag in _steps(root)]
-    if os.path.isfile(os.path.join(root, "latest")):
-        with open(os.path.join(root, "latest")) as f:
-            named = f.read().strip()
-        candidates = [named] + [t for t in candidates if t != named]
-    for tag in candidates:
+    """The complete step<N> with the highest N, and what was skipped on the way, and why."""
+    skipped = [f"{name} (an interrupted save)" for name in sorted(os.listdir(root))
+               if _TAG.match(name[:-len(PARTIAL)]) and name.endswith(PARTIAL)] if os.path.isdir(root) else []
+    for _, tag in _steps(root):
         reason = why_incomplete(root, tag)
         if reason is None:
             return tag, skipped

@@ -30,11 +30,12 @@ from tide_ds import checkpoint
 from tide_ds.config import Config, ConfigError, load_config, to_dict
 from tide_ds.data.collate import Collator
 from tide_ds.data.corpus import TextWindows, collate_windows, corpus_files, is_holdout
-from tide_ds.data.prepare import REPORT_NAME, load_prepared
+from tide_ds.data.prepare import REPORT_NAME, load_prepared, vocab_fingerprint
 from tide_ds.engine import build_engine, init_distributed, slice_rows, wants_deepspeed
 from tide_ds.engine.build import to_device
 from tide_ds.engine.dist import fail_fast
 from tide_ds.engine.guard import StepGuard
+from tide_ds.engine.merge import load_ds_config, merge_ds_config, plain_batch
 from tide_ds.engine.preempt import Preemption, resume_command
 from tide_ds.eval import masked_token_loss
 from tide_ds.models import build_student, build_teacher, load_tokenizer
@@ -102,7 +103,7 @@ def build_data(cfg: Config, tokenizer) -> Data:
         data = load_prepared(source)
         with open(report_path, encoding="utf-8") as f:
             report = json.load(f)
-        check_prepared_tokenizer(report["config"]["student"]["tokenizer"], tokenizer, source)
+        check_prepared_tokenizers(cfg, report, tokenizer)
         n_held = max(1, int(len(data) * cfg.data.holdout_fraction)) if len(data) > 1 else 0
         collate = Collator(report["student_eos_id"], cfg.diffusion.block_size, report["teacher_pad_id"])
         held = data.select(range(n_held)) if n_held else data
@@ -115,11 +116,25 @@ def build_data(cfg: Config, tokenizer) -> Data:
                 collate_windows, cross_tokenizer=False)
 
 
-def check_prepared_tokenizer(prepared_with: str, tokenizer, source: str) -> None:
-    """The student must read the ids the data was prepared with."""
-    if os.path.isdir(prepared_with) and load_tokenizer(prepared_with, "data.source").get_vocab() != tokenizer.get_vocab():
-        raise ConfigError(f"data.source={source} was prepared with the student tokenizer {prepared_with}, which differs "
-                          f"from the student's tokenizer here; set student.tokenizer to it or prepare the data again")
+def check_prepared_tokenizers(cfg: Config, report: dict, tokenizer) -> None:
+    """Student and teacher must read the ids the data was prepared with (the report's vocabulary
+    fingerprints; a report without them is checked by loading the student tokenizer it names)."""
+    source, prints = cfg.data.source, report.get("tokenizers", {})
+    teacher_path = cfg.teacher.tokenizer or cfg.teacher.path
+    sides = [("student", "student.tokenizer", lambda: tokenizer)]
+    if teacher_path is not None and "teacher" in prints:
+        sides.append(("teacher", "teacher.tokenizer", lambda: load_tokenizer(teacher_path, "teacher.path")))
+    for side, key, tok in sides:
+        prepared_with = report["config"][side]["tokenizer"]
+        if side in prints:
+            same = vocab_fingerprint(tok()) == prints[side]
+        else:
+            same = not os.path.isdir(prepared_with) or \
+                load_tokenizer(prepared_with, "data.source").get_vocab() == tok().get_vocab()
+        if not same:
+            raise ConfigError(f"data.source={source} was prepared with the {side} tokenizer {prepared_with}, whose "
+                              f"vocabulary differs from this run's {side} tokenizer; set {key} (or {side}.path) "
+                              f"to it, or prepare the data again with this {side}'s tokenizer")
 
 
 def check_teacher_fits(cfg: Config, recipe, data: Data, tokenizer) -> None:
@@ -133,14 +148,27 @@ def check_teacher_fits(cfg: Config, recipe, data: Data, tokenizer) -> None:
         check_shared_vocab(cfg, tokenizer, cfg.recipe)
 
 
+def batches_per_epoch(rows: int, size: int) -> int:
+    if rows < size:
+        raise ConfigError(f"the global batch ({size}) is larger than the training set ({rows} rows); "
+                          f"lower train.micro_batch_size or train.gradient_accumulation_steps, or add data")
+    return rows // size
+
+
+def check_batch(cfg: Config, dist, data: Data) -> None:
+    """The batch arithmetic (YAML, ds_config, ranks, data size), before any model is loaded."""
+    if wants_deepspeed(cfg):
+        raw = load_ds_config(cfg.engine.ds_config) if cfg.engine.ds_config else {}
+        merge_ds_config(cfg, raw, dist.world, source=cfg.engine.ds_config or "the default DeepSpeed config")
+    else:
+        plain_batch(cfg)
+    batches_per_epoch(len(data.train), cfg.train.global_batch_size)
+
+
 def global_batch(data: Data, size: int, seed: int, step: int) -> dict:
     """The global batch of optimizer step `step`: one shuffled pass per epoch, seeded by the epoch."""
     dataset = data.train
-    per_epoch = len(dataset) // size
-    if per_epoch == 0:
-        raise ConfigError(f"the global batch ({size}) is larger than the training set ({len(dataset)} rows); "
-                          f"lower train.micro_batch_size or train.gradient_accumulation_steps, or add data")
-    epoch, j = divmod(step, per_epoch)
+    epoch, j = divmod(step, batches_per_epoch(len(dataset), size))
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 7919 * epoch))
     return data.collate([dataset[int(k)] for k in order[j * size:(j + 1) * size]])
 
@@ -171,6 +199,7 @@ def _distill(cfg: Config, dist, signals: Preemption) -> dict:
     resume = checkpoint.resolve_resume(cfg, log)  # a missing or incomplete checkpoint stops here
     tokenizer = student_tokenizer(cfg)
     data = build_data(cfg, tokenizer)
+    check_batch(cfg, dist, data)
     teacher = None
     if needs_teacher(recipe):
         check_teacher_fits(cfg, recipe, data, tokenizer)

@@ -1,0 +1,192 @@
+"""Nothing lost: atomic checkpoints under a kill at any point of a save, pre-emption saves on 1 and
+2 ranks, the non-finite guard, a full disk, rotation, and one test per row of docs/faults.md."""
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tide_ds import checkpoint
+from tide_ds.config import ConfigError, load_config
+from tide_ds.engine.guard import NonFiniteError
+from tide_ds.train import distill
+from test_engine import BIN, REPO, ZERO3, _args, assert_same_weights, launch
+
+
+def cli(args, env=None, entry="tide_ds.cli", timeout=300):
+    path = os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **(env or {})}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return subprocess.run([sys.executable, "-m", entry, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def finite_checkpoints(root):
+    """{tag: whether every weight is finite} for the complete checkpoints under root."""
+    out = {}
+    for _, tag in checkpoint._steps(str(root)):
+        if checkpoint.why_incomplete(str(root), tag) is None:
+            sd = checkpoint.student_state_dict(str(root), tag)
+            out[tag] = all(torch.isfinite(v).all() for v in sd.values())
+    return out
+
+
+# -- a kill at any point of a save ----------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point, resumes_from", [("states", "step2"), ("marker", "step2"),
+                                                 ("rename", "step4"), ("latest", "step4")])
+def test_a_kill_at_any_point_of_a_save_leaves_resume_latest_exact(point, resumes_from, tiny_overrides, tmp_path):
+    over = tiny_overrides + ["recipe=ce", "train.steps=6", "train.save_every=2", "train.keep_last=0"]
+    out = cli(["distill", *over], env={checkpoint.KILL_AT: f"{point}@4"})
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    root = tmp_path / "run" / "checkpoints"
+    assert checkpoint.why_incomplete(str(root), "step2") is None
+    resumed = distill(load_config(None, over + ["train.resume=latest"]))
+    assert resumed["first_step"] == int(resumes_from[4:])
+    full = distill(load_config(None, [o for o in over if not o.startswith("output_dir=")] +
+                               [f"output_dir={tmp_path / 'full'}"]))
+    assert_same_weights(full["student_dir"], resumed["student_dir"], atol=1e-6)
+
+
+def test_resume_latest_says_what_it_skipped_and_auto_starts_fresh(tiny_overrides, tmp_path, capsys):
+    over = tiny_overrides + ["recipe=ce", "train.steps=2", "train.save_every=1"]
+    result = distill(load_config(None, over + ["train.resume=auto"]))
+    assert result["first_step"] == 0 and "no complete checkpoint in" in capsys.readouterr().out
+    root = tmp_path / "run" / "checkpoints"
+    shutil.copytree(root / "step2", root / "step3.partial")  # an interrupted save of a later step
+    shutil.copytree(root / "step2", root / "step4")
+    (root / "step4" / checkpoint.MARKER).unlink()  # a checkpoint without its marker (an older layout)
+    with pytest.raises(ConfigError, match="train.resume=latest: no complete checkpoint"):
+        distill(load_config(None, [o.replace("output_dir=", "output_dir=x") for o in over] + ["train.resume=latest"]))
+    resumed = distill(load_config(None, over + ["train.resume=latest"]))
+    log = capsys.readouterr().out
+    assert "skipping checkpoint" in log and "step3.partial (an interrupted save)" in log
+    assert "step4 (incomplete (no tide_state.json" in log and re.search(r"resume: from .*step2", log)
+    assert resumed["first_step"] == 2
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints(tiny_overrides, tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    root.mkdir(parents=True)
+    (root / "step9.partial").mkdir()  # left by an interrupted save: removed by the next save
+    distill(load_config(None, tiny_overrides + ["recipe=ce", "train.steps=5", "train.save_every=1",
+                                                "train.keep_last=2"]))
+    assert sorted(os.listdir(root)) == ["hf", "latest", "step4", "step5"]
+    assert (root / "latest").read_text() == "step5"
+    assert all(checkpoint.why_incomplete(str(root), t) is None for t in ("step4", "step5"))
+
+
+# -- pre-emption ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, status", [("SIGTERM", 143), ("SIGINT", 130), ("SIGUSR1", 138)])
+def test_a_signal_saves_a_checkpoint_that_resumes_exactly(name, status, tiny_overrides, tmp_path):
+    over = tiny_overrides + ["recipe=ce", "train.steps=6"]
+    out = cli(["distill", *over], env={"TIDE_TEST_SIGNAL": f"{name}@2@0"}, entry="preempt_main")
+    assert out.returncode == status, out.stdout[-2000:] + out.stderr[-2000:]
+    line = [ln for ln in out.stdout.splitlines() if "saved checkpoint" in ln]
+    assert len(line) == 1 and f"{name}: saved checkpoint {tmp_path / 'run' / 'checkpoints' / 'step3'} (step 3 of 6)" \
+        in line[0], out.stdout[-2000:]
+    command = line[0].split("resume with: ")[1]
+    assert command.startswith("tide-ds distill ") and command.endswith(" --resume latest")
+    # the printed command, run as printed, continues to the end
+    resumed = subprocess.run([str(BIN / "tide-ds"), *shlex.split(command)[1:]], capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["first_step"] == 3
+    full = distill(load_config(None, [o for o in over if not o.startswith("output_dir=")] +
+                               [f"output_dir={tmp_path / 'full'}"]))
+    assert_same_weights(full["student_dir"], tmp_path / "run" / "final", atol=1e-6)
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_sigterm_on_one_of_2_ranks_saves_every_rank_and_resumes_exactly(tiny_overrides, tmp_path):
+    common = ["recipe=ce", "train.steps=4", "train.warmup_steps=0", "train.lr=3e-3", f"engine.ds_config={ZERO3}"]
+    out, _ = launch("deepspeed", _args(tiny_overrides, tmp_path / "dist", *common), entry="preempt_main",
+                    env={"TIDE_TEST_SIGNAL": "SIGTERM@1@1"})
+    assert out.returncode == 143, out.stdout[-3000:] + out.stderr[-3000:]
+    step = tmp_path / "dist" / "checkpoints" / "step2"
+    assert re.search(r"SIGTERM: saved checkpoint .*step2 \(step 2 of 4\); resume with: tide-ds distill .* "
+                     r"--resume latest \(under the same launcher, 2 ranks\)", out.stdout), out.stdout[-3000:]
+    assert json.loads((step / checkpoint.MARKER).read_text())["world"] == 2
+    for rank in (0, 1):
+        assert (step / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
+    out, _ = launch("torchrun", _args(tiny_overrides, tmp_path / "dist", *common, "--resume", "auto"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed = json.loads((tmp_path / "dist" / "metrics.json").read_text())
+    assert resumed["first_step"] == 2 and resumed["world"] == 2
+    single = distill(load_config(None, _args(tiny_overrides, tmp_path / "one", *common[:-1],
+                                             "train.gradient_accumulation_steps=2")))
+    assert_same_weights(resumed["student_dir"], single["student_dir"], atol=1e-5, adam_lr=3e-3)
+
+
+# -- numerics -------------------------------------------------------------------------------------
+
+def test_a_nan_run_stops_naming_the_step_and_terms_and_saves_nothing_non_finite(tiny_overrides, tmp_path):
+    over = tiny_overrides + ["recipe=tide_shared", "train.lr=1e30", "train.steps=6", "train.save_every=1",
+                             "train.warmup_steps=0", "train.keep_last=0"]
+    with pytest.raises(NonFiniteError, match=r"step \d: non-finite (gradient norm|(loss|ce|tidal)(, (loss|ce|tidal))*) "
+                                             r"\(train.nonfinite=stop\).*lower train.lr \(now 1e\+30\)"):
+        distill(load_config(None, over))
+    saved = finite_checkpoints(tmp_path / "run" / "checkpoints")
+    assert saved and all(saved.values()), saved
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_skip_counts_non_finite_steps_and_keeps_the_weights_finite(tiny_overrides, tmp_path, monkeypatch, capsys):
+    from tide_ds.pipeline import step as step_module
+
+    real, calls = step_module.DistillStep.loss, []
+
+    def nan_at_step_2(self, *args, **kwargs):
+        loss, terms = real(self, *args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan"), terms) if len(calls) == 2 else (loss, terms)
+
+    monkeypatch.setattr(step_module.DistillStep, "loss", nan_at_step_2)
+    result = distill(load_config(None, tiny_overrides + ["recipe=ce", "train.nonfinite=skip"]))
+    log = capsys.readouterr().out
+    assert "step 2: non-finite loss; optimizer step skipped (1 skipped, 1 in a row)" in log, log
+    assert all(torch.isfinite(v).all() for v in AutoModelForCausalLM.from_pretrained(result["student_dir"]).state_dict().values())
+    with pytest.raises(NonFiniteError, match=r"for 2 optimizer steps in a row \(more than train.max_nonfinite=1\)"):
+        distill(load_config(None, tiny_overrides + ["recipe=ce", "train.nonfinite=skip", "train.max_nonfinite=1",
+                                                    "train.lr=1e30", "train.warmup_steps=0", "train.steps=8"]))
+
+
+# -- a full disk ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 KiB tmpfs: room for one tiny checkpoint (about 300 KiB), not two."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", f"tide{uuid.uuid4().hex[:6]}", str(where)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here ({out.stderr.strip()[:80]})")
+    yield where
+    subprocess.run(["umount", "--lazy", str(where)], check=True)  # a failed write may still hold its file
+
+
+def test_a_full_disk_names_the_directory_and_keeps_the_earlier_checkpoint(tiny_overrides, small_disk):
+    over = [o for o in tiny_overrides if not o.startswith("output_dir=")] + [
+        f"output_dir={small_disk}", "recipe=ce", "train.steps=4", "train.save_every=2", "train.keep_last=0"]
+    with pytest.raises(ConfigError) as e:
+        distill(load_config(None, over))
+    root = small_disk / "checkpoints"
+    assert re.fullmatch(rf"saving checkpoint step4 in {root} failed: No space left on device \([0-9.]+ MiB free "
+                        rf"there\); the previous checkpoint {root / 'step2'} is intact; .*", str(e.value)), str(e.value)
+    print(e.value)
+    assert checkpoint.why_incomplete(str(root), "step2") is None and not (root / "step4.partial").exists()
+    assert (root / "latest").read_text() == "step2"
+    assert checkpoint.resolve_resume(load_config(None, over + ["train.resume=latest"])) == (str(root), "step2")
