@@ -21,13 +21,19 @@ from tide_ds.train import distill
 from test_engine import BIN, REPO, ZERO3, _args, assert_same_weights, launch
 
 
-def cli(args, env=None, entry="tide_ds.cli", timeout=300):
+def cli(args, env=None, entry="tide_ds.cli") -> subprocess.Popen:
+    """Starts `python -m entry args` (one process); several run side by side, read with `finish`."""
     path = os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **(env or {})}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    return subprocess.run([sys.executable, "-m", entry, *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.Popen([sys.executable, "-m", entry, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout=300) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def finite_checkpoints(root):
@@ -43,19 +49,19 @@ def finite_checkpoints(root):
 # -- a kill at any point of a save ----------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point, resumes_from", [("states", "step2"), ("marker", "step2"),
-                                                 ("rename", "step4"), ("latest", "step4")])
-def test_a_kill_at_any_point_of_a_save_leaves_resume_latest_exact(point, resumes_from, tiny_overrides, tmp_path):
-    over = tiny_overrides + ["recipe=ce", "train.steps=6", "train.save_every=2", "train.keep_last=0"]
-    out = cli(["distill", *over], env={checkpoint.KILL_AT: f"{point}@4"})
-    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
-    root = tmp_path / "run" / "checkpoints"
-    assert checkpoint.why_incomplete(str(root), "step2") is None
-    resumed = distill(load_config(None, over + ["train.resume=latest"]))
-    assert resumed["first_step"] == int(resumes_from[4:])
-    full = distill(load_config(None, [o for o in over if not o.startswith("output_dir=")] +
-                               [f"output_dir={tmp_path / 'full'}"]))
-    assert_same_weights(full["student_dir"], resumed["student_dir"], atol=1e-6)
+def test_a_kill_at_any_point_of_a_save_leaves_resume_latest_exact(tiny_overrides, tmp_path):
+    over = [o for o in tiny_overrides if not o.startswith("output_dir=")] + [
+        "recipe=ce", "train.steps=6", "train.save_every=2", "train.keep_last=0"]
+    points = {"states": "step2", "marker": "step2", "rename": "step4", "latest": "step4"}  # -> resumes from
+    runs = {p: cli(["distill", *over, f"output_dir={tmp_path / p}"], env={checkpoint.KILL_AT: f"{p}@4"}) for p in points}
+    full = distill(load_config(None, over + [f"output_dir={tmp_path / 'full'}"]))
+    for point, tag in points.items():
+        out = finish(runs[point])
+        assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+        assert checkpoint.why_incomplete(str(tmp_path / point / "checkpoints"), "step2") is None
+        resumed = distill(load_config(None, over + [f"output_dir={tmp_path / point}", "train.resume=latest"]))
+        assert resumed["first_step"] == int(tag[4:]), point
+        assert_same_weights(full["student_dir"], resumed["student_dir"], atol=1e-6)
 
 
 def test_resume_latest_says_what_it_skipped_and_auto_starts_fresh(tiny_overrides, tmp_path, capsys):
@@ -88,24 +94,29 @@ def test_rotation_keeps_the_newest_complete_checkpoints(tiny_overrides, tmp_path
 
 # -- pre-emption ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, status", [("SIGTERM", 143), ("SIGINT", 130), ("SIGUSR1", 138)])
-def test_a_signal_saves_a_checkpoint_that_resumes_exactly(name, status, tiny_overrides, tmp_path):
-    over = tiny_overrides + ["recipe=ce", "train.steps=6"]
-    out = cli(["distill", *over], env={"TIDE_TEST_SIGNAL": f"{name}@2@0"}, entry="preempt_main")
-    assert out.returncode == status, out.stdout[-2000:] + out.stderr[-2000:]
-    line = [ln for ln in out.stdout.splitlines() if "saved checkpoint" in ln]
-    assert len(line) == 1 and f"{name}: saved checkpoint {tmp_path / 'run' / 'checkpoints' / 'step3'} (step 3 of 6)" \
-        in line[0], out.stdout[-2000:]
+@pytest.mark.slow
+def test_a_signal_saves_a_checkpoint_that_resumes_exactly(tiny_overrides, tmp_path):
+    over = [o for o in tiny_overrides if not o.startswith("output_dir=")] + ["recipe=ce", "train.steps=6"]
+    statuses = {"SIGTERM": 143, "SIGINT": 130, "SIGUSR1": 138}
+    runs = {name: cli(["distill", *over, f"output_dir={tmp_path / name}"], env={"TIDE_TEST_SIGNAL": f"{name}@2@0"},
+                      entry="preempt_main") for name in statuses}
+    for name, status in statuses.items():
+        out = finish(runs[name])
+        assert out.returncode == status, out.stdout[-2000:] + out.stderr[-2000:]
+        line = [ln for ln in out.stdout.splitlines() if "saved checkpoint" in ln]
+        step3 = tmp_path / name / "checkpoints" / "step3"
+        assert len(line) == 1 and f"{name}: saved checkpoint {step3} (step 3 of 6)" in line[0], out.stdout[-2000:]
+        assert checkpoint.why_incomplete(str(step3.parent), "step3") is None
     command = line[0].split("resume with: ")[1]
     assert command.startswith("tide-ds distill ") and command.endswith(" --resume latest")
-    # the printed command, run as printed, continues to the end
-    resumed = subprocess.run([str(BIN / "tide-ds"), *shlex.split(command)[1:]], capture_output=True, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    # the printed command, run as printed, continues to the end, as if never interrupted
+    resumed = subprocess.Popen([str(BIN / "tide-ds"), *shlex.split(command)[1:]], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    full = distill(load_config(None, over + [f"output_dir={tmp_path / 'full'}"]))
+    resumed = finish(resumed)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["first_step"] == 3
-    full = distill(load_config(None, [o for o in over if not o.startswith("output_dir=")] +
-                               [f"output_dir={tmp_path / 'full'}"]))
-    assert_same_weights(full["student_dir"], tmp_path / "run" / "final", atol=1e-6)
+    assert json.loads((tmp_path / name / "metrics.json").read_text())["first_step"] == 3
+    assert_same_weights(full["student_dir"], tmp_path / name / "final", atol=1e-6)
 
 
 @pytest.mark.multirank
