@@ -201,3 +201,130 @@ def test_a_full_disk_names_the_directory_and_keeps_the_earlier_checkpoint(tiny_o
     assert checkpoint.why_incomplete(str(root), "step2") is None and not (root / "step4.partial").exists()
     assert (root / "latest").read_text() == "step2"
     assert checkpoint.resolve_resume(load_config(None, over + ["train.resume=latest"])) == (str(root), "step2")
+
+
+# -- bad input: one test per row of docs/faults.md --------------------------------------------------
+
+from test_train import cross_data  # noqa: E402,F401  (a prepared cross-tokenizer dataset, module-scoped)
+
+
+def no_model_loads(monkeypatch):
+    """Fails the test if a model is built: the error must come before."""
+    import tide_ds.train as train
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the error")
+
+    monkeypatch.setattr(train, "build_student", refuse)
+    monkeypatch.setattr(train, "build_teacher", refuse)
+
+
+@pytest.mark.parametrize("side", ["teacher", "student"])
+def test_data_prepared_for_other_tokenizers_stops_before_training(side, cross_data, tiny_assets, tiny_overrides,
+                                                                  tmp_path, monkeypatch):
+    from tide_ds.data.corpus import train_tokenizer
+
+    over = tiny_overrides + ["recipe=tide_cross", f"data.source={cross_data['prepared']}",
+                             f"teacher.path={cross_data['teacher']}"]
+    if side == "teacher":  # a teacher with the student's tokenizer, larger than the one the data was made for
+        over.append(f"teacher.path={tiny_assets['teacher']}")
+    else:
+        train_tokenizer(tiny_assets["files"][:5], 300, str(tmp_path / "tok"))
+        over.append(f"student.tokenizer={tmp_path / 'tok'}")
+    no_model_loads(monkeypatch)
+    with pytest.raises(ConfigError, match=rf"was prepared with the {side} tokenizer .* whose vocabulary differs "
+                                          rf"from this run's {side} tokenizer; set {side}.tokenizer"):
+        distill(load_config(None, over))
+
+
+def test_the_prepare_report_records_both_tokenizers(cross_data):
+    report = json.loads((open(os.path.join(cross_data["prepared"], "prepare_report.json")).read()))
+    assert set(report["tokenizers"]) == {"student", "teacher"}
+    assert report["tokenizers"]["student"] != report["tokenizers"]["teacher"]
+
+
+def test_a_truncated_weights_file_is_named(tiny_assets, tiny_overrides, tmp_path):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_assets["teacher"], teacher)
+    weights = teacher / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    with pytest.raises(ConfigError, match=rf"teacher.path={teacher}: a weights file is truncated or damaged .*; "
+                                          rf"copy the model directory again"):
+        distill(load_config(None, tiny_overrides + ["recipe=kl", f"teacher.path={teacher}"]))
+
+
+@pytest.fixture
+def saved_run(tiny_overrides, tmp_path):
+    """A finished 2-step run with its checkpoint step2, and the overrides that made it."""
+    over = tiny_overrides + ["recipe=ce", "train.steps=2"]
+    distill(load_config(None, over))
+    return over, tmp_path / "run" / "checkpoints"
+
+
+def test_a_truncated_checkpoint_shard_is_skipped_and_named(saved_run):
+    over, root = saved_run
+    shard = root / "step2" / "plain_state.pt"
+    os.truncate(shard, shard.stat().st_size - 100)
+    with pytest.raises(ConfigError, match=r"checkpoint .*step2 is file plain_state.pt is truncated or damaged "
+                                          r"\(\d+ bytes, saved \d+\); no complete checkpoint in"):
+        distill(load_config(None, over + [f"train.resume={root / 'step2'}"]))
+
+
+def test_a_corrupt_checkpoint_shard_is_named(saved_run):
+    over, root = saved_run
+    shard = root / "step2" / "plain_state.pt"
+    data = bytearray(shard.read_bytes())
+    data[:64] = b"\0" * 64  # the same size, damaged contents
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=r"train.resume: checkpoint .*step2 cannot be read \(.*\); it is damaged: "
+                                          r"resume from an earlier checkpoint"):
+        distill(load_config(None, over + ["train.resume=latest"]))
+
+
+def test_resume_with_another_world_size_is_refused(saved_run):
+    over, root = saved_run
+    marker = json.loads((root / "step2" / checkpoint.MARKER).read_text())
+    (root / "step2" / checkpoint.MARKER).write_text(json.dumps({**marker, "world": 2}))  # as if saved by 2 ranks
+    with pytest.raises(ConfigError, match=r"step2 was saved by 2 ranks, this run has 1; resume with 2 ranks"):
+        distill(load_config(None, over + ["train.resume=latest"]))
+
+
+def test_resume_with_another_architecture_is_refused(saved_run):
+    over, root = saved_run
+    over = [o.replace("hidden_size: 32", "hidden_size: 48") for o in over]
+    with pytest.raises(ConfigError, match=r"holds another student architecture than this run builds"):
+        distill(load_config(None, over + ["train.resume=latest"]))
+
+
+def test_seq_len_zero(tiny_overrides):
+    with pytest.raises(ConfigError, match=r"data.seq_len must be >= 1 \(got 0\)"):
+        load_config(None, tiny_overrides + ["data.seq_len=0"])
+
+
+def test_prepare_on_a_directory_that_is_not_a_dataset(tiny_assets, tmp_path):
+    from tide_ds.data.prepare import PrepareConfig, SideConfig, prepare
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("hello")
+    side = SideConfig(tokenizer=tiny_assets["tokenizer"], max_length=64)
+    with pytest.raises(ConfigError, match=r"notes is a directory but not a saved dataset"):
+        prepare(PrepareConfig(data_files=[str(tmp_path / "notes")], output_dir=str(tmp_path / "out"),
+                              student=side, teacher=side))
+
+
+def test_export_onto_an_existing_file(saved_run, tmp_path):
+    _, root = saved_run
+    (tmp_path / "model.bin").write_text("x")
+    with pytest.raises(ConfigError, match=r"export: .*model.bin is an existing file; give a directory path"):
+        checkpoint.export(str(root), str(tmp_path / "model.bin"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["train.micro_batch_size=20000"], r"the global batch \(20000\) is larger than the training set \(\d+ rows\)"),
+    (["train.global_batch_size=3"], r"the global batch \(3\) must be a multiple of micro batch \(2\)"),
+    ([f"engine.ds_config={ZERO3}", "train.nonfinite=skip"], r"train.nonfinite=skip is for single-process runs"),
+])
+def test_batch_arithmetic_stops_before_any_model_loads(extra, message, tiny_overrides, monkeypatch):
+    no_model_loads(monkeypatch)
+    with pytest.raises(ConfigError, match=message):
+        distill(load_config(None, tiny_overrides + ["recipe=ce", *extra]))

@@ -157,6 +157,9 @@ def batches_per_epoch(rows: int, size: int) -> int:
 
 def check_batch(cfg: Config, dist, data: Data) -> None:
     """The batch arithmetic (YAML, ds_config, ranks, data size), before any model is loaded."""
+    if wants_deepspeed(cfg) and cfg.train.nonfinite == "skip":
+        raise ConfigError("train.nonfinite=skip is for single-process runs; a DeepSpeed run uses "
+                          "train.nonfinite=stop (then resume from the last checkpoint with a lower train.lr)")
     if wants_deepspeed(cfg):
         raw = load_ds_config(cfg.engine.ds_config) if cfg.engine.ds_config else {}
         merge_ds_config(cfg, raw, dist.world, source=cfg.engine.ds_config or "the default DeepSpeed config")

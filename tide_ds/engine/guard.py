@@ -17,10 +17,6 @@ class NonFiniteError(ConfigError):
 
 class StepGuard:
     def __init__(self, cfg: Config, engine, signals, log=print):
-        t = cfg.train
-        if t.nonfinite == "skip" and engine.ds is not None:
-            raise ConfigError("train.nonfinite=skip is for single-process runs; a DeepSpeed run uses "
-                              "train.nonfinite=stop (resume from the last checkpoint with a lower train.lr)")
         self.cfg, self.engine, self.signals, self.log = cfg, engine, signals, log
         self.skipped = 0  # optimizer steps skipped in all
         self.in_a_row = 0
