@@ -270,7 +270,7 @@ def _save_failed(e: Exception, root: str, tag: str) -> str:
 def rotate(root: str, keep_last: int, keep: str) -> None:
     """Deletes interrupted saves and all but the `keep_last` newest complete checkpoints (never `keep`)."""
     for name in os.listdir(root):
-        if name.endswith(PARTIAL) and name != "hf" + PARTIAL:
+        if name.endswith(PARTIAL):
             _remove(os.path.join(root, name))
     if keep_last <= 0:
         return
