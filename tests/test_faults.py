@@ -143,9 +143,11 @@ def test_sigterm_on_one_of_2_ranks_saves_every_rank_and_resumes_exactly(tiny_ove
 
 # -- numerics -------------------------------------------------------------------------------------
 
-def test_a_nan_run_stops_naming_the_step_and_terms_and_saves_nothing_non_finite(tiny_overrides, tmp_path):
+@pytest.mark.parametrize("engine", ["plain", pytest.param("deepspeed", marks=pytest.mark.slow)])
+def test_a_nan_run_stops_naming_the_step_and_terms_and_saves_nothing_non_finite(engine, tiny_overrides, tmp_path):
     over = tiny_overrides + ["recipe=tide_shared", "train.lr=1e30", "train.steps=6", "train.save_every=1",
                              "train.warmup_steps=0", "train.keep_last=0"]
+    over += [f"engine.ds_config={ZERO3}"] if engine == "deepspeed" else []
     with pytest.raises(NonFiniteError, match=r"step \d: non-finite (gradient norm|(loss|ce|tidal)(, (loss|ce|tidal))*) "
                                              r"\(train.nonfinite=stop\).*lower train.lr \(now 1e\+30\)"):
         distill(load_config(None, over))
