@@ -177,7 +177,8 @@ def architecture(student) -> str:
 
 
 def _weights_finite(engine) -> bool:
-    local = [torch.isfinite(getattr(p, "ds_tensor", p).detach()).all() for p in engine.student.parameters()]
+    device = engine.dist.device  # where the collective runs (ZeRO may offload partitions to the CPU)
+    local = [torch.isfinite(getattr(p, "ds_tensor", p).detach()).all().to(device) for p in engine.student.parameters()]
     ok = torch.stack(local).all().to(torch.int32)
     if engine.dist.world > 1:
         torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
