@@ -267,8 +267,8 @@ def test_a_truncated_checkpoint_shard_is_skipped_and_named(saved_run):
     over, root = saved_run
     shard = root / "step2" / "plain_state.pt"
     os.truncate(shard, shard.stat().st_size - 100)
-    with pytest.raises(ConfigError, match=r"checkpoint .*step2 is file plain_state.pt is truncated or damaged "
-                                          r"\(\d+ bytes, saved \d+\); no complete checkpoint in"):
+    with pytest.raises(ConfigError, match=r"checkpoint .*step2 is damaged \(file plain_state.pt has \d+ bytes, "
+                                          r"\d+ when saved\); no complete checkpoint in"):
         distill(load_config(None, over + [f"train.resume={root / 'step2'}"]))
 
 

@@ -65,13 +65,13 @@ def why_incomplete(root: str, tag: str) -> str | None:
     except FileNotFoundError:
         return f"incomplete (no {MARKER}: the save was interrupted)"
     except (OSError, ValueError) as e:
-        return f"unreadable {MARKER} ({e})"
+        return f"damaged (unreadable {MARKER}: {e})"
     for name, size in marker.get("files", {}).items():
         file = os.path.join(path, name)
         if not os.path.isfile(file):
-            return f"file {name} is missing"
+            return f"damaged (file {name} is missing)"
         if os.path.getsize(file) != size:
-            return f"file {name} is truncated or damaged ({os.path.getsize(file)} bytes, saved {size})"
+            return f"damaged (file {name} has {os.path.getsize(file)} bytes, {size} when saved)"
     return None
 
 
