@@ -19,6 +19,10 @@ class ConfigError(ValueError):
     """A problem with the user's configuration; the message says what to change."""
 
 
+SKIP_NEEDS_ONE_PROCESS = ("train.nonfinite=skip is for single-process runs; a DeepSpeed run uses train.nonfinite=stop "
+                          "(then resume from the last checkpoint with a lower train.lr)")
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     path: str | None = None  # a transformers model directory (None: build from `init`)
@@ -261,6 +265,7 @@ def validate(cfg: Config) -> None:
         (t.keep_last >= 0, "train.keep_last must be >= 0 (0: keep every checkpoint)"),
         (t.max_nonfinite >= 0, "train.max_nonfinite must be >= 0"),
         (cfg.data.seq_len >= 1, f"data.seq_len must be >= 1 (got {cfg.data.seq_len})"),
+        (t.nonfinite != "skip" or cfg.engine.ds_config is None, SKIP_NEEDS_ONE_PROCESS),
         (cfg.engine.ep_size >= 1, "engine.ep_size must be >= 1"),
         (cfg.engine.tp_size >= 1, "engine.tp_size must be >= 1"),
         (cfg.engine.timeout_s >= 1, "engine.timeout_s must be >= 1"),

@@ -27,7 +27,7 @@ import yaml
 from tqdm import tqdm
 
 from tide_ds import checkpoint
-from tide_ds.config import Config, ConfigError, load_config, to_dict
+from tide_ds.config import SKIP_NEEDS_ONE_PROCESS, Config, ConfigError, load_config, to_dict
 from tide_ds.data.collate import Collator
 from tide_ds.data.corpus import TextWindows, collate_windows, corpus_files, is_holdout
 from tide_ds.data.prepare import REPORT_NAME, load_prepared, vocab_fingerprint
@@ -157,9 +157,8 @@ def batches_per_epoch(rows: int, size: int) -> int:
 
 def check_batch(cfg: Config, dist, data: Data) -> None:
     """The batch arithmetic (YAML, ds_config, ranks, data size), before any model is loaded."""
-    if wants_deepspeed(cfg) and cfg.train.nonfinite == "skip":
-        raise ConfigError("train.nonfinite=skip is for single-process runs; a DeepSpeed run uses "
-                          "train.nonfinite=stop (then resume from the last checkpoint with a lower train.lr)")
+    if wants_deepspeed(cfg) and cfg.train.nonfinite == "skip":  # several ranks without a ds_config
+        raise ConfigError(SKIP_NEEDS_ONE_PROCESS)
     if wants_deepspeed(cfg):
         raw = load_ds_config(cfg.engine.ds_config) if cfg.engine.ds_config else {}
         merge_ds_config(cfg, raw, dist.world, source=cfg.engine.ds_config or "the default DeepSpeed config")
