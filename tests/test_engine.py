@@ -33,10 +33,10 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def launch(launcher: str, args: list[str], entry: str = "tide_ds.cli", timeout: int = 600):
-    """Starts 2 CPU ranks with `launcher` running `python -m entry distill args`."""
+def launch(launcher: str, args: list[str], entry: str = "tide_ds.cli", timeout: int = 600, env: dict | None = None):
+    """Starts 2 CPU ranks with `launcher` running `python -m entry distill args` (extra `env` variables)."""
     path = os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "DS_ACCELERATOR": "cpu",
+    env = {**os.environ, "PYTHONPATH": path, "DS_ACCELERATOR": "cpu", **(env or {}),
            "OMP_NUM_THREADS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)

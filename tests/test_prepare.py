@@ -203,9 +203,10 @@ def test_truncation_keeps_sides_consistent(tmp_path):
 
 def test_teacher_prompt_too_long_is_dropped(tmp_path):
     rows = [{"messages": [{"role": "user", "content": "prompt " * 50}, {"role": "assistant", "content": "ok"}]}]
-    report = prepare(make_config({"data_files": [write_jsonl(tmp_path / "p.jsonl", rows)], "output_dir": str(tmp_path / "out"),
+    with pytest.raises(ConfigError, match=r"prepare kept 0 of 1 rows \(teacher_prompt_too_long 1\); nothing written"):
+        prepare(make_config({"data_files": [write_jsonl(tmp_path / "p.jsonl", rows)], "output_dir": str(tmp_path / "out"),
                              **sides(teacher_max=20)}))
-    assert report["dropped"] == {"teacher_prompt_too_long": 1} and report["kept"] == 0
+    assert not (tmp_path / "out").exists()
 
 
 def test_parquet_dataset_dir_and_wordpiece_teacher(tmp_path):

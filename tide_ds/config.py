@@ -19,6 +19,10 @@ class ConfigError(ValueError):
     """A problem with the user's configuration; the message says what to change."""
 
 
+SKIP_NEEDS_ONE_PROCESS = ("train.nonfinite=skip is for single-process runs; a DeepSpeed run uses train.nonfinite=stop "
+                          "(then resume from the last checkpoint with a lower train.lr)")
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     path: str | None = None  # a transformers model directory (None: build from `init`)
@@ -82,7 +86,11 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0  # torch CPU threads (0: leave torch's default)
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
-    resume: str | None = None  # a checkpoint directory (output_dir/checkpoints/<tag>) or "latest"
+    resume: str | None = None  # a checkpoint directory, "latest" (must exist) or "auto" (newest complete, else fresh)
+    # fault tolerance (docs/faults.md)
+    keep_last: int = 2  # complete checkpoints kept (0: all); the newest is never deleted
+    nonfinite: Literal["stop", "skip"] = "stop"  # a non-finite loss / gradient norm: stop, or skip the step
+    max_nonfinite: int = 10  # with skip: stop after more than this many non-finite steps in a row
 
 
 @dataclass(kw_only=True)
@@ -254,6 +262,10 @@ def validate(cfg: Config) -> None:
         (t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1"),
         (t.global_batch_size >= 0, "train.global_batch_size must be >= 0 (0: derived)"),
         (t.save_every >= 0, "train.save_every must be >= 0 (0: only at the end)"),
+        (t.keep_last >= 0, "train.keep_last must be >= 0 (0: keep every checkpoint)"),
+        (t.max_nonfinite >= 0, "train.max_nonfinite must be >= 0"),
+        (cfg.data.seq_len >= 1, f"data.seq_len must be >= 1 (got {cfg.data.seq_len})"),
+        (t.nonfinite != "skip" or cfg.engine.ds_config is None, SKIP_NEEDS_ONE_PROCESS),
         (cfg.engine.ep_size >= 1, "engine.ep_size must be >= 1"),
         (cfg.engine.tp_size >= 1, "engine.tp_size must be >= 1"),
         (cfg.engine.timeout_s >= 1, "engine.timeout_s must be >= 1"),

@@ -16,6 +16,7 @@ import argparse
 import itertools
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -26,13 +27,16 @@ import yaml
 from tqdm import tqdm
 
 from tide_ds import checkpoint
-from tide_ds.config import Config, ConfigError, load_config, to_dict
+from tide_ds.config import SKIP_NEEDS_ONE_PROCESS, Config, ConfigError, load_config, to_dict
 from tide_ds.data.collate import Collator
 from tide_ds.data.corpus import TextWindows, collate_windows, corpus_files, is_holdout
-from tide_ds.data.prepare import REPORT_NAME, load_prepared
+from tide_ds.data.prepare import REPORT_NAME, load_prepared, vocab_fingerprint
 from tide_ds.engine import build_engine, init_distributed, slice_rows, wants_deepspeed
 from tide_ds.engine.build import to_device
 from tide_ds.engine.dist import fail_fast
+from tide_ds.engine.guard import StepGuard
+from tide_ds.engine.merge import load_ds_config, merge_ds_config, plain_batch
+from tide_ds.engine.preempt import Preemption, resume_command
 from tide_ds.eval import masked_token_loss
 from tide_ds.models import build_student, build_teacher, load_tokenizer
 from tide_ds.objectives import TERMS, needs_teacher, resolve_terms
@@ -41,13 +45,15 @@ from tide_ds.pipeline import DistillStep
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML run config (see tide_ds/configs/ for examples)")
-    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint directory, or 'latest' in output_dir")
+    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint directory; 'latest': the newest "
+                   "complete one in output_dir; 'auto': that one if there is one, else start fresh")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
 
 
 def run(args) -> int:
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
-    distill(load_config(args.config, overrides))
+    result = distill(load_config(args.config, overrides))
+    code = 128 + result["preempted"] if result.get("preempted") else 0  # 143 SIGTERM, 130 SIGINT, 138 SIGUSR1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         multi = torch.distributed.get_world_size() > 1
         torch.distributed.barrier()
@@ -57,8 +63,8 @@ def run(args) -> int:
                 sys.modules["mpi4py.MPI"].Finalize()  # mpirun counts an exit without it as a failure
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(0)
-    return 0
+            os._exit(code)
+    return code
 
 
 def student_tokenizer(cfg: Config):
@@ -97,7 +103,7 @@ def build_data(cfg: Config, tokenizer) -> Data:
         data = load_prepared(source)
         with open(report_path, encoding="utf-8") as f:
             report = json.load(f)
-        check_prepared_tokenizer(report["config"]["student"]["tokenizer"], tokenizer, source)
+        check_prepared_tokenizers(cfg, report, tokenizer)
         n_held = max(1, int(len(data) * cfg.data.holdout_fraction)) if len(data) > 1 else 0
         collate = Collator(report["student_eos_id"], cfg.diffusion.block_size, report["teacher_pad_id"])
         held = data.select(range(n_held)) if n_held else data
@@ -110,11 +116,25 @@ def build_data(cfg: Config, tokenizer) -> Data:
                 collate_windows, cross_tokenizer=False)
 
 
-def check_prepared_tokenizer(prepared_with: str, tokenizer, source: str) -> None:
-    """The student must read the ids the data was prepared with."""
-    if os.path.isdir(prepared_with) and load_tokenizer(prepared_with, "data.source").get_vocab() != tokenizer.get_vocab():
-        raise ConfigError(f"data.source={source} was prepared with the student tokenizer {prepared_with}, which differs "
-                          f"from the student's tokenizer here; set student.tokenizer to it or prepare the data again")
+def check_prepared_tokenizers(cfg: Config, report: dict, tokenizer) -> None:
+    """Student and teacher must read the ids the data was prepared with (the report's vocabulary
+    fingerprints; a report without them is checked by loading the student tokenizer it names)."""
+    source, prints = cfg.data.source, report.get("tokenizers", {})
+    teacher_path = cfg.teacher.tokenizer or cfg.teacher.path
+    sides = [("student", "student.tokenizer", lambda: tokenizer)]
+    if teacher_path is not None and "teacher" in prints:
+        sides.append(("teacher", "teacher.tokenizer", lambda: load_tokenizer(teacher_path, "teacher.path")))
+    for side, key, tok in sides:
+        prepared_with = report["config"][side]["tokenizer"]
+        if side in prints:
+            same = vocab_fingerprint(tok()) == prints[side]
+        else:
+            same = not os.path.isdir(prepared_with) or \
+                load_tokenizer(prepared_with, "data.source").get_vocab() == tok().get_vocab()
+        if not same:
+            raise ConfigError(f"data.source={source} was prepared with the {side} tokenizer {prepared_with}, whose "
+                              f"vocabulary differs from this run's {side} tokenizer; set {key} (or {side}.path) "
+                              f"to it, or prepare the data again with this {side}'s tokenizer")
 
 
 def check_teacher_fits(cfg: Config, recipe, data: Data, tokenizer) -> None:
@@ -128,33 +148,60 @@ def check_teacher_fits(cfg: Config, recipe, data: Data, tokenizer) -> None:
         check_shared_vocab(cfg, tokenizer, cfg.recipe)
 
 
+def batches_per_epoch(rows: int, size: int) -> int:
+    if rows < size:
+        raise ConfigError(f"the global batch ({size}) is larger than the training set ({rows} rows); "
+                          f"lower train.micro_batch_size or train.gradient_accumulation_steps, or add data")
+    return rows // size
+
+
+def check_batch(cfg: Config, dist, data: Data) -> None:
+    """The batch arithmetic (YAML, ds_config, ranks, data size), before any model is loaded."""
+    if wants_deepspeed(cfg) and cfg.train.nonfinite == "skip":  # several ranks without a ds_config
+        raise ConfigError(SKIP_NEEDS_ONE_PROCESS)
+    if wants_deepspeed(cfg):
+        raw = load_ds_config(cfg.engine.ds_config) if cfg.engine.ds_config else {}
+        merge_ds_config(cfg, raw, dist.world, source=cfg.engine.ds_config or "the default DeepSpeed config")
+    else:
+        plain_batch(cfg)
+    batches_per_epoch(len(data.train), cfg.train.global_batch_size)
+
+
 def global_batch(data: Data, size: int, seed: int, step: int) -> dict:
     """The global batch of optimizer step `step`: one shuffled pass per epoch, seeded by the epoch."""
     dataset = data.train
-    per_epoch = len(dataset) // size
-    if per_epoch == 0:
-        raise ConfigError(f"the global batch ({size}) is larger than the training set ({len(dataset)} rows); "
-                          f"lower train.micro_batch_size or train.gradient_accumulation_steps, or add data")
-    epoch, j = divmod(step, per_epoch)
+    epoch, j = divmod(step, batches_per_epoch(len(dataset), size))
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 7919 * epoch))
     return data.collate([dataset[int(k)] for k in order[j * size:(j + 1) * size]])
 
 
 def distill(cfg: Config) -> dict:
     dist = init_distributed(cfg)
-    return fail_fast(lambda: _distill(cfg, dist))
+    with Preemption() as signals:
+        return fail_fast(lambda: _distill(cfg, dist, signals))
 
 
-def _distill(cfg: Config, dist) -> dict:
+def preempted(engine, cfg: Config, step: int, tokenizer, signum: int) -> dict:
+    """A signal asked to stop: save a complete checkpoint of `step` on every rank, say how to resume."""
+    path = checkpoint.save(engine, cfg, step, tokenizer)
+    if engine.dist.is_main:
+        print(f"tide-ds distill: {signal.Signals(signum).name}: saved checkpoint {path} (step {step} of "
+              f"{cfg.train.steps}); resume with: {resume_command(engine.dist.world)}", flush=True)
+    return {"preempted": signum, "checkpoint": path, "steps": step, "world": engine.dist.world}
+
+
+def _distill(cfg: Config, dist, signals: Preemption) -> dict:
     t = cfg.train
     torch.manual_seed(t.seed)
     if t.threads:
         torch.set_num_threads(t.threads)
     device = dist.device
     recipe = resolve_terms(cfg.recipe, cfg.terms)
-    resume = checkpoint.resolve_resume(cfg)  # a missing or incomplete checkpoint stops here
+    log = print if dist.is_main else (lambda *a, **k: None)
+    resume = checkpoint.resolve_resume(cfg, log)  # a missing or incomplete checkpoint stops here
     tokenizer = student_tokenizer(cfg)
     data = build_data(cfg, tokenizer)
+    check_batch(cfg, dist, data)
     teacher = None
     if needs_teacher(recipe):
         check_teacher_fits(cfg, recipe, data, tokenizer)
@@ -172,7 +219,7 @@ def _distill(cfg: Config, dist) -> dict:
         first = checkpoint.load(engine, *resume)
 
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())
-    log = print if dist.is_main else (lambda *a, **k: None)
+    guard = StepGuard(cfg, engine, signals, log)
     log(f"recipe {cfg.recipe}: {' + '.join(f'{w:g}*{n}' for n, w in recipe.terms.items())}"
         f"{' (CompDemo)' if recipe.comp_demo else ''}; student {n_params / 1e6:.2f}M params; "
         f"{len(data.train)} train / {len(data.held_out)} held-out rows; device {device}; "
@@ -195,6 +242,9 @@ def _distill(cfg: Config, dist) -> dict:
             engine.backward_step(loss)
             for name, v in {**terms, "loss": loss.detach()}.items():
                 sums[name] = sums.get(name, 0) + v.float() / accum
+        stop = guard.after_step(i, sums)  # one sync per optimizer step: a stop signal, non-finite values
+        if stop:
+            return preempted(engine, cfg, i + 1, tokenizer, stop)
         if i % t.log_every == 0 or i == t.steps - 1:
             stacked = torch.stack(list(sums.values()))
             if dist.world > 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -101,6 +102,12 @@ def prepare(cfg: PrepareConfig) -> dict:
                 cache_file_name=os.path.join(tmp, f"prepared-{i}.arrow"), desc=f"prepare {os.path.basename(path)}"))
         prepared = datasets.concatenate_datasets(outputs)
         report = _report(prepared, cfg, student, teacher)
+        if report["kept"] == 0:
+            dropped = ", ".join(f"{k} {v}" for k, v in report["dropped"].items()) or "no rows read"
+            raise ConfigError(f"prepare kept 0 of {report['rows']} rows ({dropped}); nothing written to "
+                              f"{cfg.output_dir}: check data_files and column, or raise student/teacher.max_length")
+        report["tokenizers"] = {"student": vocab_fingerprint(student.tokenizer),
+                                "teacher": vocab_fingerprint(teacher.tokenizer)}
         kept = prepared.filter(lambda reasons: [r == "" for r in reasons], input_columns=["skip_reason"],
                                batched=True, keep_in_memory=True).remove_columns(list(STAT_COLUMNS))
         if os.path.exists(cfg.output_dir):
@@ -118,12 +125,29 @@ def load_prepared(path: str):
 
     if not os.path.isdir(path):
         raise ConfigError(f"prepared dataset not found: {path} (run `tide-ds prepare --config FILE` first)")
-    data = datasets.load_from_disk(path)
+    data = _load_from_disk(path)
     missing = [c for c in OUTPUT_COLUMNS if c not in data.column_names]
     if missing:
         raise ConfigError(f"{path} is not a prepared dataset (missing columns {', '.join(missing)}); "
                           "make it with `tide-ds prepare`")
     return data
+
+
+def _load_from_disk(path: str):
+    import datasets
+
+    try:
+        return datasets.load_from_disk(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is a directory but not a saved dataset (no save_to_disk files in it); give "
+                          f".jsonl / .json / .parquet files or a directory written by save_to_disk") from None
+
+
+def vocab_fingerprint(tokenizer) -> str:
+    """A short hash of a tokenizer's vocabulary (every token and its id): data prepared with one
+    tokenizer is only read by a run whose tokenizer has the same fingerprint."""
+    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +187,7 @@ def _read(path: str, cfg: PrepareConfig, tmp: str):
         features = datasets.Features({JSON_COLUMN: datasets.Value("binary")})
         return datasets.Dataset.from_generator(_json_rows, gen_kwargs={"path": path}, features=features, cache_dir=tmp)
     if os.path.isdir(path):
-        data = datasets.load_from_disk(path)
+        data = _load_from_disk(path)
         if isinstance(data, datasets.DatasetDict):
             if cfg.split not in data:
                 raise ConfigError(f"{path} has splits {', '.join(data)}, not '{cfg.split}'; set split=NAME")

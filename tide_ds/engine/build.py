@@ -103,21 +103,37 @@ class Engine:
     accumulation: int = 1
     grad_clip: float = 0.0
     _micro: int = 0
+    _finite: torch.Tensor | None = None  # all losses (and the grad norm) of this optimizer step finite
 
     def backward_step(self, loss: torch.Tensor) -> None:
-        """Backward of one micro-batch; the optimizer steps after `accumulation` of them."""
+        """Backward of one micro-batch; the optimizer steps after `accumulation` of them. A plain
+        step with a non-finite loss or gradient norm leaves the weights as they were."""
+        finite = torch.isfinite(loss.detach())
+        self._finite = finite if self._finite is None else self._finite & finite
         if self.ds is not None:
             self.ds.backward(loss)
+            boundary = self.ds.is_gradient_accumulation_boundary()
             self.ds.step()
+            norm = self.ds.get_global_grad_norm() if boundary else None
+            if norm is not None:
+                self._finite = self._finite & torch.isfinite(torch.as_tensor(norm, device=finite.device))
             return
         (loss / self.accumulation).backward()
         self._micro += 1
         if self._micro % self.accumulation == 0:
-            if self.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
-            self.optimizer.step()
+            clip = self.grad_clip if self.grad_clip > 0 else float("inf")
+            norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), clip)
+            self._finite = self._finite & torch.isfinite(norm)
+            if bool(self._finite):  # sync point: once per optimizer step (StepGuard reports a skip)
+                self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+
+    def step_finite(self) -> torch.Tensor:
+        """Whether every loss and the gradient norm of the last optimizer step were finite (a device
+        bool, no sync); resets for the next step."""
+        finite, self._finite = self._finite, None
+        return finite
 
     def lr(self) -> float:
         opt = self.ds.optimizer if self.ds is not None else self.optimizer
@@ -125,14 +141,12 @@ class Engine:
 
     def save(self, directory: str, tag: str, state: dict) -> None:
         if self.ds is not None:
-            self.ds.save_checkpoint(directory, tag=tag, client_state=state)
+            self.ds.save_checkpoint(directory, tag=tag, client_state=state, save_latest=False)
             return
         os.makedirs(os.path.join(directory, tag), exist_ok=True)
         torch.save({"model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "client_state": state},
                    os.path.join(directory, tag, PLAIN_STATE))
-        with open(os.path.join(directory, "latest"), "w") as f:
-            f.write(tag)
 
     def load(self, directory: str, tag: str) -> dict:
         if self.ds is not None:

@@ -95,6 +95,11 @@ def _load(cls, cfg: ModelConfig, key: str, **kwargs):
         return cls.from_pretrained(cfg.path, dtype=_DTYPES[cfg.dtype], **kwargs)
     except (ValueError, OSError, RuntimeError, KeyError) as e:
         raise ConfigError(f"{key}.path={cfg.path} does not load as a {key} model: {e}") from None
+    except Exception as e:  # safetensors reports a truncated or damaged file with its own error type
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ConfigError(f"{key}.path={cfg.path}: a weights file is truncated or damaged ({e}); copy the "
+                          f"model directory again") from None
 
 
 def _causal_lm(cfg: ModelConfig, key: str, vocab_size: int | None) -> torch.nn.Module:
