@@ -113,3 +113,18 @@ def test_bad_megatron_settings_are_refused_before_building(tiny_overrides, extra
         return
     with pytest.raises(ConfigError, match=message):
         check_placement(cfg, models[model](), Dist(rank=0, world=2))
+
+
+@pytest.mark.multirank
+@NEEDS_MEGATRON
+def test_bench_teacher_with_a_placement_prints_the_figures(capsys):
+    from tide_ds.cli import main
+
+    common = ["bench", "teacher", "--batch", "1", "--length", "64", "--vocab", "2000", "--ranks", "2"]
+    assert main(common + ["--placement", "megatron", "--tp-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "placement megatron (tp 2, ep 1) on 2 ranks" in out and "teacher MiB/rank" in out, out
+    held, whole = map(float, out.strip().splitlines()[-1].split()[:2])
+    assert held < whole
+    assert main(common + ["--placement", "tensor_parallel", "--tp-size", "2"]) == 1  # AutoTP refuses an MoE
+    assert "tensor_parallel (AutoTP) is for dense teachers" in capsys.readouterr().out
