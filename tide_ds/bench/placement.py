@@ -38,7 +38,7 @@ def run(args) -> int:
     rows = [json.loads(line.split("BENCH ", 1)[1]) for line in out.stdout.splitlines() if "BENCH {" in line]
     if out.returncode != 0 or len(rows) != args.ranks:
         lines = out.stderr.splitlines()
-        error = [line for line in lines if "tide-ds: error" in line][:1] or lines[-20:]
+        error = [line for line in lines if ": error: " in line][:1] or lines[-20:]
         print(f"{args.placement}: failed: " + "\n".join(error))
         return 1
     worst = {k: max(r[k] for r in rows) for k in ("held", "extra", "seconds")}
