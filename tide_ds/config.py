@@ -98,9 +98,10 @@ class EngineConfig:
     """Distributed execution. Without ds_config and with one process the loop runs plain PyTorch."""
 
     ds_config: str | None = None  # DeepSpeed JSON (ds_configs/*.json), merged with train.*
-    teacher_placement: Literal["replicate", "zero3", "expert_parallel", "tensor_parallel"] = "replicate"
-    ep_size: int = 1  # expert-parallel group size (teacher_placement=expert_parallel)
-    tp_size: int = 1  # tensor-parallel size (teacher_placement=tensor_parallel)
+    teacher_placement: Literal["replicate", "zero3", "expert_parallel", "tensor_parallel", "megatron"] = "replicate"
+    ep_size: int = 1  # expert-parallel group size (teacher_placement=expert_parallel or megatron)
+    tp_size: int = 1  # tensor-parallel size (teacher_placement=tensor_parallel or megatron)
+    megatron_checkpoint: str | None = None  # megatron: a dist_checkpointing dir (None: teacher.path's safetensors)
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA, gloo on CPU
     timeout_s: int = 600  # collective timeout: a stuck rank fails the job after this long
 

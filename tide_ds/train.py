@@ -205,7 +205,11 @@ def _distill(cfg: Config, dist, signals: Preemption) -> dict:
     teacher = None
     if needs_teacher(recipe):
         check_teacher_fits(cfg, recipe, data, tokenizer)
-        teacher = build_teacher(cfg.teacher, cfg.diffusion.mask_token, block_size=cfg.diffusion.block_size).to(device)
+        # the megatron placement reads only this rank's slices of the weights itself
+        lazy = cfg.engine.teacher_placement == "megatron"
+        teacher = build_teacher(cfg.teacher, cfg.diffusion.mask_token, block_size=cfg.diffusion.block_size,
+                                weights=not lazy)
+        teacher = teacher if lazy else teacher.to(device)
     student = build_student(cfg.student, tokenizer, cfg.diffusion.block_size, cfg.diffusion.mask_token).to(device)
     eval_batches = list(itertools.islice(torch.utils.data.DataLoader(
         data.held_out, batch_size=t.micro_batch_size, collate_fn=data.collate), t.eval_batches))

@@ -9,6 +9,9 @@ CALM, where only tokens of masked chunks are needed). Variants, each in a fresh 
   full     hidden states, then [b, l, V] fp32 logits and log_softmax (opt-in: --full; needs
            about 3x the full-logits size)
 
+With --placement, the CALM call instead runs on --ranks ranks with the teacher placed as
+`engine.teacher_placement` would place it (`tide_ds.bench.placement`).
+
 "Peak extra" is the peak during the call minus the memory in use just before it (model and
 inputs already built). On CPU it is the process's resident set size, sampled every 0.5 ms
 from /proc/self/statm in a thread (and checked against getrusage's maximum); on CUDA it is
@@ -38,9 +41,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--full", action="store_true", help="also run the full-logits variant (large)")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # worker mode
+    p.add_argument("--placement", choices=("replicate", "zero3", "expert_parallel", "tensor_parallel", "megatron"),
+                   help="run the CALM call on --ranks ranks with the teacher placed so")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--tp-size", type=int, default=1)
+    p.add_argument("--ep-size", type=int, default=1)
 
 
 def run(args) -> int:
+    if args.placement:
+        from tide_ds.bench import placement
+
+        return placement.run(args)
     if args.variant:
         print(json.dumps(measure(args)))
         return 0
@@ -82,32 +94,48 @@ def _worker(args, variant: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(args) -> dict:
+def bench_teacher(args, device, seed: int = 0):
+    """The benchmark's teacher (the same for every variant and placement) and its inputs (seeded)."""
     import torch
 
     from tide_ds.models.llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM
-    from tide_ds.kernels import target_logprobs
     from tide_ds.models.teacher import LLaDA2Teacher
 
-    device = torch.device(_device(args.device))
     torch.manual_seed(0)
     heads = max(2, args.hidden // 16)
+    # 16 experts in 4 groups, top 4 of the best 2 groups: a shape every MoE placement takes
     config = LLaDA2MoeConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                              num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
-                             head_dim=args.hidden // heads, num_experts=8, num_experts_per_tok=2, n_group=4,
+                             head_dim=args.hidden // heads, num_experts=16, num_experts_per_tok=4, n_group=4,
                              topk_group=2, moe_intermediate_size=args.hidden // 2, mask_token_id=args.vocab - 1,
                              pad_token_id=0)
     teacher = LLaDA2Teacher(LLaDA2MoeModelLM(config), config.mask_token_id).to(device)
-    ids = torch.randint(0, args.vocab - 1, (args.batch, args.length), device=device)
-    targets = torch.randint(0, args.vocab - 1, (args.batch, args.length), device=device)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, args.vocab - 1, (args.batch, args.length), generator=g).to(device)
+    targets = torch.randint(0, args.vocab - 1, (args.batch, args.length), generator=g).to(device)
+    return teacher, ids, targets
+
+
+def calm_call(teacher, ids, targets, block_rows=None):
+    """Hidden states, then per-token target log-probs: the op the training step uses for CALM targets."""
+    from tide_ds.kernels import target_logprobs
+
+    hidden = teacher.hidden_states(ids)
+    return target_logprobs(hidden.flatten(0, 1), teacher.output_weight, targets.flatten(),
+                           bias=teacher.output_bias, block_rows=block_rows)[0]
+
+
+def measure(args) -> dict:
+    import torch
+
+    device = torch.device(_device(args.device))
+    teacher, ids, targets = bench_teacher(args, device)
 
     def call():
         with torch.no_grad():
-            hidden = teacher.hidden_states(ids)
             if args.variant == "calm":
-                # the op the training step uses for the teacher's CALM targets
-                return target_logprobs(hidden.flatten(0, 1), teacher.output_weight, targets.flatten(),
-                                       bias=teacher.output_bias, block_rows=args.block_rows)[0]
+                return calm_call(teacher, ids, targets, args.block_rows)
+            hidden = teacher.hidden_states(ids)
             if args.variant == "full":
                 logits = (hidden @ teacher.output_weight.T).float()
                 return torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)

@@ -18,7 +18,7 @@ from torch import nn
 from tide_ds.config import Config, ConfigError
 from tide_ds.engine.dist import Dist
 from tide_ds.engine.merge import load_ds_config, merge_ds_config, plain_batch
-from tide_ds.engine.placement import check_placement, expert_parallel, tensor_parallel
+from tide_ds.engine.placement import check_placement, expert_parallel, megatron, tensor_parallel
 
 PLAIN_STATE = "plain_state.pt"
 
@@ -218,6 +218,8 @@ def build_engine(cfg: Config, step, dist: Dist, *, use_deepspeed: bool) -> Engin
         expert_parallel(step.teacher, cfg.engine.ep_size, dist)
     if step.teacher is not None and placement == "tensor_parallel":
         step.teacher = tensor_parallel(step.teacher, cfg.engine.tp_size)
+    if step.teacher is not None and placement == "megatron":
+        step.teacher = megatron(step.teacher, cfg)
     _report_teacher(step.teacher, dist, placement, full)
     module = _StudentLoss(step)
     client_opt = None if "optimizer" in ds_cfg else _adamw(cfg, module)

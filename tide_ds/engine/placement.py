@@ -1,5 +1,6 @@
-"""Teacher placements that split the frozen teacher itself: expert parallel (our LLaDA2 MoE) and
-tensor parallel (DeepSpeed AutoTP, dense transformers teachers). `replicate` and ZeRO-3 need
+"""Teacher placements that split the frozen teacher itself: expert parallel (our LLaDA2 MoE),
+tensor parallel (DeepSpeed AutoTP, dense transformers teachers) and megatron (the LLaDA2 MoE
+rebuilt from megatron-core, tensor and expert parallel together). `replicate` and ZeRO-3 need
 nothing here; `check_placement` refuses every impossible combination before anything is placed."""
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from tide_ds.config import Config, ConfigError
 from tide_ds.engine.dist import Dist
 from tide_ds.models.llada2 import Experts, shard_experts
 
-PLACEMENTS = ("replicate", "zero3", "expert_parallel", "tensor_parallel")
+PLACEMENTS = ("replicate", "zero3", "expert_parallel", "tensor_parallel", "megatron")
 
 
 def check_placement(cfg: Config, teacher, dist: Dist) -> None:
@@ -23,12 +24,26 @@ def check_placement(cfg: Config, teacher, dist: Dist) -> None:
     if placement not in PLACEMENTS:
         raise ConfigError(f"engine.teacher_placement={placement} is not one of {', '.join(PLACEMENTS)}")
     for key, size, wants in (("ep_size", e.ep_size, "expert_parallel"), ("tp_size", e.tp_size, "tensor_parallel")):
-        if size > 1 and placement != wants:
-            raise ConfigError(f"engine.{key}={size} is read only by engine.teacher_placement={wants} "
+        if size > 1 and placement not in (wants, "megatron"):
+            raise ConfigError(f"engine.{key}={size} is read only by engine.teacher_placement={wants} or megatron "
                               f"(here {placement}); leave it at 1")
+    if e.megatron_checkpoint is not None and placement != "megatron":
+        raise ConfigError(f"engine.megatron_checkpoint is read only by engine.teacher_placement=megatron "
+                          f"(here {placement}); remove it")
     if teacher is None:
         return
     experts = {m.num_experts for m in teacher.modules() if isinstance(m, Experts)}
+    if placement == "megatron":
+        from tide_ds.engine.megatron import check_config, require_megatron
+
+        require_megatron()
+        if not experts:
+            raise ConfigError(f"engine.teacher_placement=megatron builds the LLaDA2-style MoE teacher (teacher.kind "
+                              f"llada2_moe); {type(teacher.model).__name__} is not one")
+        if e.megatron_checkpoint is not None and not os.path.isdir(e.megatron_checkpoint):
+            raise ConfigError(f"engine.megatron_checkpoint={e.megatron_checkpoint} not found (give a directory "
+                              f"written by tide_ds.engine.megatron.save_dist_checkpoint)")
+        check_config(teacher.model.config, e.tp_size, e.ep_size, dist.world)
     if placement == "expert_parallel":
         if not experts:
             raise ConfigError(f"engine.teacher_placement=expert_parallel needs an MoE teacher (teacher.kind "
@@ -118,6 +133,20 @@ class TensorParallelTeacher(nn.Module):
 
         b = input_ids.shape[0]
         return self.teacher.hidden_states(gather(input_ids), gather(attention_mask), gather(x0))[rank * b:(rank + 1) * b]
+
+
+def megatron(teacher, cfg: Config):
+    """The LLaDA2 teacher rebuilt from megatron-core over tp_size x ep_size groups of the student's
+    ranks, its weights read per rank from teacher.path or engine.megatron_checkpoint."""
+    from megatron.core import parallel_state
+
+    from tide_ds.engine.megatron import build_megatron_teacher
+
+    e = cfg.engine
+    placed = build_megatron_teacher(teacher.model.config, teacher.mask_token_id, tp=e.tp_size, ep=e.ep_size,
+                                    dtype=teacher.model.dtype, hf_path=cfg.teacher.path,
+                                    checkpoint=e.megatron_checkpoint)
+    return placed if e.tp_size == 1 else TensorParallelTeacher(placed, parallel_state.get_tensor_model_parallel_group())
 
 
 def tensor_parallel(teacher, tp_size: int) -> TensorParallelTeacher:

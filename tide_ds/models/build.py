@@ -132,10 +132,11 @@ def build_student(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, block_si
     return BD3LMStudent(model, block_size=block_size, mask_token_id=mask_id, attn_backend=cfg.attn_backend)
 
 
-def build_teacher(cfg: ModelConfig, mask_token: str, block_size: int | None = None) -> Teacher:
+def build_teacher(cfg: ModelConfig, mask_token: str, block_size: int | None = None, weights: bool = True) -> Teacher:
     """A frozen teacher from `cfg.path`, its class chosen by `cfg.kind` or the checkpoint's model_type.
 
-    block_size is the WeDLM-style teacher's block (teacher.block_size overrides it)."""
+    block_size is the WeDLM-style teacher's block (teacher.block_size overrides it). weights=False
+    builds it on the meta device (shapes and config only) for a placement that loads its own slices."""
     if cfg.path is None:
         raise ConfigError("teacher.path is not set; the recipe needs a trained teacher model directory")
     model_type = checkpoint_model_type(cfg.path, "teacher.path")
@@ -147,10 +148,13 @@ def build_teacher(cfg: ModelConfig, mask_token: str, block_size: int | None = No
         raise ConfigError(f"teacher.kind is 'wedlm' but teacher.path holds a '{model_type}' checkpoint; a WeDLM-style "
                           f"teacher is a dense transformers decoder (e.g. qwen3, llama)")
 
-    if kind == "llada2_moe" or model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        model = _load(AutoModelForCausalLM, cfg, "teacher")
+    auto = AutoModelForCausalLM if kind == "llada2_moe" or model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES \
+        else AutoModelForMaskedLM
+    if weights:
+        model = _load(auto, cfg, "teacher")
     else:
-        model = _load(AutoModelForMaskedLM, cfg, "teacher")
+        with torch.device("meta"):
+            model = auto.from_config(AutoConfig.from_pretrained(cfg.path), dtype=_DTYPES[cfg.dtype])
     mask_id = teacher_mask_token_id(cfg, model.config, mask_token)
     if kind == "llada2_moe":
         return LLaDA2Teacher(model, mask_id)
