@@ -48,6 +48,7 @@ def load_job(args):
     cfg = load_dataclass(MainJobConfig, config_path("demo.yaml"), list(args.overrides))
     if args.long:
         cfg.teacher.train.steps, cfg.student_steps = cfg.long.teacher_steps, cfg.long.student_steps
+        cfg.eval.humaneval_problems = cfg.long.humaneval_problems
     if args.recipes:
         wanted = [r.strip() for r in args.recipes.split(",") if r.strip()]
         unknown = [r for r in wanted if r not in cfg.recipes]

@@ -50,15 +50,21 @@ def load_model(path: str, tokenizer_path: str | None = None):
 
     if not os.path.isdir(path):
         raise ConfigError(f"--model not found: {path} (give a student directory saved by tide-ds distill)")
-    student, tokenizer = load_student(path)
-    if tokenizer_path is not None:
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"--model={path} has no config.json; give a student directory saved by tide-ds distill")
+    with open(config_file, encoding="utf-8") as f:
+        config = json.load(f)
+    if tokenizer_path is not None:  # checked against config.json, before any weight is read
         tokenizer = load_tokenizer(tokenizer_path, "--tokenizer")
-    vocab = student.output_weight.shape[0]
-    mask_id = tokenizer.convert_tokens_to_ids(tokenizer.mask_token) if tokenizer.mask_token else None
-    if len(tokenizer) > vocab or mask_id != student.mask_token_id:
-        raise ConfigError(f"the tokenizer ({tokenizer_path or path}: {len(tokenizer)} ids, mask id {mask_id}) does not "
-                          f"match the model ({vocab} ids, mask id {student.mask_token_id}); pass the tokenizer the "
-                          f"student was trained with (--tokenizer) or omit it")
+        vocab, mask = config.get("vocab_size"), (config.get("bd3lm") or {}).get("mask_token_id")
+        mask_id = tokenizer.convert_tokens_to_ids(tokenizer.mask_token) if tokenizer.mask_token else None
+        if vocab is None or len(tokenizer) > vocab or mask_id != mask:
+            raise ConfigError(f"the tokenizer {tokenizer_path} ({len(tokenizer)} ids, mask id {mask_id}) does not match "
+                              f"the model ({vocab} ids, mask id {mask}); pass the tokenizer the student was trained "
+                              f"with as --tokenizer, or omit it")
+    student, saved = load_student(path)
+    tokenizer = tokenizer if tokenizer_path is not None else saved
     return student.eval(), tokenizer
 
 

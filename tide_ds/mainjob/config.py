@@ -50,6 +50,7 @@ class EvalSetup:
 class LongRun:
     teacher_steps: int = 1500
     student_steps: int = 1000
+    humaneval_problems: int = 164
 
 
 @dataclass(kw_only=True)
