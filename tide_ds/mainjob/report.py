@@ -108,8 +108,12 @@ def plots(cfg, out: str, results: dict, objective) -> list[str]:
 
     curves = {n: training_curve(os.path.join(out, "students", n)) for n in cfg.recipes}
     terms = [k for k in TERM_KEYS if any(k in c[0] for c in curves.values())]
-    fig, axes = plt.subplots(1, len(terms), figsize=(4 * len(terms), 3.4), squeeze=False)
-    for ax, term in zip(axes[0], terms):
+    cols = min(3, len(terms))
+    rows = -(-len(terms) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(terms):]:
+        ax.axis("off")
+    for ax, term in zip(axes.flat, terms):
         for name, curve in curves.items():
             pts = [(c["step"], c[term]) for c in curve if term in c]
             if pts:
