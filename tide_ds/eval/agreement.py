@@ -6,6 +6,7 @@ model's chunk log-prob (the sum of its tokens' log-probs) and whether its greedy
 the chunk (every token the argmax) are computed. Reported:
   chunk_agreement   fraction of masked chunks where student and teacher are both right or both wrong
   chunk_gap         mean |lS - lT| in nats, the distance Reverse CALM and CALM close
+  chunk_corr        Pearson correlation of lS and lT over masked chunks (which chunks each finds hard)
   student_chunk_acc, teacher_chunk_acc   fraction of masked chunks each spells greedily
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ def chunk_agreement(student, teacher, batches: list[dict], *, ratio: float = 0.5
     gen = torch.Generator().manual_seed(seed)
     sums = {"chunk_agreement": 0.0, "chunk_gap": 0.0, "student_chunk_acc": 0.0, "teacher_chunk_acc": 0.0}
     count = 0
+    pairs = []
     for batch in batches:
         x0, maskable, chunk_ids = batch["input_ids"], batch["maskable"], batch["chunk_ids"]
         num_chunks = batch["num_chunks"]
@@ -57,4 +59,8 @@ def chunk_agreement(student, teacher, batches: list[dict], *, ratio: float = 0.5
         sums["student_chunk_acc"] += s_ok.sum().item()
         sums["teacher_chunk_acc"] += t_ok.sum().item()
         count += int(active.sum())
-    return {k: v / max(count, 1) for k, v in sums.items()} | {"chunks": count}
+        pairs.append(torch.stack([s_lp[active], t_lp[active]]).double())
+    out = {k: v / max(count, 1) for k, v in sums.items()} | {"chunks": count}
+    both = torch.cat(pairs, dim=1) if pairs else torch.zeros(2, 0, dtype=torch.float64)
+    out["chunk_corr"] = float(torch.corrcoef(both)[0, 1]) if both.shape[1] > 1 else float("nan")
+    return out

@@ -61,14 +61,14 @@ def mean(values) -> float:
 def table(results: dict) -> str:
     ratios = list(next(iter(results["models"].values()))["nll"])
     head = (["model", "terms"] + [f"NLL@{r}" for r in ratios] +
-            ["mean NLL", "chunk agree", "chunk gap", "chunk acc", "HumanEval pass@1"])
+            ["mean NLL", "chunk corr", "chunk gap", "chunk agree", "chunk acc", "HumanEval pass@1"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in results["models"].items():
         terms = " + ".join(f"{w:g} {t}" for t, w in m["terms"].items()) or "(no training)"
         a, he = m["agreement"], m.get("humaneval")
         cells = [name, terms] + [f"{m['nll'][r]:.3f}" for r in ratios] + [
-            f"{mean(m['nll'].values()):.3f}", f"{a['chunk_agreement']:.3f}", f"{a['chunk_gap']:.2f}",
-            f"{a['student_chunk_acc']:.3f}",
+            f"{mean(m['nll'].values()):.3f}", f"{a['chunk_corr']:.3f}", f"{a['chunk_gap']:.2f}",
+            f"{a['chunk_agreement']:.3f}", f"{a['student_chunk_acc']:.3f}",
             f"{he['passed']}/{he['problems']}" if he else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     t = results["teacher"]["nll"]
@@ -81,9 +81,10 @@ def table(results: dict) -> str:
 
 def markdown(results: dict) -> str:
     parts = ["# Main job results", "",
-             "Held-out masked-token NLL (nats per student token, lower is better) at fixed masking ratios; chunk "
-             "agreement with the teacher (both right or both wrong on a masked chunk), mean |chunk log-prob gap| "
-             "in nats, greedy chunk accuracy, at masking ratio 0.5; HumanEval greedy pass@1.", "",
+             "Held-out masked-token NLL (nats per student token, lower is better) at fixed masking ratios. At masking "
+             "ratio 0.5, against the teacher: correlation of student and teacher chunk log-probs, mean |chunk "
+             "log-prob gap| in nats, agreement (both spell a masked chunk greedily, or both miss), and the "
+             "student's greedy chunk accuracy. HumanEval: greedy pass@1 (passed / problems).", "",
              table(results), "", "## Samples (greedy, held-out prompts)", ""]
     for name, m in results["models"].items():
         if name == "init":
