@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 
 from tide_ds.config import ConfigError
 
@@ -167,7 +168,10 @@ def tensorboard(cfg, out: str, results: dict) -> None:
 
     for name in cfg.recipes:
         run_dir = os.path.join(out, "students", name)
-        writer = SummaryWriter(os.path.join(out, "tb", name))
+        tb_dir = os.path.join(out, "tb", name)
+        if os.path.isdir(tb_dir):
+            shutil.rmtree(tb_dir)  # written whole each time, never appended to
+        writer = SummaryWriter(tb_dir)
         if not os.path.isdir(os.path.join(run_dir, "tb")):
             for row in training_curve(run_dir):
                 for k, v in row.items():
