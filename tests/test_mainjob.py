@@ -40,6 +40,6 @@ def test_unknown_stage_and_recipe_are_refused():
     from tide_ds.config import ConfigError
 
     with pytest.raises(ConfigError, match="unknown stage"):
-        demo.load_job(argparse.Namespace(redo=["teach"], long=False, recipes=None, overrides=[]))
+        demo.load_job(argparse.Namespace(redo="teach", long=False, recipes=None, overrides=[]))
     with pytest.raises(ConfigError, match="unknown tide"):
         demo.load_job(argparse.Namespace(redo=None, long=False, recipes="tide", overrides=[]))

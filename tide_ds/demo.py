@@ -10,7 +10,7 @@
             HumanEval pass@1 (sandboxed);
 6. report   results.json, results.md, PNG plots, TensorBoard events (tide_ds.mainjob.report).
 A stage whose output exists is reused (each writes a `.done` marker last); --redo redoes stages
-(and everything after them); --long selects the longer run (configs/demo.yaml `long`).
+(and every stage after it); --long selects the longer run (configs/demo.yaml `long`).
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ STAGES = ("data", "teacher", "init", "distill", "eval", "report")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--redo", nargs="*", metavar="STAGE", default=None,
-                   help=f"redo these stages and all after them ({', '.join(STAGES)}); no name: everything")
+    p.add_argument("--redo", nargs="?", const=STAGES[0], metavar="STAGE", default=None,
+                   help=f"redo this stage and every one after it ({', '.join(STAGES)}); no name: everything")
     p.add_argument("--long", action="store_true", help="the longer, stronger run (more teacher and student steps)")
     p.add_argument("--recipes", help="comma-separated subset of the recipes in configs/demo.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -55,22 +55,17 @@ def load_job(args):
         if unknown:
             raise ConfigError(f"--recipes: unknown {', '.join(unknown)}; choose from {', '.join(cfg.recipes)}")
         cfg.recipes = {r: cfg.recipes[r] for r in wanted}
-    if args.redo is not None:
-        bad = [s for s in args.redo if s not in STAGES]
-        if bad:
-            raise ConfigError(f"--redo: unknown stage {', '.join(bad)}; choose from {', '.join(STAGES)}")
+    if args.redo is not None and args.redo not in STAGES:
+        raise ConfigError(f"--redo: unknown stage {args.redo!r}; choose from {', '.join(STAGES)}")
     return cfg
 
 
 class Stages:
     """Reuse and redo: a stage is done when its `.done` marker exists and no earlier stage was redone."""
 
-    def __init__(self, out: str, redo: list[str] | None):
+    def __init__(self, out: str, redo: str | None):
         self.out = out
-        if redo is None:
-            self.redo_from = len(STAGES)  # nothing to redo
-        else:  # [] (the bare flag): everything
-            self.redo_from = min((STAGES.index(s) for s in redo), default=0)
+        self.redo_from = len(STAGES) if redo is None else STAGES.index(redo)
 
     def done(self, stage: str, path: str) -> bool:
         return STAGES.index(stage) < self.redo_from and os.path.isfile(os.path.join(path, ".done"))
