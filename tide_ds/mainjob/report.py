@@ -141,14 +141,25 @@ def plots(cfg, out: str, results: dict, objective) -> list[str]:
     fig.tight_layout()
     files.append(_save(fig, pdir, "tidal_lambda.png"))
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, (ax, diff) = plt.subplots(1, 2, figsize=(11, 3.8))
+    base = results["models"].get("ce")
+    color = {name: f"C{i}" for i, name in enumerate(results["models"])}  # one colour per model, both panels
     for name, m in results["models"].items():
         ratios = [float(r) for r in m["nll"]]
-        ax.plot(ratios, list(m["nll"].values()), marker="o", label=name, linestyle="--" if name == "init" else "-")
+        style = "--" if name == "init" else "-"
+        ax.plot(ratios, list(m["nll"].values()), marker="o", label=name, linestyle=style, color=color[name])
+        if base is not None and name != "init":
+            diff.plot(ratios, [m["nll"][r] - base["nll"][r] for r in m["nll"]], marker="o", label=name,
+                      color=color[name])
     ax.set_xlabel("masking ratio")
     ax.set_ylabel("NLL per masked token (nats)")
     ax.set_title("Held-out masked-token NLL by masking ratio")
     ax.legend(fontsize=8)
+    diff.axhline(0.0, color="grey", linewidth=0.8)
+    diff.set_xlabel("masking ratio")
+    diff.set_ylabel("NLL minus the ce student's (nats)")
+    diff.set_title("Held-out NLL relative to the no-teacher baseline")
+    diff.legend(fontsize=8)
     fig.tight_layout()
     files.append(_save(fig, pdir, "heldout_nll.png"))
     return files
