@@ -4,7 +4,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,eval
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tide_ds-installed
 

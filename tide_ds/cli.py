@@ -9,10 +9,11 @@ import sys
 from tide_ds.config import ConfigError
 
 SUBCOMMANDS = {
-    "demo": ("tide_ds.demo", "run the embedded demo: tokenizer, teacher, then distillation (CPU, minutes)"),
+    "demo": ("tide_ds.demo", "the main job: MoE teacher, cross-tokenizer distillation with four recipes, evaluation"),
     "distill": ("tide_ds.train", "distill a teacher into a BD3LM student from a YAML config"),
     "prepare": ("tide_ds.data.prepare", "tokenize and align a chat/text dataset offline"),
     "generate": ("tide_ds.generate", "generate with a BD3LM student"),
+    "eval": ("tide_ds.eval.cli", "evaluate a student: held-out NLL, teacher agreement, samples, HumanEval"),
     "a2d": ("tide_ds.models.a2d", "convert an autoregressive checkpoint (Qwen3 / Llama) into a BD3LM student"),
     "export": ("tide_ds.checkpoint", "turn a training checkpoint into a transformers model directory"),
     "bench": ("tide_ds.bench", "benchmarks that print speed and memory figures"),

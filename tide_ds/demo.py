@@ -1,81 +1,193 @@
-"""`tide-ds demo`: the main job on an embedded default that exists on any machine.
+"""`tide-ds demo`: the main job, on an embedded default that exists on any machine.
 
-1. trains a byte-level BPE tokenizer on the Python standard library sources;
-2. pretrains a small bidirectional masked-diffusion teacher on them (configs/demo_teacher.yaml);
-3. distills it into a smaller BD3LM student (configs/demo_student.yaml), printing the held-out
-   masked-token loss before and after, and reloads the saved student with transformers.
-Stages whose output exists are reused; --fresh redoes them.
+1. data     the Python standard library split by file; tokenizer A (byte-level BPE, teacher) and
+            B (SentencePiece-style BPE, student) trained on the training files; `tide-ds prepare`
+            of the training and held-out rows for both (many-to-many chunks);
+2. teacher  an LLaDA2-style MoE pretrained as a masked diffusion LM with tokenizer A;
+3. init     one random BD3LM student with tokenizer B, saved: every recipe starts from it;
+4. distill  one student per recipe (configs/demo.yaml `recipes`), same data order and noise;
+5. eval     held-out NLL at several masking ratios, chunk agreement with the teacher, samples,
+            HumanEval pass@1 (sandboxed);
+6. report   results.json, results.md, PNG plots, TensorBoard events (tide_ds.mainjob.report).
+A stage whose output exists is reused (each writes a `.done` marker last); --redo redoes stages
+(and every stage after it); --long selects the longer run (configs/demo.yaml `long`).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import time
 from importlib import resources
 
 import torch
 
-from tide_ds.config import load_config
-from tide_ds.data.corpus import corpus_files, train_tokenizer
+from tide_ds.config import ConfigError, load_config, load_dataclass
+
+STAGES = ("data", "teacher", "init", "distill", "eval", "report")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--recipe", default=None, help="student recipe (default from demo_student.yaml: tide_shared)")
-    p.add_argument("--teacher-steps", type=int, default=None)
-    p.add_argument("--student-steps", type=int, default=None)
-    p.add_argument("--fresh", action="store_true", help="redo every stage")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for the student stage")
+    p.add_argument("--redo", nargs="?", const=STAGES[0], metavar="STAGE", default=None,
+                   help=f"redo this stage and every one after it ({', '.join(STAGES)}); no name: everything")
+    p.add_argument("--long", action="store_true", help="the longer, stronger run (more teacher and student steps)")
+    p.add_argument("--recipes", help="comma-separated subset of the recipes in configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides of configs/demo.yaml, e.g. seed=1 student_steps=400 eval.humaneval_problems=20")
 
 
 def config_path(name: str) -> str:
     return str(resources.files("tide_ds") / "configs" / name)
 
 
+def load_job(args):
+    from tide_ds.mainjob.config import MainJobConfig
+
+    cfg = load_dataclass(MainJobConfig, config_path("demo.yaml"), list(args.overrides))
+    if args.long:
+        cfg.teacher.train.steps, cfg.student_steps = cfg.long.teacher_steps, cfg.long.student_steps
+        cfg.eval.humaneval_problems = cfg.long.humaneval_problems
+    if args.recipes:
+        wanted = [r.strip() for r in args.recipes.split(",") if r.strip()]
+        unknown = [r for r in wanted if r not in cfg.recipes]
+        if unknown:
+            raise ConfigError(f"--recipes: unknown {', '.join(unknown)}; choose from {', '.join(cfg.recipes)}")
+        cfg.recipes = {r: cfg.recipes[r] for r in wanted}
+    if args.redo is not None and args.redo not in STAGES:
+        raise ConfigError(f"--redo: unknown stage {args.redo!r}; choose from {', '.join(STAGES)}")
+    return cfg
+
+
+class Stages:
+    """Reuse and redo: a stage is done when its `.done` marker exists and no earlier stage was redone."""
+
+    def __init__(self, out: str, redo: str | None):
+        self.out = out
+        self.redo_from = len(STAGES) if redo is None else STAGES.index(redo)
+
+    def done(self, stage: str, path: str) -> bool:
+        return STAGES.index(stage) < self.redo_from and os.path.isfile(os.path.join(path, ".done"))
+
+    @staticmethod
+    def mark(path: str) -> None:
+        with open(os.path.join(path, ".done"), "w") as f:
+            f.write(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+
+    @staticmethod
+    def fresh(path: str) -> str:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.makedirs(path)
+        return path
+
+
 def run(args) -> int:
+    from tide_ds.mainjob import data as data_stage
+    from tide_ds.mainjob import report
+    from tide_ds.mainjob import teacher as teacher_stage
+
+    cfg = load_job(args)
+    report.check_dependencies()  # before hours of work, not after
+    torch.set_num_threads(cfg.threads)
+    out = args.out
+    stages = Stages(out, args.redo)
+    timings: dict[str, dict] = {}
+    data_dir, teacher_dir, init_dir = (os.path.join(out, d) for d in ("data", "teacher", "student_init"))
+
+    def timed(name, fn):
+        wall, cpu = time.time(), time.process_time()
+        result = fn()
+        timings[name] = {"wall_s": round(time.time() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)}
+        return result
+
+    print(f"[1/6] data: stdlib split by file, two tokenizers, tide-ds prepare -> {data_dir}")
+    if not stages.done("data", data_dir):
+        timed("data", lambda: data_stage.build(cfg.corpus, stages.fresh(data_dir)))
+        stages.mark(data_dir)
+    train_files, held_files = data_stage.split_files(cfg.corpus)
+    teacher_tok, student_tok = (os.path.join(data_dir, n) for n in (data_stage.TEACHER_TOK, data_stage.STUDENT_TOK))
+
+    print(f"[2/6] teacher: LLaDA2-style MoE masked diffusion LM, {cfg.teacher.train.steps} steps -> {teacher_dir}")
+    if not stages.done("teacher", teacher_dir):
+        timed("teacher", lambda: teacher_stage.pretrain(cfg.teacher, teacher_tok, train_files,
+                                                        stages.fresh(teacher_dir), cfg.seed))
+        stages.mark(teacher_dir)
+
+    student_cfg = [f"teacher.path={teacher_dir}", f"student.tokenizer={student_tok}",
+                   f"data.source={os.path.join(data_dir, 'prepared_train')}", f"train.seed={cfg.seed}",
+                   f"train.threads={cfg.threads}", f"train.steps={cfg.student_steps}"]
+    print(f"[3/6] student initialisation (BD3LM, tokenizer B) -> {init_dir}")
+    if not stages.done("init", init_dir):
+        timed("init", lambda: save_student_init(load_config(config_path("demo_student.yaml"), student_cfg),
+                                                stages.fresh(init_dir), cfg.seed))
+        stages.mark(init_dir)
+
     from tide_ds.train import distill
 
-    if args.fresh and os.path.isdir(args.out):
-        shutil.rmtree(args.out)
-    tok_dir = os.path.join(args.out, "tokenizer")
-    teacher_dir = os.path.join(args.out, "teacher")
-    common = [f"student.tokenizer={tok_dir}"]
+    print(f"[4/6] distillation: {', '.join(cfg.recipes)} ({cfg.student_steps} steps each)")
+    for name, spec in cfg.recipes.items():
+        run_dir = os.path.join(out, "students", name)
+        if stages.done("distill", run_dir):
+            print(f"      reusing {run_dir}")
+            continue
+        over = student_cfg + [f"student.path={init_dir}", "student.init={}", f"output_dir={run_dir}",
+                              f"recipe={spec['recipe']}", f"terms={json.dumps(spec['terms'])}"]
+        print(f"      {name}: {spec['recipe']} with terms {spec['terms']}")
+        result = timed(f"distill/{name}", lambda: distill(load_config(config_path("demo_student.yaml"), over)))
+        with open(os.path.join(run_dir, "history.json"), "w") as f:
+            json.dump(result["history"], f)
+        stages.mark(run_dir)
 
-    if not os.path.isdir(tok_dir):
-        files = corpus_files("stdlib", 400)
-        print(f"[1/3] training a byte-level BPE tokenizer on {len(files)} standard-library files")
-        train_tokenizer(files, 2048, tok_dir)
-    else:
-        print(f"[1/3] reusing tokenizer {tok_dir}")
+    print("[5/6] evaluation: held-out NLL, chunk agreement, samples, HumanEval")
+    eval_dir = os.path.join(out, "eval")
+    os.makedirs(eval_dir, exist_ok=True)
+    timed("eval", lambda: evaluate_all(cfg, out, stages, teacher_dir, held_files))
 
-    if not os.path.isdir(os.path.join(teacher_dir, "final")):
-        print("[2/3] pretraining the teacher (bidirectional masked diffusion)")
-        over = common + [f"output_dir={teacher_dir}"]
-        if args.teacher_steps:
-            over.append(f"train.steps={args.teacher_steps}")
-        distill(load_config(config_path("demo_teacher.yaml"), over))
-    else:
-        print(f"[2/3] reusing teacher {teacher_dir}/final")
-
-    print("[3/3] distilling into the BD3LM student")
-    over = common + [f"teacher.path={teacher_dir}/final", f"output_dir={os.path.join(args.out, 'student')}"]
-    if args.recipe:
-        over.append(f"recipe={args.recipe}")
-    if args.student_steps:
-        over.append(f"train.steps={args.student_steps}")
-    result = distill(load_config(config_path("demo_student.yaml"), over + list(args.overrides)))
-    check_reload(result["student_dir"])
+    print(f"[6/6] report -> {out}/results.json, results.md, plots/, tb/")
+    report.write(cfg, out, timings)
     return 0
 
 
-def check_reload(path: str) -> None:
-    """The saved student is a plain transformers model: reload it and compare logits."""
-    from transformers import AutoModelForCausalLM
+def save_student_init(run_cfg, out: str, seed: int) -> None:
+    from tide_ds.models import build_student, load_tokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    ids = torch.arange(16)[None] % model.config.vocab_size
-    with torch.no_grad():
-        logits = model(ids).logits
-    ok = torch.isfinite(logits).all().item()
-    print(f"reloaded {path} with transformers.AutoModelForCausalLM ({model.config.model_type}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, finite logits: {ok})")
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(run_cfg.student.tokenizer, "student.tokenizer")
+    student = build_student(run_cfg.student, tokenizer, run_cfg.diffusion.block_size, run_cfg.diffusion.mask_token)
+    student.model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def evaluate_all(cfg, out: str, stages: Stages, teacher_dir: str, held_files) -> None:
+    from tide_ds.eval.cli import evaluate
+    from tide_ds.mainjob.teacher import heldout_nll
+
+    e = cfg.eval
+    teacher_out = os.path.join(out, "eval", "teacher")
+    if not stages.done("eval", teacher_out):
+        os.makedirs(teacher_out, exist_ok=True)
+        nll = heldout_nll(teacher_dir, held_files, cfg.teacher.train.seq_len, e.ratios, e.batches)
+        _write_json(os.path.join(teacher_out, "results.json"), {"nll": nll})
+        stages.mark(teacher_out)
+    tasks = ["nll", "agreement", "samples"] + (["humaneval"] if e.humaneval_problems else [])
+    for name in ["init"] + list(cfg.recipes):
+        model = os.path.join(out, "student_init") if name == "init" else os.path.join(out, "students", name, "final")
+        where = os.path.join(out, "eval", name)
+        if stages.done("eval", where):
+            continue
+        os.makedirs(where, exist_ok=True)
+        print(f"      {name}")
+        results = evaluate(model, tasks, data=os.path.join(out, "data", "prepared_heldout"), teacher=teacher_dir,
+                           ratios=e.ratios, batches=e.batches, agreement_ratio=e.agreement_ratio,
+                           humaneval_problems=e.humaneval_problems, max_new_tokens=e.max_new_tokens,
+                           steps_per_block=e.steps_per_block, n_samples=e.samples,
+                           sample_new_tokens=e.sample_new_tokens, desc=name)
+        _write_json(os.path.join(where, "results.json"), results)
+        stages.mark(where)
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)

@@ -1,0 +1,154 @@
+"""`tide-ds eval`: evaluate a BD3LM student directory.
+
+Tasks (comma-separated, all checked before any work):
+  nll        held-out masked-token NLL at several masking ratios (needs --data)
+  agreement  chunk-level agreement with the teacher (needs --data prepared for two tokenizers, --teacher)
+  samples    a few block-diffusion generations from held-out prompts (needs --data)
+  humaneval  HumanEval pass@1, completions executed in the sandbox (tide_ds.eval.sandbox)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from tide_ds.config import ConfigError
+
+TASKS = ("nll", "agreement", "samples", "humaneval")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="student directory (saved by tide-ds distill)")
+    p.add_argument("--tasks", default="nll,samples", help=f"comma-separated, from {', '.join(TASKS)}")
+    p.add_argument("--data", help="held-out dataset directory written by tide-ds prepare")
+    p.add_argument("--teacher", help="teacher model directory (for agreement)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the one saved with the model)")
+    p.add_argument("--ratios", default="0.15,0.3,0.5,0.7,0.9", help="masking ratios for nll")
+    p.add_argument("--batches", type=int, default=8, help="held-out batches of 16 rows (nll, agreement)")
+    p.add_argument("--humaneval-problems", type=int, default=164)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--steps-per-block", type=int, default=8)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--out", help="write the results here as JSON (default: print only)")
+
+
+def parse_tasks(text: str) -> list[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ConfigError(f"unknown task {', '.join(map(repr, unknown)) or '(none given)'} in --tasks; "
+                          f"choose from {', '.join(TASKS)}")
+    return tasks
+
+
+def load_model(path: str, tokenizer_path: str | None = None):
+    """(student, tokenizer), refusing a missing directory and a tokenizer that does not fit."""
+    from tide_ds.generate import load_student
+    from tide_ds.models import load_tokenizer
+
+    if not os.path.isdir(path):
+        raise ConfigError(f"--model not found: {path} (give a student directory saved by tide-ds distill)")
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"--model={path} has no config.json; give a student directory saved by tide-ds distill")
+    with open(config_file, encoding="utf-8") as f:
+        config = json.load(f)
+    if tokenizer_path is not None:  # checked against config.json, before any weight is read
+        tokenizer = load_tokenizer(tokenizer_path, "--tokenizer")
+        vocab, mask = config.get("vocab_size"), (config.get("bd3lm") or {}).get("mask_token_id")
+        mask_id = tokenizer.convert_tokens_to_ids(tokenizer.mask_token) if tokenizer.mask_token else None
+        if vocab is None or len(tokenizer) > vocab or mask_id != mask:
+            raise ConfigError(f"the tokenizer {tokenizer_path} ({len(tokenizer)} ids, mask id {mask_id}) does not match "
+                              f"the model ({vocab} ids, mask id {mask}); pass the tokenizer the student was trained "
+                              f"with as --tokenizer, or omit it")
+    student, saved = load_student(path)
+    tokenizer = tokenizer if tokenizer_path is not None else saved
+    return student.eval(), tokenizer
+
+
+def heldout_batches(data_dir: str, block_size: int, batches: int) -> list[dict]:
+    from tide_ds.data.collate import Collator
+    from tide_ds.data.prepare import REPORT_NAME, load_prepared
+
+    data = load_prepared(data_dir)
+    with open(os.path.join(data_dir, REPORT_NAME), encoding="utf-8") as f:
+        report = json.load(f)
+    collate = Collator(report["student_eos_id"], block_size, report["teacher_pad_id"], train_on_padding=False)
+    n = min(len(data), batches * 16)
+    return [collate([data[i] for i in range(lo, min(lo + 16, n))]) for lo in range(0, n, 16)]
+
+
+@torch.no_grad()
+def samples(student, tokenizer, data_dir: str, count: int, new_tokens: int, steps_per_block: int) -> list[dict]:
+    """Greedy continuations of the first lines of held-out rows."""
+    from tide_ds.diffusion.sampler import generate
+    from tide_ds.data.prepare import load_prepared
+
+    data = load_prepared(data_dir)
+    out = []
+    for i in range(min(count, len(data))):
+        ids = list(data[i * 7 % len(data)]["input_ids"])[:24]
+        gen = generate(student, torch.tensor([ids]), new_tokens, steps_per_block=steps_per_block)[0].tolist()
+        prompt = tokenizer.decode(ids, skip_special_tokens=True)
+        out.append({"prompt": prompt, "completion": tokenizer.decode(gen, skip_special_tokens=True)[len(prompt):]})
+    return out
+
+
+def evaluate(model_dir: str, tasks: list[str], *, data: str | None = None, teacher: str | None = None,
+             tokenizer: str | None = None, ratios=(0.15, 0.3, 0.5, 0.7, 0.9), batches: int = 8,
+             agreement_ratio: float = 0.5, humaneval_problems: int = 164, max_new_tokens: int = 64,
+             steps_per_block: int = 8, n_samples: int = 3, sample_new_tokens: int = 48, seed: int = 1234,
+             desc: str = "eval") -> dict:
+    needs_data = [t for t in tasks if t in ("nll", "agreement", "samples")]
+    if needs_data and (data is None or not os.path.isdir(data)):
+        raise ConfigError(f"task {needs_data[0]} needs --data, a held-out directory written by tide-ds prepare"
+                          + (f" ({data} not found)" if data else ""))
+    if "agreement" in tasks and (teacher is None or not os.path.isdir(teacher)):
+        raise ConfigError("task agreement needs --teacher, the teacher model directory"
+                          + (f" ({teacher} not found)" if teacher else ""))
+    problems = None
+    if "humaneval" in tasks:
+        from tide_ds.eval.humaneval import load_problems
+
+        problems = load_problems(humaneval_problems)
+    student, tok = load_model(model_dir, tokenizer)
+    results: dict = {}
+    batches_ = heldout_batches(data, student.block_size, batches) if needs_data else []
+    if "nll" in tasks:
+        from tide_ds.eval.loss import masked_nll
+
+        results["nll"] = masked_nll(student, batches_, list(ratios), seed=seed)
+    if "agreement" in tasks:
+        from tide_ds.config import ModelConfig
+        from tide_ds.eval.agreement import chunk_agreement
+        from tide_ds.models import build_teacher
+
+        t_model = build_teacher(ModelConfig(path=teacher), "<|mask|>")
+        results["agreement"] = chunk_agreement(student, t_model, batches_, ratio=agreement_ratio, seed=seed)
+    if "samples" in tasks:
+        results["samples"] = samples(student, tok, data, n_samples, sample_new_tokens, steps_per_block)
+    if "humaneval" in tasks:
+        from tide_ds.eval.humaneval import pass_at_1
+
+        results["humaneval"] = pass_at_1(student, tok, problems, max_new_tokens=max_new_tokens,
+                                         steps_per_block=steps_per_block, desc=desc)
+    return results
+
+
+def run(args) -> int:
+    tasks = parse_tasks(args.tasks)
+    try:
+        ratios = [float(r) for r in args.ratios.split(",")]
+    except ValueError:
+        raise ConfigError(f"--ratios must be comma-separated numbers in (0, 1], got {args.ratios!r}") from None
+    results = evaluate(args.model, tasks, data=args.data, teacher=args.teacher, tokenizer=args.tokenizer,
+                       ratios=ratios, batches=args.batches, humaneval_problems=args.humaneval_problems,
+                       max_new_tokens=args.max_new_tokens, steps_per_block=args.steps_per_block, seed=args.seed)
+    text = json.dumps(results, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return 0
