@@ -19,29 +19,9 @@ from tide_ds.config import Config, ConfigError
 from tide_ds.engine.dist import Dist
 from tide_ds.engine.merge import load_ds_config, merge_ds_config, plain_batch
 from tide_ds.engine.placement import check_placement, expert_parallel, tensor_parallel
+from tide_ds.tree import slice_rows, to_device  # noqa: F401  (re-exported)
 
 PLAIN_STATE = "plain_state.pt"
-
-
-def slice_rows(obj, rows: slice):
-    """Rows of every tensor in a dataclass (tensors and lists of tensors; other fields as they are)."""
-    def cut(v):
-        if torch.is_tensor(v) and v.ndim >= 1:
-            return v[rows]
-        if isinstance(v, list):
-            return [cut(x) for x in v]
-        return v
-    return dataclasses.replace(obj, **{f.name: cut(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
-
-
-def to_device(obj, device: torch.device):
-    def move(v):
-        if torch.is_tensor(v):
-            return v.to(device, non_blocking=True)
-        if isinstance(v, list):
-            return [move(x) for x in v]
-        return v
-    return dataclasses.replace(obj, **{f.name: move(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
 
 
 class _StudentLoss(nn.Module):
@@ -103,21 +83,40 @@ class Engine:
     accumulation: int = 1
     grad_clip: float = 0.0
     _micro: int = 0
+    _grad_norm: Any = None
 
     def backward_step(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch; the optimizer steps after `accumulation` of them."""
+        self.backward(loss)
+        self.step()
+
+    def backward(self, loss: torch.Tensor) -> None:
         if self.ds is not None:
             self.ds.backward(loss)
+        else:
+            (loss / self.accumulation).backward()
+
+    def step(self) -> None:
+        """Called after every micro-batch's backward: steps the optimizer at accumulation boundaries."""
+        if self.ds is not None:
             self.ds.step()
             return
-        (loss / self.accumulation).backward()
         self._micro += 1
         if self._micro % self.accumulation == 0:
+            params = [p for p in self.student.parameters() if p.grad is not None]
             if self.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
+                self._grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            else:
+                norms = [torch.linalg.vector_norm(p.grad) for p in params]
+                self._grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+
+    def grad_norm(self) -> float | None:
+        """The gradient norm of the last optimizer step, before clipping (None before any step)."""
+        norm = self.ds.get_global_grad_norm() if self.ds is not None else self._grad_norm
+        return None if norm is None else float(norm)  # a sync point: logging only
 
     def lr(self) -> float:
         opt = self.ds.optimizer if self.ds is not None else self.optimizer
@@ -216,7 +215,9 @@ def build_engine(cfg: Config, step, dist: Dist, *, use_deepspeed: bool) -> Engin
 
 
 def _zero3_teacher(step, student_ds: dict):
-    """The teacher's parameters partitioned over the ranks (ZeRO-3, no optimizer)."""
+    """The teacher's parameters partitioned over the ranks (ZeRO-3, no optimizer), gathered over a
+    process group of its own, so its gathers never interleave with the student's collectives even
+    when the two run at once (train.scheduler=overlap)."""
     import deepspeed
 
     zero = dict(student_ds.get("zero_optimization", {}))
@@ -226,7 +227,11 @@ def _zero3_teacher(step, student_ds: dict):
     teacher_ds = {k: student_ds[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                                               "train_batch_size", "bf16", "fp16", "steps_per_print")}
     teacher_ds["zero_optimization"] = zero
-    engine, _, _, _ = deepspeed.initialize(model=_TeacherCall(step), config=teacher_ds)
+    module = _TeacherCall(step)
+    group = torch.distributed.new_group(list(range(torch.distributed.get_world_size())))
+    deepspeed.zero.Init(module=module, data_parallel_group=group, config_dict_or_path=teacher_ds,
+                        dtype=next(module.parameters()).dtype)
+    engine, _, _, _ = deepspeed.initialize(model=module, config=teacher_ds)
     engine.eval()
     return engine
 

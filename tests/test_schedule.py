@@ -1,0 +1,188 @@
+"""Schedulers (sequential / overlap), the per-rank data path and the metrics log."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tide_ds.config import ConfigError, load_config
+from tide_ds.data.sampler import Prefetch, RankBatches
+from tide_ds.diffusion import RowStreams, noise_batch
+from tide_ds.objectives import comp_demo_split
+from tide_ds.train import distill
+
+KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "time", "overlap_fraction"}
+PHASES = {"data", "teacher", "student_fwd", "backward", "optimizer"}
+
+
+def _weights(path):
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+@pytest.mark.parametrize("recipe, prefetch", [("tide_shared", 1), ("tide_cross", 2)])
+def test_overlap_gives_the_losses_and_weights_of_sequential_bitwise(recipe, prefetch, tiny_overrides, tmp_path):
+    """CompDemo (tide_shared) and chunk log-probs (tide_cross), gradient accumulation 2, steps
+    and accumulation boundaries crossed by the teacher's prefetch."""
+    over = [o for o in tiny_overrides if not o.startswith("output_dir=")] + [
+        f"recipe={recipe}", "train.steps=3", "train.gradient_accumulation_steps=2", f"train.teacher_prefetch={prefetch}"]
+    seq = distill(load_config(None, over + [f"output_dir={tmp_path / 'seq'}", "train.scheduler=sequential"]))
+    ovl = distill(load_config(None, over + [f"output_dir={tmp_path / 'ovl'}", "train.scheduler=overlap"]))
+    terms = [k for k in seq["history"][0] if k not in KEYS]
+    assert "loss" not in terms and len(terms) >= 2
+    for a, b in zip(seq["history"], ovl["history"], strict=True):
+        assert [a[k] for k in ["loss", *terms, "grad_norm", "lr"]] == [b[k] for k in ["loss", *terms, "grad_norm", "lr"]]
+    wa, wb = _weights(seq["student_dir"]), _weights(ovl["student_dir"])
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_teacher_error_in_the_overlapped_step_reaches_the_caller(tiny_overrides, monkeypatch):
+    from tide_ds.pipeline import step as step_module
+
+    calls, teacher_targets = [], step_module.DistillStep.teacher_targets
+
+    def failing(self, noised):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("teacher failed on micro-batch 3")
+        return teacher_targets(self, noised)
+
+    monkeypatch.setattr(step_module.DistillStep, "teacher_targets", failing)
+    with pytest.raises(RuntimeError, match="teacher failed on micro-batch 3"):
+        distill(load_config(None, tiny_overrides + ["recipe=kl", "train.scheduler=overlap", "train.steps=6"]))
+
+
+class CountingRows(torch.utils.data.Dataset):
+    def __init__(self, n):
+        self.n, self.fetched = n, []
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        self.fetched.append(i)
+        return torch.full((8,), i)
+
+
+def _ranks(dataset, rank, world=4, micro=2, accum=3, noise=None, seed=5):
+    def collate(rows):
+        ids = torch.stack(rows)
+        return {"input_ids": ids, "maskable": torch.ones_like(ids, dtype=torch.bool)}
+
+    def identity(batch, generator):
+        return batch
+
+    return RankBatches(dataset, collate, noise or identity, global_batch=world * micro * accum, micro_batch=micro,
+                       accumulation=accum, rank=rank, seed=seed)
+
+
+def test_a_rank_builds_only_its_own_rows():
+    """4 ranks x 3 accumulation steps x 2 rows: each rank fetches its 6 rows per step, no more, and
+    the ranks together fetch each row of the global batch exactly once."""
+    world, steps = 4, 5
+    fetched = []
+    for rank in range(world):
+        data = CountingRows(100)
+        batches = list(_ranks(data, rank).iterate(0, steps))
+        assert len(batches) == steps * 3 and all(b["input_ids"].shape == (2, 8) for b in batches)
+        assert len(data.fetched) == steps * 3 * 2  # its own rows only
+        fetched.append(data.fetched)
+    per_epoch = 100 // 24
+    for step in range(steps):
+        epoch, k = divmod(step, per_epoch)
+        order = torch.randperm(100, generator=torch.Generator().manual_seed(5 + 7919 * epoch))
+        got = [i for rank in range(world) for i in fetched[rank][step * 6:(step + 1) * 6]]
+        assert got == order[k * 24:(k + 1) * 24].tolist()
+
+
+def test_the_epoch_permutation_is_computed_once_per_epoch(monkeypatch):
+    calls = []
+    randperm = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: calls.append(1) or randperm(*a, **k))
+    list(_ranks(CountingRows(100), rank=0).iterate(0, 10))  # 4 steps per epoch: epochs 0, 1, 2
+    assert len(calls) == 3
+
+
+def test_the_noise_of_a_row_depends_only_on_its_place_in_the_global_batch():
+    """Rows noised in a micro-batch of 4 or of 2, padded wider or not: the same t, mask and CompDemo split."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, 50, (4, 24), generator=g)
+    maskable = torch.rand(4, 24, generator=g) > 0.2
+    chunks = torch.arange(24).expand(4, 24) // 2
+
+    def noised(rows, width):
+        pad = width - 24
+        ids = torch.nn.functional.pad(x0[rows], (0, pad), value=0)
+        can = torch.nn.functional.pad(maskable[rows], (0, pad), value=False)
+        ch = torch.nn.functional.pad(chunks[rows], (0, pad), value=-1)
+        streams = RowStreams([1000 + r for r in rows])
+        n = noise_batch(ids, can, 99, chunk_ids=ch, generator=streams)
+        m_a, _ = comp_demo_split(n.masked, 0.5, generator=streams)
+        return n.t, n.masked[:, :24], n.x_t[:, :24], m_a[:, :24]
+
+    whole = noised([0, 1, 2, 3], 24)
+    for rows, width in (([2, 3], 24), ([2, 3], 40), ([1], 64)):
+        part = noised(rows, width)
+        for a, b in zip(whole, part):
+            assert torch.equal(a[rows], b)
+    assert whole[1].any() and not whole[1].all()
+
+
+def test_prefetch_keeps_order_and_raises_where_the_builder_failed():
+    def items():
+        yield from range(5)
+        raise ValueError("row 5 is broken")
+
+    it = Prefetch(items(), depth=2)
+    assert [next(it) for _ in range(5)] == list(range(5))
+    with pytest.raises(ValueError, match="row 5 is broken"):
+        next(it)
+    it.close()
+    done = Prefetch(iter(range(3)), depth=1)
+    assert list(done) == [0, 1, 2]
+    done.close()
+
+
+def test_bad_schedule_settings_stop_with_one_line(tiny_overrides):
+    with pytest.raises(ConfigError, match="train.scheduler.*choose one of 'sequential', 'overlap'"):
+        load_config(None, tiny_overrides + ["train.scheduler=parallel"])
+    with pytest.raises(ConfigError, match="train.teacher_prefetch must be >= 1"):
+        load_config(None, tiny_overrides + ["train.teacher_prefetch=0"])
+
+
+def test_metrics_jsonl_has_a_line_per_log_step_with_every_key(tiny_overrides, tmp_path):
+    result = distill(load_config(None, tiny_overrides + ["recipe=tide_cross", "train.steps=5", "train.log_every=2",
+                                                         "train.scheduler=overlap"]))
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines]
+    assert [r["step"] for r in records] == [0, 2, 4] == [h["step"] for h in result["history"]]
+    for r in records:
+        assert KEYS | {"ce", "reverse_calm"} <= set(r) and set(r["time"]) == PHASES
+        assert r["tokens_per_s"] > 0 and r["lr"] > 0 and r["grad_norm"] > 0 and 0 <= r["overlap_fraction"] <= 1
+        assert r["time"]["teacher"] > 0 and r["time"]["backward"] > 0
+
+
+def test_a_killed_run_keeps_every_logged_line(tiny_overrides, tmp_path):
+    out = tmp_path / "killed"
+    args = [o for o in tiny_overrides if not o.startswith("output_dir=")] + [
+        f"output_dir={out}", "recipe=ce", "train.steps=100000", "train.log_every=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "tide_ds.cli", "distill", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    path = out / "metrics.jsonl"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (path.exists() and len(path.read_text().splitlines()) >= 3):
+            time.sleep(0.2)
+        seen = len(path.read_text().splitlines())
+        assert seen >= 3, "no metrics written"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    lines = path.read_text().splitlines()
+    assert len(lines) >= seen
+    assert [json.loads(x)["step"] for x in lines] == list(range(len(lines)))
