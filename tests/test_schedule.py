@@ -16,6 +16,7 @@ from tide_ds.data.sampler import Prefetch, RankBatches
 from tide_ds.diffusion import RowStreams, noise_batch
 from tide_ds.objectives import comp_demo_split
 from tide_ds.train import distill
+from test_engine import ZERO3, _args, assert_same_weights, launch
 
 KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "time", "overlap_fraction"}
 PHASES = {"data", "teacher", "student_fwd", "backward", "optimizer"}
@@ -37,6 +38,7 @@ def test_overlap_gives_the_losses_and_weights_of_sequential_bitwise(recipe, pref
     assert "loss" not in terms and len(terms) >= 2
     for a, b in zip(seq["history"], ovl["history"], strict=True):
         assert [a[k] for k in ["loss", *terms, "grad_norm", "lr"]] == [b[k] for k in ["loss", *terms, "grad_norm", "lr"]]
+    assert seq["teacher_calls"]["overlapped"] == 0 and ovl["teacher_calls"] == {"total": 6, "overlapped": 5}
     wa, wb = _weights(seq["student_dir"]), _weights(ovl["student_dir"])
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -186,3 +188,57 @@ def test_a_killed_run_keeps_every_logged_line(tiny_overrides, tmp_path):
     lines = path.read_text().splitlines()
     assert len(lines) >= seen
     assert [json.loads(x)["step"] for x in lines] == list(range(len(lines)))
+
+
+# -- 2 ranks (gloo, deepspeed launcher) ----------------------------------------------------------
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_overlap_matches_sequential_on_2_ranks_for_each_teacher_placement(tiny_overrides, tmp_path):
+    """ZeRO-3 student; replicated, ZeRO-3 and expert-parallel teacher; CompDemo; accumulation 2:
+    all in one launch, each run once per scheduler."""
+    from tiny import llada2
+    from transformers import AutoTokenizer
+
+    tok_dir = next(o.split("=", 1)[1] for o in tiny_overrides if o.startswith("student.tokenizer="))
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    moe = tmp_path / "llada2"
+    llada2(vocab_size=len(tok), num_experts=8, mask_token_id=len(tok) - 1).save_pretrained(moe)
+    tok.save_pretrained(moe)
+    base = [o for o in tiny_overrides if not o.startswith("output_dir=")] + [
+        "recipe=tide_shared", "train.steps=3", "train.warmup_steps=0", "train.lr=3e-3",
+        "train.gradient_accumulation_steps=2", f"engine.ds_config={ZERO3}"]
+    placements = {"replicate": [], "zero3": ["engine.teacher_placement=zero3"],
+                  "expert_parallel": [f"teacher.path={moe}", "engine.teacher_placement=expert_parallel",
+                                      "engine.ep_size=2"]}
+    runs = [{"name": name, "overrides": base + extra, "output_dir": str(tmp_path / name)}
+            for name, extra in placements.items()]
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    out, seconds = launch("deepspeed", [str(tmp_path / "runs.json"), str(tmp_path / "results.json")],
+                          entry="overlap_main", timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == set(placements)
+    for name, r in results.items():
+        seq, ovl = r["sequential"], r["overlap"]
+        assert len(seq["history"]) == 3
+        for a, b in zip(seq["history"], ovl["history"], strict=True):
+            for key in ("loss", "ce", "tidal", "grad_norm"):
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (name, key, a[key], b[key])
+        assert seq["teacher_calls"] == {"total": 6, "overlapped": 0}
+        # ZeRO-3 runs its first steps in turn (Engine.overlap_ready), then overlaps
+        assert ovl["teacher_calls"]["total"] == 6 and ovl["teacher_calls"]["overlapped"] >= 2, (name, ovl)
+        worst = assert_same_weights(seq["student_dir"], ovl["student_dir"], atol=1e-5, adam_lr=3e-3)
+        print(f"{name}: max |w_overlap - w_sequential| = {worst:.1e}")
+    print(f"3 placements x 2 schedulers on 2 ranks: {seconds:.0f} s")
+
+
+@pytest.mark.multirank
+def test_a_teacher_failure_in_an_overlapped_step_stops_every_rank(tiny_overrides, tmp_path):
+    out, seconds = launch("deepspeed", _args(tiny_overrides, tmp_path / "fail", "recipe=tide_shared",
+                                             "train.scheduler=overlap", "engine.teacher_placement=zero3",
+                                             f"engine.ds_config={ZERO3}", "engine.timeout_s=60"),
+                          entry="teacher_failure_main", timeout=300)
+    assert out.returncode != 0
+    assert "[rank 1] error: RuntimeError: injected teacher failure on this rank" in out.stderr, out.stderr[-3000:]
+    assert seconds < 120, seconds

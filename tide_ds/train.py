@@ -172,7 +172,7 @@ def _distill(cfg: Config, dist) -> dict:
     micro_batches = Prefetch(ranks.iterate(first, t.steps), depth=t.data_prefetch, pin=device.type == "cuda")
     phases = Phases(device)
     schedule = build_scheduler(t.scheduler, engine.teacher_targets, device, phases, prefetch=t.teacher_prefetch,
-                               guard=fail_fast)
+                               guard=fail_fast, ready=engine.overlap_ready)
     metrics = MetricsLog(cfg.output_dir, enabled=dist.is_main)
     bar = tqdm(range(first, t.steps), desc="distill", dynamic_ncols=True, mininterval=1.0, disable=not dist.is_main)
     start = since_log = time.perf_counter()
@@ -213,13 +213,16 @@ def _distill(cfg: Config, dist) -> dict:
 
     after = masked_token_loss(student, eval_batches, eps=cfg.diffusion.eps)
     log(f"held-out masked-token loss after:  {after:.4f} (before {before:.4f}; {t.steps - first} steps in {elapsed:.0f} s)")
+    if teacher is not None:
+        log(f"scheduler {t.scheduler}: {schedule.ahead} of {schedule.calls} teacher calls ran under the student's work")
     out = os.path.join(cfg.output_dir, "final")
     with engine.gathered():
         if dist.is_main:
             student.model.save_pretrained(out)
             tokenizer.save_pretrained(out)
     result = {"heldout_loss_before": before, "heldout_loss_after": after, "steps": t.steps, "seconds": elapsed,
-              "history": history, "student_dir": out, "first_step": first, "world": dist.world}
+              "history": history, "student_dir": out, "first_step": first, "world": dist.world,
+              "teacher_calls": {"total": schedule.calls, "overlapped": schedule.ahead}}
     if dist.is_main:
         with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

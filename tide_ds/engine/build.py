@@ -82,6 +82,7 @@ class Engine:
     scheduler: Any = None
     accumulation: int = 1
     grad_clip: float = 0.0
+    traces: list = dataclasses.field(default_factory=list)  # ZeRO-3 parameter coordinators (see overlap_ready)
     _micro: int = 0
     _grad_norm: Any = None
 
@@ -117,6 +118,14 @@ class Engine:
         """The gradient norm of the last optimizer step, before clipping (None before any step)."""
         norm = self.ds.get_global_grad_norm() if self.ds is not None else self._grad_norm
         return None if norm is None else float(norm)  # a sync point: logging only
+
+    def overlap_ready(self) -> bool:
+        """Whether the teacher may run at once with the student. Until its module trace is complete,
+        a ZeRO-3 engine checks at each forward, on the default process group, that every rank
+        recorded the same module order; a partitioned teacher's checks and the student's, made at
+        once from two threads, could pair up differently on different ranks. The trace states
+        change the same way on every rank, so every rank answers alike."""
+        return all(c.is_complete_trace() for c in self.traces)
 
     def lr(self) -> float:
         opt = self.ds.optimizer if self.ds is not None else self.optimizer
@@ -210,8 +219,13 @@ def build_engine(cfg: Config, step, dist: Dist, *, use_deepspeed: bool) -> Engin
         model=module, optimizer=client_opt, config=ds_cfg,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
         model_parameters=None if client_opt is not None else module.parameters())
+    traces = []
+    if step.teacher is not None and placement == "zero3":
+        traces.append(teacher_targets.optimizer.get_param_coordinator())
+        if engine.zero_optimization_stage() == 3:
+            traces.append(engine.optimizer.parameter_offload.get_param_coordinator())
     return Engine(dist, step.student, teacher_targets, engine, ds=engine,
-                  accumulation=cfg.train.gradient_accumulation_steps)
+                  accumulation=cfg.train.gradient_accumulation_steps, traces=traces)
 
 
 def _zero3_teacher(step, student_ds: dict):

@@ -45,6 +45,7 @@ class Sequential:
 
     def __init__(self, teacher_targets: Callable, device: torch.device, phases: Phases):
         self.teacher_targets, self.device, self.phases = teacher_targets, device, phases
+        self.calls = self.ahead = 0  # teacher calls, and those started ahead of the student's work
 
     def __call__(self, micro_batches: Iterable) -> Iterator:
         batches = iter(micro_batches)
@@ -52,6 +53,7 @@ class Sequential:
             noised = to_device(cpu, self.device)
             with self.phases("teacher"):
                 targets = self.teacher_targets(noised)
+            self.calls += 1
             yield noised, targets
 
     def _next(self, batches):
@@ -68,11 +70,11 @@ class Overlap(Sequential):
     (the loop passes `tide_ds.engine.dist.fail_fast`, so an error there stops every rank at once)."""
 
     def __init__(self, teacher_targets: Callable, device: torch.device, phases: Phases, prefetch: int = 1,
-                 guard: Callable = _no_guard):
+                 guard: Callable = _no_guard, ready: Callable[[], bool] = lambda: True):
         super().__init__(teacher_targets, device, phases)
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
-        self.prefetch, self.guard = prefetch, guard
+        self.prefetch, self.guard, self.ready = prefetch, guard, ready
         self.cuda = device.type == "cuda"
         self.stream = self.consumer = None
         if self.cuda:
@@ -85,19 +87,25 @@ class Overlap(Sequential):
         batches = iter(micro_batches)
         pending: deque[Future] = deque()
 
-        def submit():
+        def submit(ahead: bool = False) -> bool:
             cpu = self._next(batches)
             if cpu is not None:
                 pending.append(self.worker.submit(lambda: self.guard(lambda: self._teacher(cpu))))
+                self.calls, self.ahead = self.calls + 1, self.ahead + ahead
+            return cpu is not None
 
-        for _ in range(self.prefetch):
-            submit()
+        submit()
         while pending:
             noised, targets, done = pending.popleft().result()
-            submit()  # the next teacher call runs while the student works on this micro-batch
+            # The next teacher calls run while the student works on this micro-batch, once the two
+            # may run at once (`ready`, e.g. after DeepSpeed's first steps); until then in turn.
+            while self.ready() and len(pending) < self.prefetch and submit(ahead=True):
+                pass
             if done is not None:
                 self.consumer.wait_event(done)
             yield noised, targets
+            if not pending:
+                submit()
 
     def _teacher(self, cpu):
         """On the worker thread: the copy to the device and the teacher call, on the teacher's stream."""
@@ -154,9 +162,9 @@ class _Worker:
 
 
 def build_scheduler(name: str, teacher_targets: Callable, device: torch.device, phases: Phases, *,
-                    prefetch: int = 1, guard: Callable = _no_guard):
+                    prefetch: int = 1, guard: Callable = _no_guard, ready: Callable[[], bool] = lambda: True):
     if name == "sequential":
         return Sequential(teacher_targets, device, phases)
     if name == "overlap":
-        return Overlap(teacher_targets, device, phases, prefetch=prefetch, guard=guard)
+        return Overlap(teacher_targets, device, phases, prefetch=prefetch, guard=guard, ready=ready)
     raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
