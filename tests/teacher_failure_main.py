@@ -1,5 +1,5 @@
 """Entry used by tests/test_schedule.py: the distillation CLI with a teacher call that raises on
-rank 1 (at its third call, inside an overlapped step when train.scheduler=overlap)."""
+rank 1 (at its fifth call: with train.scheduler=overlap, on the worker thread, under the student's work)."""
 import sys
 
 import torch
@@ -13,7 +13,7 @@ _calls = []
 
 def failing_teacher_targets(self, noised):
     _calls.append(1)
-    if torch.distributed.get_rank() == 1 and len(_calls) == 3:
+    if torch.distributed.get_rank() == 1 and len(_calls) == 5:
         raise RuntimeError("injected teacher failure on this rank")
     return _teacher_targets(self, noised)
 

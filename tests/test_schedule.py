@@ -236,9 +236,10 @@ def test_overlap_matches_sequential_on_2_ranks_for_each_teacher_placement(tiny_o
 @pytest.mark.multirank
 def test_a_teacher_failure_in_an_overlapped_step_stops_every_rank(tiny_overrides, tmp_path):
     out, seconds = launch("deepspeed", _args(tiny_overrides, tmp_path / "fail", "recipe=tide_shared",
-                                             "train.scheduler=overlap", "engine.teacher_placement=zero3",
+                                             "train.scheduler=overlap", "train.steps=8", "engine.teacher_placement=zero3",
                                              f"engine.ds_config={ZERO3}", "engine.timeout_s=60"),
                           entry="teacher_failure_main", timeout=300)
     assert out.returncode != 0
     assert "[rank 1] error: RuntimeError: injected teacher failure on this rank" in out.stderr, out.stderr[-3000:]
-    assert seconds < 120, seconds
+    assert "in _teacher" in out.stderr  # raised on the worker thread
+    assert seconds < 150, seconds  # start-up and five steps on a busy machine; no collective timeout
