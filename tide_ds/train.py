@@ -183,12 +183,7 @@ def _distill(cfg: Config, dist) -> dict:
             sums: dict[str, torch.Tensor] = {}  # this step's loss and terms, averaged over micro-batches
             for _ in range(accum):
                 noised, targets = next(pairs)
-                with phases("student_fwd"):
-                    loss, terms = engine.loss(noised, targets, progress=i / t.steps)
-                with phases("backward"):
-                    engine.backward(loss)
-                with phases("optimizer"):
-                    engine.step()
+                loss, terms = student_step(engine, phases, noised, targets, progress=i / t.steps)
                 for name, v in {"loss": loss.detach(), **terms}.items():
                     sums[name] = sums.get(name, 0) + v.float() / accum
                 tokens += noised.x0.numel()
@@ -230,6 +225,17 @@ def _distill(cfg: Config, dist) -> dict:
             json.dump(result, f, indent=1)
         print(f"saved student to {out}")
     return result
+
+
+def student_step(engine, phases: Phases, noised, targets, progress: float):
+    """The student's work on one micro-batch: loss, backward, optimizer step (at accumulation boundaries)."""
+    with phases("student_fwd"):
+        loss, terms = engine.loss(noised, targets, progress=progress)
+    with phases("backward"):
+        engine.backward(loss)
+    with phases("optimizer"):
+        engine.step()
+    return loss, terms
 
 
 def log_record(step: int, sums: dict, tokens: int, engine, phases: Phases, wall: float, dist) -> dict:
