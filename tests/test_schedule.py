@@ -44,6 +44,41 @@ def test_overlap_gives_the_losses_and_weights_of_sequential_bitwise(recipe, pref
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_overlap_on_its_own_cuda_stream_gives_the_losses_and_weights_of_sequential(tiny_overrides, tmp_path):
+    over = [o for o in tiny_overrides if not o.startswith("output_dir=")] + [
+        "recipe=tide_shared", "train.steps=3", "train.gradient_accumulation_steps=2", "train.device=cuda"]
+    seq = distill(load_config(None, over + [f"output_dir={tmp_path / 'seq'}", "train.scheduler=sequential"]))
+    ovl = distill(load_config(None, over + [f"output_dir={tmp_path / 'ovl'}", "train.scheduler=overlap"]))
+    assert ovl["teacher_calls"]["overlapped"] == 5
+    assert [h["loss"] for h in seq["history"]] == pytest.approx([h["loss"] for h in ovl["history"]], abs=1e-6)
+    wa, wb = _weights(seq["student_dir"]), _weights(ovl["student_dir"])
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+
+
+def test_tensors_of_finds_cached_rows_and_nested_targets():
+    from tide_ds.objectives.terms import Rows
+    from tide_ds.pipeline import TeacherTargets
+    from tide_ds.tree import tensors_of
+
+    from tide_ds.config import ObjectiveConfig
+    from tide_ds.models import BD3LMStudent
+    from tide_ds.objectives import RECIPES
+    from tide_ds.pipeline import DistillStep
+    from tiny import decoder
+
+    step = DistillStep(BD3LMStudent(decoder(vocab_size=64), 4, 63), None, RECIPES["ce"], ObjectiveConfig())
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 60, (2, 8), generator=g), "maskable": torch.ones(2, 8, dtype=torch.bool)}
+    noised = step.noise(batch, generator=g)
+    cached = noised.masked_rows
+    head = torch.nn.Parameter(torch.zeros(3, 4))
+    targets = TeacherTargets(rows=Rows(torch.ones(5, 4), head), chunk_logprobs=torch.zeros(2, 3))
+    found = {id(t) for t in tensors_of((noised, targets))}
+    assert {id(cached[0]), id(cached[1]), id(noised.x_t), id(targets.rows.hidden), id(head)} <= found
+
+
 def test_a_teacher_error_in_the_overlapped_step_reaches_the_caller(tiny_overrides, monkeypatch):
     from tide_ds.pipeline import step as step_module
 
