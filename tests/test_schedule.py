@@ -17,7 +17,7 @@ from tide_ds.data.sampler import Prefetch, RankBatches
 from tide_ds.diffusion import RowStreams, noise_batch
 from tide_ds.objectives import comp_demo_split
 from tide_ds.train import distill
-from test_engine import ZERO3, _args, assert_same_weights, launch
+from test_engine import ZERO3, _args, assert_same_weights, launch, tp_teacher  # noqa: F401 (a fixture)
 
 KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "time", "overlap_fraction"}
 PHASES = {"data", "teacher", "student_fwd", "backward", "optimizer"}
@@ -240,9 +240,9 @@ def test_a_killed_run_keeps_every_logged_line(tiny_overrides, tmp_path):
 
 @pytest.mark.multirank
 @pytest.mark.slow
-def test_overlap_matches_sequential_on_2_ranks_for_each_teacher_placement(tiny_overrides, tmp_path):
-    """ZeRO-3 student; replicated, ZeRO-3 and expert-parallel teacher; CompDemo; accumulation 2:
-    all in one launch, each run once per scheduler."""
+def test_overlap_matches_sequential_on_2_ranks_for_each_teacher_placement(tiny_overrides, tp_teacher, tmp_path):
+    """ZeRO-3 student; replicated, ZeRO-3, expert-parallel and tensor-parallel teacher; CompDemo;
+    accumulation 2: all in one launch, each run once per scheduler."""
     from tiny import llada2
     from transformers import AutoTokenizer
 
@@ -256,7 +256,9 @@ def test_overlap_matches_sequential_on_2_ranks_for_each_teacher_placement(tiny_o
         "train.gradient_accumulation_steps=2", f"engine.ds_config={ZERO3}"]
     placements = {"replicate": [], "zero3": ["engine.teacher_placement=zero3"],
                   "expert_parallel": [f"teacher.path={moe}", "engine.teacher_placement=expert_parallel",
-                                      "engine.ep_size=2"]}
+                                      "engine.ep_size=2"],
+                  "tensor_parallel": [f"teacher.path={tp_teacher}", "engine.teacher_placement=tensor_parallel",
+                                      "engine.tp_size=2"]}
     runs = [{"name": name, "overrides": base + extra, "output_dir": str(tmp_path / name)}
             for name, extra in placements.items()]
     (tmp_path / "runs.json").write_text(json.dumps(runs))
@@ -276,7 +278,7 @@ def test_overlap_matches_sequential_on_2_ranks_for_each_teacher_placement(tiny_o
         assert ovl["teacher_calls"]["total"] == 6 and ovl["teacher_calls"]["overlapped"] >= 2, (name, ovl)
         worst = assert_same_weights(seq["student_dir"], ovl["student_dir"], atol=1e-5, adam_lr=3e-3)
         print(f"{name}: max |w_overlap - w_sequential| = {worst:.1e}")
-    print(f"3 placements x 2 schedulers on 2 ranks: {seconds:.0f} s")
+    print(f"4 placements x 2 schedulers on 2 ranks: {seconds:.0f} s")
 
 
 @pytest.mark.multirank

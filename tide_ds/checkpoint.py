@@ -7,7 +7,7 @@ Layout under `<output_dir>/checkpoints/`:
   hf/               the student's transformers config and tokenizer (what `export` builds on)
   latest            the newest tag
 
-Data position and noise are pure functions of the step (see `tide_ds.train`), so the step is
+Data position and noise are pure functions of the step (see `tide_ds.data.sampler`), so the step is
 what a resume needs besides the engine states; the torch RNG states are saved too.
 
 `tide-ds export CKPT OUT` writes a model directory that `from_pretrained` loads.
