@@ -95,6 +95,31 @@ def test_a_teacher_error_in_the_overlapped_step_reaches_the_caller(tiny_override
         distill(load_config(None, tiny_overrides + ["recipe=kl", "train.scheduler=overlap", "train.steps=6"]))
 
 
+def test_overlap_runs_in_turn_until_ready_then_ahead_on_its_worker():
+    import threading
+
+    from tide_ds.metrics import Phases
+    from tide_ds.pipeline import Overlap
+
+    events, threads = [], set()
+
+    def teacher(noised):
+        threads.add(threading.current_thread().name)
+        events.append(("teacher", int(noised)))
+        return int(noised) * 10
+
+    schedule = Overlap(teacher, torch.device("cpu"), Phases(torch.device("cpu")), prefetch=1,
+                       ready=lambda: len(events) >= 3)
+    got = []
+    for noised, targets in schedule(torch.arange(6)):
+        events.append(("student", int(noised)))
+        got.append((int(noised), targets))
+    schedule.close()
+    assert got == [(k, 10 * k) for k in range(6)]
+    assert events[:3] == [("teacher", 0), ("student", 0), ("teacher", 1)]  # in turn until ready
+    assert (schedule.calls, schedule.ahead) == (6, 4) and threads == {"tide-ds-teacher"}
+
+
 class CountingRows(torch.utils.data.Dataset):
     def __init__(self, n):
         self.n, self.fetched = n, []
