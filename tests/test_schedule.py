@@ -1,12 +1,10 @@
 """Schedulers (sequential / overlap), the per-rank data path and the metrics log."""
 import importlib.util
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch

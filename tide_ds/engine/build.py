@@ -19,7 +19,6 @@ from tide_ds.config import Config, ConfigError
 from tide_ds.engine.dist import Dist
 from tide_ds.engine.merge import load_ds_config, merge_ds_config, plain_batch
 from tide_ds.engine.placement import check_placement, expert_parallel, tensor_parallel
-from tide_ds.tree import slice_rows, to_device  # noqa: F401  (re-exported)
 
 PLAIN_STATE = "plain_state.pt"
 
