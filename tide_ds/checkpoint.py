@@ -13,7 +13,7 @@ A save writes everything into step<N>.partial, fsyncs it, writes the marker ther
 directory to step<N>; only then is `latest` replaced, by a rename. A kill at any point of a save
 leaves every earlier checkpoint complete and `latest` naming one of them.
 
-Data position and noise are pure functions of the step (see `tide_ds.train`), so the step is
+Data position and noise are pure functions of the step (see `tide_ds.data.sampler`), so the step is
 what a resume needs besides the engine states; the torch RNG states are saved too.
 
 `tide-ds export CKPT OUT` writes a model directory that `from_pretrained` loads.

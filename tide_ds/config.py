@@ -86,6 +86,12 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0  # torch CPU threads (0: leave torch's default)
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
+    # sequential: teacher, then student, per micro-batch (the default: least memory, nothing runs at
+    # once); overlap: the next micro-batches' teacher calls run under the student's forward and
+    # backward (see tide_ds/pipeline/schedule.py and docs/schedule.md)
+    scheduler: Literal["sequential", "overlap"] = "sequential"
+    teacher_prefetch: int = 1  # overlap: teacher calls in flight ahead of the student
+    data_prefetch: int = 4  # micro-batches built ahead on a background thread
     resume: str | None = None  # a checkpoint directory, "latest" (must exist) or "auto" (newest complete, else fresh)
     # fault tolerance (docs/faults.md)
     keep_last: int = 2  # complete checkpoints kept (0: all); the newest is never deleted
@@ -267,6 +273,8 @@ def validate(cfg: Config) -> None:
         (t.max_nonfinite >= 0, "train.max_nonfinite must be >= 0"),
         (cfg.data.seq_len >= 1, f"data.seq_len must be >= 1 (got {cfg.data.seq_len})"),
         (t.nonfinite != "skip" or cfg.engine.ds_config is None, SKIP_NEEDS_ONE_PROCESS),
+        (t.teacher_prefetch >= 1, "train.teacher_prefetch must be >= 1 (teacher calls in flight with scheduler=overlap)"),
+        (t.data_prefetch >= 1, "train.data_prefetch must be >= 1"),
         (cfg.engine.ep_size >= 1, "engine.ep_size must be >= 1"),
         (cfg.engine.tp_size >= 1, "engine.tp_size must be >= 1"),
         (cfg.engine.timeout_s >= 1, "engine.timeout_s must be >= 1"),

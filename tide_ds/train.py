@@ -1,14 +1,12 @@
 """`tide-ds distill`: build the pieces from the config, run the loop, save the student.
 
 The loop is short on purpose: noising, the teacher call and the loss live in
-`tide_ds.pipeline.step`, data in `tide_ds.data`, models in `tide_ds.models`, DeepSpeed wiring in
-`tide_ds.engine`, checkpoints in `tide_ds.checkpoint`.
-
-Every rank reads the same global batch (a pure function of the step) and draws its noise from a
-generator seeded by the step, then keeps its own micro-batches: rank r's micro-step j takes rows
-[(r*G + j)*m, (r*G + j + 1)*m) for G accumulation steps of m rows. Any split of one global batch
-over ranks and accumulation steps thus sees the same micro-batches, and a resumed run continues
-with exactly the data and noise of an uninterrupted one.
+`tide_ds.pipeline.step`, where the teacher call runs against the student's work in
+`tide_ds.pipeline.schedule`, each rank's micro-batches in `tide_ds.data.sampler` (built by that
+rank only, ahead, with noise that is a pure function of the row: any split over ranks and
+accumulation steps, and a resumed run, see the same data and noise), models in `tide_ds.models`,
+DeepSpeed wiring in `tide_ds.engine`, checkpoints in `tide_ds.checkpoint`, metrics in
+`tide_ds.metrics`. Host syncs happen only in the logging branch.
 """
 from __future__ import annotations
 
@@ -31,16 +29,17 @@ from tide_ds.config import SKIP_NEEDS_ONE_PROCESS, Config, ConfigError, load_con
 from tide_ds.data.collate import Collator
 from tide_ds.data.corpus import TextWindows, collate_windows, corpus_files, is_holdout
 from tide_ds.data.prepare import REPORT_NAME, load_prepared, vocab_fingerprint
-from tide_ds.engine import build_engine, init_distributed, slice_rows, wants_deepspeed
-from tide_ds.engine.build import to_device
+from tide_ds.data.sampler import Prefetch, RankBatches, batches_per_epoch
+from tide_ds.engine import build_engine, init_distributed, wants_deepspeed
 from tide_ds.engine.dist import fail_fast
 from tide_ds.engine.guard import StepGuard
 from tide_ds.engine.merge import load_ds_config, merge_ds_config, plain_batch
 from tide_ds.engine.preempt import Preemption, resume_command
 from tide_ds.eval import masked_token_loss
+from tide_ds.metrics import MetricsLog, Phases, overlap_fraction
 from tide_ds.models import build_student, build_teacher, load_tokenizer
 from tide_ds.objectives import TERMS, needs_teacher, resolve_terms
-from tide_ds.pipeline import DistillStep
+from tide_ds.pipeline import DistillStep, build_scheduler
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -148,13 +147,6 @@ def check_teacher_fits(cfg: Config, recipe, data: Data, tokenizer) -> None:
         check_shared_vocab(cfg, tokenizer, cfg.recipe)
 
 
-def batches_per_epoch(rows: int, size: int) -> int:
-    if rows < size:
-        raise ConfigError(f"the global batch ({size}) is larger than the training set ({rows} rows); "
-                          f"lower train.micro_batch_size or train.gradient_accumulation_steps, or add data")
-    return rows // size
-
-
 def check_batch(cfg: Config, dist, data: Data) -> None:
     """The batch arithmetic (YAML, ds_config, ranks, data size), before any model is loaded."""
     if wants_deepspeed(cfg) and cfg.train.nonfinite == "skip":  # several ranks without a ds_config
@@ -165,14 +157,6 @@ def check_batch(cfg: Config, dist, data: Data) -> None:
     else:
         plain_batch(cfg)
     batches_per_epoch(len(data.train), cfg.train.global_batch_size)
-
-
-def global_batch(data: Data, size: int, seed: int, step: int) -> dict:
-    """The global batch of optimizer step `step`: one shuffled pass per epoch, seeded by the epoch."""
-    dataset = data.train
-    epoch, j = divmod(step, batches_per_epoch(len(dataset), size))
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 7919 * epoch))
-    return data.collate([dataset[int(k)] for k in order[j * size:(j + 1) * size]])
 
 
 def distill(cfg: Config) -> dict:
@@ -231,47 +215,60 @@ def _distill(cfg: Config, dist, signals: Preemption) -> dict:
     before = masked_token_loss(student, eval_batches, eps=cfg.diffusion.eps)
     log(f"held-out masked-token loss before: {before:.4f}")
 
+    ranks = RankBatches(data.train, data.collate, step.noise, global_batch=t.global_batch_size, micro_batch=micro,
+                        accumulation=accum, rank=dist.rank, seed=t.seed)
+    micro_batches = Prefetch(ranks.iterate(first, t.steps), depth=t.data_prefetch, pin=device.type == "cuda")
+    phases = Phases(device)
+    schedule = build_scheduler(t.scheduler, engine.teacher_targets, device, phases, prefetch=t.teacher_prefetch,
+                               guard=fail_fast, ready=engine.overlap_ready)
+    metrics = MetricsLog(cfg.output_dir, enabled=dist.is_main)
     bar = tqdm(range(first, t.steps), desc="distill", dynamic_ncols=True, mininterval=1.0, disable=not dist.is_main)
-    start = time.time()
-    history = []
-    for i in bar:
-        batch = global_batch(data, t.global_batch_size, t.seed, i)
-        noised_all = step.noise(batch, generator=torch.Generator().manual_seed(t.seed * 1_000_003 + i))
-        sums: dict[str, torch.Tensor] = {}
-        for j in range(accum):
-            k = dist.rank * accum + j
-            noised = to_device(slice_rows(noised_all, slice(k * micro, (k + 1) * micro)), device)
-            targets = engine.teacher_targets(noised)
-            loss, terms = engine.loss(noised, targets, progress=i / t.steps)
-            engine.backward_step(loss)
-            for name, v in {**terms, "loss": loss.detach()}.items():
-                sums[name] = sums.get(name, 0) + v.float() / accum
-        stop = guard.after_step(i, sums)  # one sync per optimizer step: a stop signal, non-finite values
-        if stop:
-            return preempted(engine, cfg, i + 1, tokenizer, stop)
-        if i % t.log_every == 0 or i == t.steps - 1:
-            stacked = torch.stack(list(sums.values()))
-            if dist.world > 1:
-                torch.distributed.all_reduce(stacked)
-                stacked /= dist.world
-            values = dict(zip(sums, stacked.tolist()))  # sync point: logging only
-            history.append({"step": i, **values})
-            bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()}, refresh=False)
-        if t.save_every and (i + 1) % t.save_every == 0 and i + 1 < t.steps:
-            checkpoint.save(engine, cfg, i + 1, tokenizer)
-    elapsed = time.time() - start
+    start = since_log = time.perf_counter()
+    history, tokens = [], 0
+    try:
+        pairs = schedule(micro_batches)
+        for i in bar:
+            sums: dict[str, torch.Tensor] = {}  # this step's loss and terms, averaged over micro-batches
+            for _ in range(accum):
+                noised, targets = next(pairs)
+                loss, terms = student_step(engine, phases, noised, targets, progress=i / t.steps)
+                for name, v in {"loss": loss.detach(), **terms}.items():
+                    sums[name] = sums.get(name, 0) + v.float() / accum
+                tokens += noised.x0.numel()
+            stop = guard.after_step(i, sums)  # one sync per optimizer step: a stop signal, non-finite values
+            if stop:
+                return preempted(engine, cfg, i + 1, tokenizer, stop)
+            if i % t.log_every == 0 or i == t.steps - 1:
+                record = log_record(i, sums, tokens, engine, phases, time.perf_counter() - since_log, dist)
+                metrics.write(record)
+                history.append(record)
+                bar.set_postfix({"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"},
+                                refresh=False)
+                tokens, since_log = 0, time.perf_counter()
+            if t.save_every and (i + 1) % t.save_every == 0 and i + 1 < t.steps:
+                saving = time.perf_counter()
+                checkpoint.save(engine, cfg, i + 1, tokenizer)
+                since_log += time.perf_counter() - saving  # a save is no part of the steps' time
+    finally:
+        schedule.close()
+        micro_batches.close()
+        metrics.close()
+    elapsed = time.perf_counter() - start
     if first < t.steps:
         checkpoint.save(engine, cfg, t.steps, tokenizer)
 
     after = masked_token_loss(student, eval_batches, eps=cfg.diffusion.eps)
     log(f"held-out masked-token loss after:  {after:.4f} (before {before:.4f}; {t.steps - first} steps in {elapsed:.0f} s)")
+    if teacher is not None:
+        log(f"scheduler {t.scheduler}: {schedule.ahead} of {schedule.calls} teacher calls ran under the student's work")
     out = os.path.join(cfg.output_dir, "final")
     with engine.gathered():
         if dist.is_main:
             student.model.save_pretrained(out)
             tokenizer.save_pretrained(out)
     result = {"heldout_loss_before": before, "heldout_loss_after": after, "steps": t.steps, "seconds": elapsed,
-              "history": history, "student_dir": out, "first_step": first, "world": dist.world}
+              "history": history, "student_dir": out, "first_step": first, "world": dist.world,
+              "teacher_calls": {"total": schedule.calls, "overlapped": schedule.ahead}}
     if dist.is_main:
         with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
@@ -279,3 +276,27 @@ def _distill(cfg: Config, dist, signals: Preemption) -> dict:
             json.dump(result, f, indent=1)
         print(f"saved student to {out}")
     return result
+
+
+def student_step(engine, phases: Phases, noised, targets, progress: float):
+    """The student's work on one micro-batch: loss, backward, optimizer step (at accumulation boundaries)."""
+    with phases("student_fwd"):
+        loss, terms = engine.loss(noised, targets, progress=progress)
+    with phases("backward"):
+        engine.backward(loss)
+    with phases("optimizer"):
+        engine.step()
+    return loss, terms
+
+
+def log_record(step: int, sums: dict, tokens: int, engine, phases: Phases, wall: float, dist) -> dict:
+    """The metrics of a log step, averaged over ranks (the loop's one sync point)."""
+    stacked = torch.stack([*sums.values(), torch.tensor(float(tokens))])
+    if dist.world > 1:
+        torch.distributed.all_reduce(stacked)
+        stacked[:-1] /= dist.world
+    *values, all_tokens = stacked.tolist()
+    times = phases.read()
+    return {"step": step, **dict(zip(sums, values)), "lr": engine.lr(), "grad_norm": engine.grad_norm(),
+            "tokens_per_s": all_tokens / max(wall, 1e-9), "time": times,
+            "overlap_fraction": overlap_fraction(times, wall)}

@@ -6,6 +6,7 @@ BENCHMARKS = {
     "teacher": "tide_ds.bench.teacher",
     "align": "tide_ds.bench.align",
     "step": "tide_ds.bench.step",
+    "schedule": "tide_ds.bench.schedule",
 }
 
 

@@ -16,6 +16,7 @@ from tide_ds.diffusion.layout import (
 )
 from tide_ds.diffusion.noise import (
     NoisedBatch,
+    RowStreams,
     chunk_consistent_mask,
     chunk_masked,
     loss_weight,
@@ -23,11 +24,13 @@ from tide_ds.diffusion.noise import (
     noise_batch,
     sample_t,
     tokens_of_chunks,
+    uniform,
 )
 
 __all__ = [
     "NoisedBatch",
     "Pattern",
+    "RowStreams",
     "additive",
     "attention_mask",
     "bd3lm_additive_mask",
@@ -44,4 +47,5 @@ __all__ = [
     "pad_to_block_multiple",
     "sample_t",
     "tokens_of_chunks",
+    "uniform",
 ]

@@ -5,14 +5,49 @@ ELBO weight is w(t) = -alpha'(t) / (1 - alpha(t)) = 1 / t.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 
-def sample_t(batch: int, eps: float = 1e-3, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+class RowStreams:
+    """Random numbers per row, a pure function of each row's key: the k-th draw of a row comes from
+    a generator seeded by (key, k). A row's values thus depend neither on the other rows of its
+    batch nor on how wide the batch is padded (CPU `torch.rand` fills elements in order, so a wider
+    draw begins with the narrower one). Pass it wherever a function takes `generator`."""
+
+    def __init__(self, keys: Sequence[int]):
+        self.keys = list(keys)
+        self.draws = 0
+
+    def rand(self, shape, device=None) -> torch.Tensor:
+        if shape[0] != len(self.keys):
+            raise ValueError(f"RowStreams has {len(self.keys)} rows, asked for a draw of shape {tuple(shape)}")
+        k, self.draws = self.draws, self.draws + 1
+        rows = [torch.rand(tuple(shape[1:]), generator=torch.Generator().manual_seed(mix_seed(key, k)))
+                for key in self.keys]
+        return torch.stack(rows).to(device)
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes and Python versions)."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def uniform(shape, generator: torch.Generator | RowStreams | None = None, device=None) -> torch.Tensor:
+    """U[0, 1) of `shape`, from a torch generator or per-row streams."""
+    if isinstance(generator, RowStreams):
+        return generator.rand(shape, device)
+    return torch.rand(shape, generator=generator, device=device)
+
+
+def sample_t(batch: int, eps: float = 1e-3, generator: torch.Generator | RowStreams | None = None,
+             device=None) -> torch.Tensor:
     """t ~ U[eps, 1), one per sequence, fp32 [batch]."""
-    u = torch.rand(batch, generator=generator, device=device)
+    u = uniform((batch,), generator, device)
     return eps + (1.0 - eps) * u
 
 
@@ -68,7 +103,7 @@ def noise_batch(
     t: torch.Tensor | None = None,
     eps: float = 1e-3,
     chunk_ids: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | RowStreams | None = None,
 ) -> NoisedBatch:
     """Masks each maskable token with probability t (one t per row). With chunk_ids, whole chunks.
 
@@ -77,7 +112,7 @@ def noise_batch(
     b = x0.shape[0]
     if t is None:
         t = sample_t(b, eps, generator=generator, device=x0.device)
-    u = torch.rand(x0.shape, generator=generator, device=x0.device)
+    u = uniform(x0.shape, generator, x0.device)
     masked = (u < mask_probability(t)[:, None]) & maskable
     if chunk_ids is not None:
         masked = chunk_consistent_mask(masked, chunk_ids) & maskable

@@ -2,8 +2,9 @@
 
 `build_engine(cfg, step)` is the one entry point the loop uses; each concern is a small function.
 """
-from tide_ds.engine.build import Engine, build_engine, slice_rows
+from tide_ds.engine.build import Engine, build_engine
 from tide_ds.engine.dist import Dist, init_distributed, wants_deepspeed
 from tide_ds.engine.merge import merge_ds_config
+from tide_ds.tree import slice_rows
 
 __all__ = ["Dist", "Engine", "build_engine", "init_distributed", "merge_ds_config", "slice_rows", "wants_deepspeed"]

@@ -23,27 +23,6 @@ from tide_ds.engine.placement import check_placement, expert_parallel, megatron,
 PLAIN_STATE = "plain_state.pt"
 
 
-def slice_rows(obj, rows: slice):
-    """Rows of every tensor in a dataclass (tensors and lists of tensors; other fields as they are)."""
-    def cut(v):
-        if torch.is_tensor(v) and v.ndim >= 1:
-            return v[rows]
-        if isinstance(v, list):
-            return [cut(x) for x in v]
-        return v
-    return dataclasses.replace(obj, **{f.name: cut(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
-
-
-def to_device(obj, device: torch.device):
-    def move(v):
-        if torch.is_tensor(v):
-            return v.to(device, non_blocking=True)
-        if isinstance(v, list):
-            return [move(x) for x in v]
-        return v
-    return dataclasses.replace(obj, **{f.name: move(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
-
-
 class _StudentLoss(nn.Module):
     """The student's loss as a module forward (what the DeepSpeed engine wraps)."""
 
@@ -102,28 +81,39 @@ class Engine:
     scheduler: Any = None
     accumulation: int = 1
     grad_clip: float = 0.0
+    traces: list = dataclasses.field(default_factory=list)  # ZeRO-3 parameter coordinators (see overlap_ready)
     _micro: int = 0
     _finite: torch.Tensor | None = None  # all losses (and the grad norm) of this optimizer step finite
+    _grad_norm: Any = None
 
     def backward_step(self, loss: torch.Tensor) -> None:
-        """Backward of one micro-batch; the optimizer steps after `accumulation` of them. A plain
-        step with a non-finite loss or gradient norm leaves the weights as they were."""
+        """Backward of one micro-batch; the optimizer steps after `accumulation` of them."""
+        self.backward(loss)
+        self.step()
+
+    def backward(self, loss: torch.Tensor) -> None:
         finite = torch.isfinite(loss.detach())
         self._finite = finite if self._finite is None else self._finite & finite
         if self.ds is not None:
             self.ds.backward(loss)
+        else:
+            (loss / self.accumulation).backward()
+
+    def step(self) -> None:
+        """Called after every micro-batch's backward: steps the optimizer at accumulation boundaries.
+        A plain step with a non-finite loss or gradient norm leaves the weights as they were."""
+        if self.ds is not None:
             boundary = self.ds.is_gradient_accumulation_boundary()
             self.ds.step()
             norm = self.ds.get_global_grad_norm() if boundary else None
             if norm is not None:
-                self._finite = self._finite & torch.isfinite(torch.as_tensor(norm, device=finite.device))
+                self._finite = self._finite & torch.isfinite(torch.as_tensor(norm, device=self._finite.device))
             return
-        (loss / self.accumulation).backward()
         self._micro += 1
         if self._micro % self.accumulation == 0:
             clip = self.grad_clip if self.grad_clip > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), clip)
-            self._finite = self._finite & torch.isfinite(norm)
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), clip)
+            self._finite = self._finite & torch.isfinite(self._grad_norm)
             if bool(self._finite):  # sync point: once per optimizer step (StepGuard reports a skip)
                 self.optimizer.step()
             self.scheduler.step()
@@ -134,6 +124,19 @@ class Engine:
         bool, no sync); resets for the next step."""
         finite, self._finite = self._finite, None
         return finite
+
+    def grad_norm(self) -> float | None:
+        """The gradient norm of the last optimizer step, before clipping (None before any step)."""
+        norm = self.ds.get_global_grad_norm() if self.ds is not None else self._grad_norm
+        return None if norm is None else float(norm)  # a sync point: logging only
+
+    def overlap_ready(self) -> bool:
+        """Whether the teacher may run at once with the student. Until its module trace is complete,
+        a ZeRO-3 engine checks at each forward, on the default process group, that every rank
+        recorded the same module order; a partitioned teacher's checks and the student's, made at
+        once from two threads, could pair up differently on different ranks. The trace states
+        change the same way on every rank, so every rank answers alike."""
+        return all(c.is_complete_trace() for c in self.traces)
 
     def lr(self) -> float:
         opt = self.ds.optimizer if self.ds is not None else self.optimizer
@@ -227,12 +230,19 @@ def build_engine(cfg: Config, step, dist: Dist, *, use_deepspeed: bool) -> Engin
         model=module, optimizer=client_opt, config=ds_cfg,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
         model_parameters=None if client_opt is not None else module.parameters())
+    traces = []
+    if step.teacher is not None and placement == "zero3":
+        traces.append(teacher_targets.optimizer.get_param_coordinator())
+        if engine.zero_optimization_stage() == 3:
+            traces.append(engine.optimizer.parameter_offload.get_param_coordinator())
     return Engine(dist, step.student, teacher_targets, engine, ds=engine,
-                  accumulation=cfg.train.gradient_accumulation_steps)
+                  accumulation=cfg.train.gradient_accumulation_steps, traces=traces)
 
 
 def _zero3_teacher(step, student_ds: dict):
-    """The teacher's parameters partitioned over the ranks (ZeRO-3, no optimizer)."""
+    """The teacher's parameters partitioned over the ranks (ZeRO-3, no optimizer), gathered over a
+    process group of its own, so its gathers never interleave with the student's collectives even
+    when the two run at once (train.scheduler=overlap)."""
     import deepspeed
 
     zero = dict(student_ds.get("zero_optimization", {}))
@@ -242,7 +252,11 @@ def _zero3_teacher(step, student_ds: dict):
     teacher_ds = {k: student_ds[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                                               "train_batch_size", "bf16", "fp16", "steps_per_print")}
     teacher_ds["zero_optimization"] = zero
-    engine, _, _, _ = deepspeed.initialize(model=_TeacherCall(step), config=teacher_ds)
+    module = _TeacherCall(step)
+    group = torch.distributed.new_group(list(range(torch.distributed.get_world_size())))
+    deepspeed.zero.Init(module=module, data_parallel_group=group, config_dict_or_path=teacher_ds,
+                        dtype=next(module.parameters()).dtype)
+    engine, _, _, _ = deepspeed.initialize(model=module, config=teacher_ds)
     engine.eval()
     return engine
 

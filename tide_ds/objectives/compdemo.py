@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from tide_ds.diffusion.noise import uniform
 
-def comp_demo_split(masked: torch.Tensor, demo_ratio: float = 0.5, generator: torch.Generator | None = None):
-    """Splits the masked set: (m_a, m_b), each masked position in M_A with probability demo_ratio."""
-    u = torch.rand(masked.shape, generator=generator, device=masked.device)
+
+def comp_demo_split(masked: torch.Tensor, demo_ratio: float = 0.5, generator=None):
+    """Splits the masked set: (m_a, m_b), each masked position in M_A with probability demo_ratio.
+    `generator`: a torch.Generator or `tide_ds.diffusion.RowStreams`."""
+    u = uniform(masked.shape, generator, masked.device)
     m_a = masked & (u < demo_ratio)
     return m_a, masked & ~m_a
 
