@@ -495,13 +495,11 @@ def test_llada2_on_cuda_matches_cpu():
 
 def test_distill_step_runs_with_a_wedlm_teacher():
     """Pipeline B end to end through the one teacher call site: the step hands x0 to the teacher."""
-    from tide_ds.config import ObjectiveConfig
-    from tide_ds.objectives import RECIPES
-    from tide_ds.pipeline import DistillStep
+    from tide_ds.pipeline import DistillStep, resolve_terms
 
     teacher = WeDLMTeacher(decoder(), 63, block_size=4)
     student = BD3LMStudent(decoder(seed=1), 4, 63).train()
-    step = DistillStep(student, teacher, RECIPES["tide_shared"], ObjectiveConfig())
+    step = DistillStep(student, teacher, resolve_terms("tide_shared"))
     x0 = torch.randint(0, 60, (2, 16))
     n = step.noise({"input_ids": x0, "maskable": torch.ones_like(x0, dtype=torch.bool)},
                    generator=torch.Generator().manual_seed(0))

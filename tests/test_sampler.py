@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from tiny import decoder, word_tokenizer
-from tide_ds.config import ConfigError, ModelConfig, ObjectiveConfig
+from tide_ds.config import ConfigError, ModelConfig
 from tide_ds.diffusion.sampler import fill_most_confident, generate, unmask_schedule
 from tide_ds.models import BD3LMStudent, build_student
-from tide_ds.objectives import RECIPES
-from tide_ds.pipeline import DistillStep
+from tide_ds.pipeline import DistillStep, resolve_terms
 
 MASK = 63
 
@@ -111,7 +110,7 @@ def test_student_trained_on_a_repetitive_pattern_reproduces_it():
                                 num_key_value_heads=2, head_dim=8, max_position_embeddings=64))
     s = build_student(cfg, tokenizer, block_size=4, mask_token="<|mask|>")
     cycle = torch.tensor(tokenizer("a b c d e f", add_special_tokens=False)["input_ids"])
-    step = DistillStep(s, None, RECIPES["ce"], ObjectiveConfig())
+    step = DistillStep(s, None, resolve_terms("ce"))
     opt = torch.optim.AdamW(s.parameters(), lr=5e-3)
     gen = torch.Generator().manual_seed(0)
     with one_thread():

@@ -1,9 +1,8 @@
 import pytest
 import torch
 
-from tide_ds.config import ObjectiveConfig
 from tide_ds.objectives import RECIPES
-from tide_ds.pipeline import DistillStep
+from tide_ds.pipeline import DistillStep, resolve_terms
 
 
 class PassRecorder(torch.nn.Module):
@@ -40,7 +39,7 @@ def cross_batch():
 
 def test_chunk_consistent_masking_on_both_sides():
     teacher = PassRecorder()
-    step = DistillStep(Student(), teacher, RECIPES["tide_cross"], ObjectiveConfig(), cross_tokenizer=True)
+    step = DistillStep(Student(), teacher, resolve_terms("tide_cross", pipeline="cross"))
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
         batch = cross_batch()
@@ -58,7 +57,7 @@ def test_chunk_consistent_masking_on_both_sides():
 
 def test_compdemo_through_the_step():
     teacher = PassRecorder()
-    step = DistillStep(Student(), teacher, RECIPES["tide_shared"], ObjectiveConfig(), cross_tokenizer=True)
+    step = DistillStep(Student(), teacher, resolve_terms("tide_shared", pipeline="cross"))
     gen = torch.Generator().manual_seed(1)
     batch = cross_batch()
     n = step.noise(batch, generator=gen)
@@ -93,7 +92,7 @@ def test_teacher_rows_pair_single_token_chunks_only():
     batch = cross_batch()
     batch["teacher_chunk_ids"] = torch.tensor([[-1, 0, 0, 1, 2, 3, 3, -1]] * 2)
     # chunk 1 is one token on both sides (student 4, teacher 3); chunk 2 only on the teacher side
-    step = DistillStep(Student(), PassRecorder(), RECIPES["kl"], ObjectiveConfig())
+    step = DistillStep(Student(), PassRecorder(), resolve_terms("kl"))
     n = step.noise(batch, generator=torch.Generator().manual_seed(0))
     n.masked[:] = batch["maskable"]  # every response token masked
     n.chunk_mask[:] = True
@@ -119,10 +118,10 @@ def test_step_fused_equals_reference_for_every_recipe(tiny_assets):
     x0 = torch.randint(0, len(tok) - 2, (3, 16))
     batch = {"input_ids": x0, "maskable": torch.ones_like(x0, dtype=torch.bool)}
     batch["maskable"][0, :4] = False
-    for name, recipe in RECIPES.items():
+    for name in RECIPES:
         results = []
         for impl in ("reference", "twin"):
-            step = DistillStep(student, teacher, recipe, ObjectiveConfig(kernels=impl))
+            step = DistillStep(student, teacher, resolve_terms(name), kernels=impl)
             n = step.noise(batch, generator=torch.Generator().manual_seed(1))
             loss, terms = step.loss(n, step.teacher_targets(n), progress=0.3)
             grads = torch.autograd.grad(loss, [student.output_weight, *list(student.parameters())[1:3]])
@@ -150,8 +149,8 @@ def test_step_projects_each_masked_row_once(tiny_assets, monkeypatch):
     projected = []
     logits = ops._logits
     monkeypatch.setattr(ops, "_logits", lambda h, w, b: (projected.append((w, h.shape[0])), logits(h, w, b))[1])
-    for name, recipe in RECIPES.items():
-        step = DistillStep(student, teacher, recipe, ObjectiveConfig(kernels="twin"))
+    for name in RECIPES:
+        step = DistillStep(student, teacher, resolve_terms(name), kernels="twin")
         n = step.noise(batch, generator=torch.Generator().manual_seed(2))
         targets = step.teacher_targets(n)
         projected.clear()
@@ -180,11 +179,11 @@ def test_step_on_gpu_equals_cpu_reference_for_every_recipe(tiny_assets):
     x0 = torch.randint(0, len(tok) - 2, (3, 16))
     batch = {"input_ids": x0, "maskable": torch.ones_like(x0, dtype=torch.bool)}
     models = {"cpu": (student, teacher), "cuda": (copy.deepcopy(student).cuda(), copy.deepcopy(teacher).cuda())}
-    for name, recipe in RECIPES.items():
+    for name in RECIPES:
         results = {}
         for device, impl in (("cpu", "reference"), ("cuda", "auto")):
             s, te = models[device]
-            step = DistillStep(s, te, recipe, ObjectiveConfig(kernels=impl))
+            step = DistillStep(s, te, resolve_terms(name), kernels=impl)
             n = step.noise(batch, generator=torch.Generator().manual_seed(1))
             n = type(n)(**{k: v.to(device) if torch.is_tensor(v) else
                            ([x.to(device) for x in v] if isinstance(v, list) else v) for k, v in vars(n).items()})

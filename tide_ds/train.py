@@ -26,7 +26,7 @@ import yaml
 from tqdm import tqdm
 
 from tide_ds import checkpoint
-from tide_ds.config import Config, ConfigError, load_config, to_dict
+from tide_ds.config import Config, ConfigError, load_config, needs_teacher, run_terms, to_dict
 from tide_ds.data.collate import Collator
 from tide_ds.data.corpus import TextWindows, collate_windows, corpus_files, is_holdout
 from tide_ds.data.prepare import REPORT_NAME, load_prepared
@@ -35,8 +35,7 @@ from tide_ds.engine.build import to_device
 from tide_ds.engine.dist import fail_fast
 from tide_ds.eval import masked_token_loss
 from tide_ds.models import build_student, build_teacher, load_tokenizer
-from tide_ds.objectives import TERMS, needs_teacher, resolve_terms
-from tide_ds.pipeline import DistillStep
+from tide_ds.pipeline import DistillStep, RunTerms, resolve_terms
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -117,9 +116,9 @@ def check_prepared_tokenizer(prepared_with: str, tokenizer, source: str) -> None
                           f"from the student's tokenizer here; set student.tokenizer to it or prepare the data again")
 
 
-def check_teacher_fits(cfg: Config, recipe, data: Data, tokenizer) -> None:
+def check_teacher_fits(cfg: Config, terms: RunTerms, data: Data, tokenizer) -> None:
     """Shared-vocabulary terms need one vocabulary; without its own ids the teacher reads the student's."""
-    shared_only = [n for n, w in recipe.terms.items() if w > 0 and TERMS[n].shared_vocab_only]
+    shared_only = [term.name for term in terms.terms if term.shared_vocab_only]
     if data.cross_tokenizer and shared_only:
         raise ConfigError(f"recipe '{cfg.recipe}' uses {', '.join(shared_only)}, which needs one shared vocabulary, but "
                           f"data.source={cfg.data.source} was prepared for two tokenizers; use tide_cross, calm or "
@@ -151,20 +150,21 @@ def _distill(cfg: Config, dist) -> dict:
     if t.threads:
         torch.set_num_threads(t.threads)
     device = dist.device
-    recipe = resolve_terms(cfg.recipe, cfg.terms)
+    wants_teacher = needs_teacher(run_terms(cfg.recipe, cfg.terms, cfg.objective))
     resume = checkpoint.resolve_resume(cfg)  # a missing or incomplete checkpoint stops here
     tokenizer = student_tokenizer(cfg)
     data = build_data(cfg, tokenizer)
+    terms = resolve_terms(cfg.recipe, cfg.terms, "cross" if data.cross_tokenizer else "shared", cfg.objective)
     teacher = None
-    if needs_teacher(recipe):
-        check_teacher_fits(cfg, recipe, data, tokenizer)
+    if wants_teacher:
+        check_teacher_fits(cfg, terms, data, tokenizer)
         teacher = build_teacher(cfg.teacher, cfg.diffusion.mask_token, block_size=cfg.diffusion.block_size).to(device)
     student = build_student(cfg.student, tokenizer, cfg.diffusion.block_size, cfg.diffusion.mask_token).to(device)
     eval_batches = list(itertools.islice(torch.utils.data.DataLoader(
         data.held_out, batch_size=t.micro_batch_size, collate_fn=data.collate), t.eval_batches))
 
-    step = DistillStep(student, teacher, recipe, cfg.objective, cross_tokenizer=data.cross_tokenizer,
-                       eps=cfg.diffusion.eps)
+    step = DistillStep(student, teacher, terms, kernels=cfg.objective.kernels, eps=cfg.diffusion.eps,
+                       shared_vocab_size=cfg.objective.shared_vocab_size)
     engine = build_engine(cfg, step, dist, use_deepspeed=wants_deepspeed(cfg))  # settles the batch sizes
     accum, micro = t.gradient_accumulation_steps, t.micro_batch_size
     first = 0
@@ -173,8 +173,8 @@ def _distill(cfg: Config, dist) -> dict:
 
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())
     log = print if dist.is_main else (lambda *a, **k: None)
-    log(f"recipe {cfg.recipe}: {' + '.join(f'{w:g}*{n}' for n, w in recipe.terms.items())}"
-        f"{' (CompDemo)' if recipe.comp_demo else ''}; student {n_params / 1e6:.2f}M params; "
+    log(f"recipe {cfg.recipe}: {' + '.join(f'{term.weight:g}*{term.name}' for term in terms.terms)}"
+        f"{' (CompDemo)' if terms.comp_demo else ''}; student {n_params / 1e6:.2f}M params; "
         f"{len(data.train)} train / {len(data.held_out)} held-out rows; device {device}; "
         f"{dist.world} rank(s) x {accum} accumulation x {micro} = global batch {t.global_batch_size}")
     before = masked_token_loss(student, eval_batches, eps=cfg.diffusion.eps)
