@@ -195,3 +195,61 @@ def test_step_on_gpu_equals_cpu_reference_for_every_recipe(tiny_assets):
             torch.testing.assert_close(t_gpu[k], t_ref[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
         for a, b in zip(g_gpu, g_ref):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def _tiny_pair(tiny_assets):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tide_ds.models import BD3LMStudent, HFBidirectionalTeacher
+
+    tok = AutoTokenizer.from_pretrained(tiny_assets["tokenizer"])
+    teacher = HFBidirectionalTeacher(AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"]), tok.mask_token_id)
+    torch.manual_seed(0)
+    student = BD3LMStudent(AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"]), 4, tok.mask_token_id)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x0 = torch.randint(0, len(tok) - 2, (3, 16))
+    return student, teacher, {"input_ids": x0, "maskable": torch.ones_like(x0, dtype=torch.bool)}
+
+
+def test_each_term_gets_its_own_temperature(tiny_assets):
+    """CALM at T=5 and KL at T=2 in one run: each term equals its reference at its own temperature."""
+    from tide_ds.config import TermConfig
+    from tide_ds.objectives import calm, chunk_logprobs, kl, token_logprobs
+
+    student, teacher, batch = _tiny_pair(tiny_assets)
+    terms = {"ce": 1.0, "calm": TermConfig(weight=0.5, temperature=5.0), "kl": TermConfig(weight=1.0, temperature=2.0)}
+    run = resolve_terms("kl", terms)
+    assert {t.name: t.config.temperature for t in run.terms} == {"ce": 2.0, "calm": 5.0, "kl": 2.0}
+    step = DistillStep(student, teacher, run, kernels="twin")
+    n = step.noise(batch, generator=torch.Generator().manual_seed(3))
+    _, values = step.loss(n, step.teacher_targets(n), progress=0.2)
+    with torch.no_grad():
+        zs = student(n.x_t, n.x0)
+        zt = teacher.hidden_states(n.teacher_pass_inputs[0], None, x0=n.x0) @ teacher.output_weight.T
+        num = n.chunk_mask.shape[1]
+        s_lp = chunk_logprobs(torch.where(n.masked, token_logprobs(zs, n.x0), 0.0), n.chunk_ids, num)
+        t_lp = chunk_logprobs(torch.where(n.masked, token_logprobs(zt, n.x0), 0.0), n.chunk_ids, num)
+        want_calm = calm(s_lp, t_lp, n.chunk_mask, temperature=5.0, reverse=False)
+        want_kl = kl(zs, zt, n.masked, temperature=2.0)
+    torch.testing.assert_close(values["calm"], want_calm, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(values["kl"], want_kl, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(want_calm, calm(s_lp, t_lp, n.chunk_mask, temperature=2.0, reverse=False))
+
+
+def test_shared_vocab_size_cuts_the_kl_to_the_first_ids(tiny_assets):
+    """objective.shared_vocab_size: KL over the first V ids only (the rest of both heads ignored)."""
+    from tide_ds.objectives import kl
+
+    student, teacher, batch = _tiny_pair(tiny_assets)
+    v = student.output_weight.shape[0] // 2
+    step = DistillStep(student, teacher, resolve_terms("kl"), kernels="twin", shared_vocab_size=v)
+    n = step.noise(batch, generator=torch.Generator().manual_seed(4))
+    _, values = step.loss(n, step.teacher_targets(n), progress=0.0)
+    with torch.no_grad():
+        zs = student(n.x_t, n.x0)
+        zt = teacher.hidden_states(n.teacher_pass_inputs[0], None, x0=n.x0) @ teacher.output_weight.T
+        want = kl(zs[..., :v], zt[..., :v], n.masked, temperature=2.0)
+    torch.testing.assert_close(values["kl"], want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(want, kl(zs, zt, n.masked, temperature=2.0))
