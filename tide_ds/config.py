@@ -82,6 +82,10 @@ class DataConfig:
     max_files: int = 400
     holdout_fraction: float = 0.05
     tokenizer_vocab_size: int = 2048  # for the embedded demo tokenizer
+    # prepared data: which answers it trains on (set at `tide-ds prepare`, checked here) and how far
+    # rows are EOS-padded (batch: the longest row; block: the row's own next block boundary, the paper's)
+    supervise: Literal["as_prepared", "last_turn", "all_turns"] = "as_prepared"
+    eos_padding: Literal["batch", "block"] = "batch"
 
 
 @dataclass(kw_only=True)

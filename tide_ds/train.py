@@ -97,8 +97,10 @@ def build_data(cfg: Config, tokenizer) -> Data:
         with open(report_path, encoding="utf-8") as f:
             report = json.load(f)
         check_prepared_tokenizer(report["config"]["student"]["tokenizer"], tokenizer, source)
+        check_supervision(cfg, report["config"].get("supervise", "all_turns"))
         n_held = max(1, int(len(data) * cfg.data.holdout_fraction)) if len(data) > 1 else 0
-        collate = Collator(report["student_eos_id"], cfg.diffusion.block_size, report["teacher_pad_id"])
+        collate = Collator(report["student_eos_id"], cfg.diffusion.block_size, report["teacher_pad_id"],
+                           eos_padding=cfg.data.eos_padding)
         held = data.select(range(n_held)) if n_held else data
         return Data(data.select(range(n_held, len(data))), held, collate,
                     cross_tokenizer=report["config"]["pipeline"] == "cross")
@@ -107,6 +109,14 @@ def build_data(cfg: Config, tokenizer) -> Data:
     train = [p for p in files if p not in held] or files
     return Data(TextWindows(train, tokenizer, cfg.data.seq_len), TextWindows(held, tokenizer, cfg.data.seq_len),
                 collate_windows, cross_tokenizer=False)
+
+
+def check_supervision(cfg: Config, prepared: str) -> None:
+    """The supervision scope is fixed when the data is prepared; the run may state the one it expects."""
+    if cfg.data.supervise not in ("as_prepared", prepared):
+        raise ConfigError(f"data.supervise={cfg.data.supervise} but data.source={cfg.data.source} was prepared with "
+                          f"supervise={prepared}; prepare it again with supervise: {cfg.data.supervise}, or set "
+                          f"data.supervise=as_prepared")
 
 
 def check_prepared_tokenizer(prepared_with: str, tokenizer, source: str) -> None:
