@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -108,6 +109,10 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads (0: leave torch's default)
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
     resume: str | None = None  # a checkpoint directory (output_dir/checkpoints/<tag>) or "latest"
+    # length in epochs instead of steps (0: train.steps; else steps = ceil(epochs x global batches per epoch));
+    # warm-up as a share of the steps (0: train.warmup_steps)
+    epochs: float = 0.0
+    warmup_ratio: float = 0.0
 
 
 @dataclass(kw_only=True)
@@ -340,6 +345,8 @@ def validate(cfg: Config) -> None:
         (t.lr > 0, "train.lr must be > 0"),
         (0 <= t.warmup_steps, "train.warmup_steps must be >= 0"),
         (0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
+        (t.epochs >= 0, "train.epochs must be >= 0 (0: train.steps sets the length)"),
+        (0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio must be in [0, 1) (0: train.warmup_steps)"),
         (cfg.teacher.block_size is None or cfg.teacher.block_size >= 1, "teacher.block_size must be >= 1"),
         (cfg.data.seq_len % cfg.diffusion.block_size == 0,
          f"data.seq_len ({cfg.data.seq_len}) must be a multiple of diffusion.block_size ({cfg.diffusion.block_size})"),
@@ -359,6 +366,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError("student: set student.path to a model directory or student.init to a config for a new model")
     if needs_teacher(terms) and cfg.teacher.path is None:
         raise ConfigError(f"recipe '{cfg.recipe}' needs a teacher: set teacher.path to a trained model directory")
+
+
+def epoch_steps(epochs: float, rows: int, global_batch: int) -> int:
+    """Optimizer steps of `epochs` passes over `rows` training rows (each step one global batch;
+    a partial last batch of an epoch is dropped)."""
+    return max(1, math.ceil(epochs * (rows // global_batch)))
+
+
+def warmup_steps(t: TrainConfig) -> int:
+    """Warm-up length in optimizer steps: train.warmup_ratio of train.steps when set (rounded up)."""
+    return math.ceil(t.warmup_ratio * t.steps) if t.warmup_ratio else t.warmup_steps
 
 
 def _check_tidal(tidal: TidalConfig, key: str) -> None:

@@ -26,13 +26,14 @@ import yaml
 from tqdm import tqdm
 
 from tide_ds import checkpoint
-from tide_ds.config import Config, ConfigError, load_config, needs_teacher, run_terms, to_dict
+from tide_ds.config import Config, ConfigError, epoch_steps, load_config, needs_teacher, run_terms, to_dict
 from tide_ds.data.collate import Collator
 from tide_ds.data.corpus import TextWindows, collate_windows, corpus_files, is_holdout
 from tide_ds.data.prepare import REPORT_NAME, load_prepared
 from tide_ds.engine import build_engine, init_distributed, slice_rows, wants_deepspeed
 from tide_ds.engine.build import to_device
 from tide_ds.engine.dist import fail_fast
+from tide_ds.engine.merge import settled_global_batch
 from tide_ds.eval import masked_token_loss
 from tide_ds.models import build_student, build_teacher, load_tokenizer
 from tide_ds.pipeline import DistillStep, RunTerms, resolve_terms
@@ -175,6 +176,8 @@ def _distill(cfg: Config, dist) -> dict:
 
     step = DistillStep(student, teacher, terms, kernels=cfg.objective.kernels, eps=cfg.diffusion.eps,
                        shared_vocab_size=cfg.objective.shared_vocab_size)
+    if t.epochs:  # the length in steps, known once the data and the global batch are
+        t.steps = epoch_steps(t.epochs, len(data.train), settled_global_batch(cfg, dist.world, wants_deepspeed(cfg)))
     engine = build_engine(cfg, step, dist, use_deepspeed=wants_deepspeed(cfg))  # settles the batch sizes
     accum, micro = t.gradient_accumulation_steps, t.micro_batch_size
     first = 0

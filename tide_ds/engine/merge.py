@@ -144,3 +144,14 @@ def _merge_batch(cfg: Config, ds: dict, world: int, source: str) -> None:
 def plain_batch(cfg: Config) -> None:
     """The single-process loop's batch arithmetic (the same rules as with a ds_config)."""
     _merge_batch(cfg, {}, 1, "config")
+
+
+def settled_global_batch(cfg: Config, world: int, use_deepspeed: bool) -> int:
+    """The global batch the engine will settle on, worked out on a copy (cfg is left as it is)."""
+    cfg = copy.deepcopy(cfg)
+    if not use_deepspeed:
+        plain_batch(cfg)
+    else:
+        ds = load_ds_config(cfg.engine.ds_config) if cfg.engine.ds_config else {}
+        merge_ds_config(cfg, ds, world, source=cfg.engine.ds_config or "the default DeepSpeed config")
+    return cfg.train.global_batch_size
