@@ -196,10 +196,12 @@ def needs_teacher(terms: dict[str, TermConfig]) -> bool:
 # Loading
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Reads a YAML file (optional) and applies `a.b=value` overrides (values parsed as YAML)."""
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                check_files: bool = True) -> Config:
+    """Reads a YAML file (optional) and applies `a.b=value` overrides (values parsed as YAML).
+    check_files=False leaves model, tokenizer and ds_config paths unchecked (a dry run)."""
     cfg = load_dataclass(Config, path, overrides)
-    validate(cfg)
+    validate(cfg, check_files=check_files)
     return cfg
 
 
@@ -317,8 +319,8 @@ def _coerce(tp, value, key: str):
     raise ConfigError(f"config key '{key}' must be of type {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
-def validate(cfg: Config) -> None:
-    """Checks of values that types alone cannot catch."""
+def validate(cfg: Config, check_files: bool = True) -> None:
+    """Checks of values that types alone cannot catch (and, with check_files, that paths exist)."""
     terms = run_terms(cfg.recipe, cfg.terms, cfg.objective)  # raises ConfigError naming an unknown recipe or term
     for name, term in terms.items():
         if term.temperature <= 0:
@@ -354,13 +356,14 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    for side in ("student", "teacher") if needs_teacher(terms) else ("student",):
+    sides = ("student", "teacher") if needs_teacher(terms) else ("student",)
+    for side in sides if check_files else ():
         m: ModelConfig = getattr(cfg, side)
         if m.path is not None and not os.path.isdir(m.path):
             raise ConfigError(f"{side}.path not found: {m.path} (give a transformers model directory)")
         if m.tokenizer is not None and not os.path.isdir(m.tokenizer):
             raise ConfigError(f"{side}.tokenizer not found: {m.tokenizer} (give a directory with a saved tokenizer)")
-    if cfg.engine.ds_config is not None and not os.path.isfile(cfg.engine.ds_config):
+    if check_files and cfg.engine.ds_config is not None and not os.path.isfile(cfg.engine.ds_config):
         raise ConfigError(f"engine.ds_config not found: {cfg.engine.ds_config} (give a DeepSpeed JSON, e.g. ds_configs/zero3.json)")
     if cfg.student.path is None and not cfg.student.init:
         raise ConfigError("student: set student.path to a model directory or student.init to a config for a new model")
@@ -383,6 +386,31 @@ def _check_tidal(tidal: TidalConfig, key: str) -> None:
     for name in ("lambda_init", "lambda_max"):
         if not 0.0 <= getattr(tidal, name) <= 1.0:
             raise ConfigError(f"{key}.{name} must be in [0, 1], got {getattr(tidal, name)}")
+
+
+def resolved(cfg: Config) -> tuple[dict[str, Any], list[str]]:
+    """The config as the run will use it, as a plain dict: every section, and every term with its own
+    hyper-parameters filled in; plus notes on what is only known once the run starts."""
+    out = to_dict(cfg)
+    terms = run_terms(cfg.recipe, cfg.terms, cfg.objective)
+    out["terms"] = {name: {k: v for k, v in dataclasses.asdict(spec).items() if v is not None}
+                    for name, spec in terms.items()}
+    notes = [f"recipe {cfg.recipe}: {' + '.join(terms)}" + (" with CompDemo's two teacher passes"
+                                                            if RECIPES[cfg.recipe].comp_demo else "")]
+    if "tidal" in terms:
+        notes.append("tidal acts on chunks on data prepared for two tokenizers, on tokens with one vocabulary")
+    t = cfg.train
+    if t.epochs:
+        notes.append(f"train.steps: ceil({t.epochs:g} x global batches per epoch), worked out once the data is read")
+    if t.warmup_ratio:
+        notes.append(f"warm-up: ceil({t.warmup_ratio:g} x train.steps) steps (train.warmup_steps unused)")
+    for side in ("student", "teacher") if needs_teacher(terms) else ("student",):
+        for key in ("path", "tokenizer"):
+            value = getattr(getattr(cfg, side), key)
+            if value is not None and not os.path.isdir(value):
+                notes.append(f"{side}.{key}={value} is not a local directory (a hub name?): point it at a local "
+                             f"copy; the run checks it when it starts")
+    return out, notes
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -26,7 +26,8 @@ import yaml
 from tqdm import tqdm
 
 from tide_ds import checkpoint
-from tide_ds.config import Config, ConfigError, epoch_steps, load_config, needs_teacher, run_terms, to_dict
+from tide_ds.config import (Config, ConfigError, epoch_steps, load_config, needs_teacher, resolved, run_terms,
+                            to_dict)
 from tide_ds.data.collate import Collator
 from tide_ds.data.corpus import TextWindows, collate_windows, corpus_files, is_holdout
 from tide_ds.data.prepare import REPORT_NAME, load_prepared
@@ -42,11 +43,19 @@ from tide_ds.pipeline import DistillStep, RunTerms, resolve_terms
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML run config (see tide_ds/configs/ for examples)")
     p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint directory, or 'latest' in output_dir")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config and print it fully resolved (YAML); load no model or data")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
 
 
 def run(args) -> int:
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    if args.dry_run:
+        out, notes = resolved(load_config(args.config, overrides, check_files=False))
+        print("\n".join(["# tide-ds distill --dry-run: the resolved config (no model or data loaded)"]
+                        + [f"# {note}" for note in notes]))
+        print(yaml.safe_dump(out, sort_keys=False), end="")
+        return 0
     distill(load_config(args.config, overrides))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         multi = torch.distributed.get_world_size() > 1
