@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.add_argument("--no-stop-at-eos", dest="stop_at_eos", action="store_false",
                    help="decode all --max-new-tokens even after EOS")
+    p.add_argument("--align-prompt", action="store_true",
+                   help="left-pad the prompt so the answer starts on a block boundary (the paper's evaluation)")
     p.add_argument("--attn-backend", choices=BACKENDS, default="auto")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
@@ -66,7 +68,9 @@ def run(args) -> int:
         prompt = torch.tensor([ids], device=device)
         out = generate(student, prompt, args.max_new_tokens, steps_per_block=args.steps_per_block,
                        temperature=args.temperature, generator=generator,
-                       eos_token_id=tokenizer.eos_token_id if args.stop_at_eos else None)
+                       eos_token_id=tokenizer.eos_token_id if args.stop_at_eos else None,
+                       align_prompt=args.align_prompt,
+                       pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
         new = out[0, prompt.shape[1]:].tolist()
         if args.stop_at_eos and tokenizer.eos_token_id in new:
             new = new[:new.index(tokenizer.eos_token_id)]
