@@ -527,6 +527,12 @@ def test_dllm_a2d_checkpoint_loads_as_a_student(family, a2d_type, tmp_path):
     x_t = torch.where(torch.rand(x0.shape) < 0.5, tok.mask_token_id, x0)
     with torch.no_grad():
         torch.testing.assert_close(student(x_t, x0), reference(x_t, x0))
+    tok.save_pretrained(tmp_path / "a2d")
+    from tide_ds.generate import load_student
+
+    sampler_student, _ = load_student(str(tmp_path / "a2d"), block_size=4, mask_token="<|mask|>")
+    with torch.no_grad():
+        torch.testing.assert_close(sampler_student(x_t, x0), reference(x_t, x0))
     other = "llama" if family == "qwen3" else "qwen3"
     with pytest.raises(ConfigError, match=f"student.kind is '{other}'"):
         build_student(ModelConfig(path=str(tmp_path / "a2d"), kind=other), tok, 4, "<|mask|>")

@@ -321,6 +321,8 @@ def _coerce(tp, value, key: str):
 
 def validate(cfg: Config, check_files: bool = True) -> None:
     """Checks of values that types alone cannot catch (and, with check_files, that paths exist)."""
+    if cfg.objective.temperature <= 0:
+        raise ConfigError("objective.temperature must be > 0")
     terms = run_terms(cfg.recipe, cfg.terms, cfg.objective)  # raises ConfigError naming an unknown recipe or term
     for name, term in terms.items():
         if term.temperature <= 0:
@@ -333,7 +335,6 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     checks = [
         (cfg.diffusion.block_size >= 1, "diffusion.block_size must be >= 1"),
         (0.0 < cfg.diffusion.eps < 1.0, "diffusion.eps must be in (0, 1)"),
-        (cfg.objective.temperature > 0, "objective.temperature must be > 0"),
         (cfg.objective.shared_vocab_size >= 0, "objective.shared_vocab_size must be >= 0 (0: min of both vocabularies)"),
         (0.0 < cfg.objective.demo_ratio < 1.0, "objective.demo_ratio must be in (0, 1)"),
         (t.steps >= 1, "train.steps must be >= 1"),

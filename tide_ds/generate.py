@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from tide_ds.config import ConfigError
 from tide_ds.diffusion.sampler import generate
 from tide_ds.models.attention import BACKENDS
-from tide_ds.models.build import check_student_checkpoint, checkpoint_model_type, load_tokenizer, mask_token_id
+from tide_ds.models.build import a2d_config, load_tokenizer, mask_token_id, student_family
 from tide_ds.models.student import BD3LMStudent
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,9 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def load_student(path: str, *, block_size: int | None = None, mask_token: str | None = None,
                  attn_backend: str = "auto", dtype: str = "float32"):
     """(BD3LMStudent, tokenizer) from a student directory."""
-    check_student_checkpoint(checkpoint_model_type(path, "--model"), f"--model={path}")
+    family = student_family(path, f"--model={path}")
     tokenizer = load_tokenizer(path, "--model")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype]).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], **a2d_config(path, family)).eval()
     saved = getattr(model.config, "bd3lm", None) or {}
     block = block_size or saved.get("block_size")
     mask_id = mask_token_id(tokenizer, mask_token, "--model") if mask_token else saved.get("mask_token_id")

@@ -103,13 +103,9 @@ def _load(cls, cfg: ModelConfig, key: str, **kwargs):
 def _causal_lm(cfg: ModelConfig, key: str, vocab_size: int | None) -> torch.nn.Module:
     dtype = _DTYPES[cfg.dtype]
     if cfg.path is not None:
-        model_type = checkpoint_model_type(cfg.path, f"{key}.path")
-        family = A2D_MODEL_TYPES.get(model_type, model_type)
+        family = student_family(cfg.path, f"{key}.path")
         check_kind(cfg.kind, family, key)
-        check_student_checkpoint(family, f"{key}.path")
-        if family != model_type:
-            return _load(AutoModelForCausalLM, cfg, key, config=_a2d_config(cfg.path, family))
-        return _load(AutoModelForCausalLM, cfg, key)
+        return _load(AutoModelForCausalLM, cfg, key, **a2d_config(cfg.path, family))
     family = cfg.kind if cfg.kind in ("qwen3", "llama") else "qwen3"
     init = dict(cfg.init)
     if vocab_size is not None:
@@ -121,13 +117,24 @@ def _causal_lm(cfg: ModelConfig, key: str, vocab_size: int | None) -> torch.nn.M
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def _a2d_config(path: str, family: str):
-    """An a2d checkpoint's config.json read as its transformers family's config."""
+def student_family(path: str, key: str) -> str:
+    """The transformers family of a student checkpoint (an a2d type read as the family it subclasses)."""
+    model_type = checkpoint_model_type(path, key)
+    family = A2D_MODEL_TYPES.get(model_type, model_type)
+    check_student_checkpoint(family, key)
+    return family
+
+
+def a2d_config(path: str, family: str) -> dict:
+    """from_pretrained arguments for a student checkpoint: an a2d checkpoint's config.json read as its
+    family's config; nothing for any other checkpoint."""
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         raw = json.load(f)
+    if A2D_MODEL_TYPES.get(raw.get("model_type")) != family:
+        return {}
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         raw.pop(key, None)
-    return AutoConfig.for_model(family, **raw)
+    return {"config": AutoConfig.for_model(family, **raw)}
 
 
 def build_student(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, block_size: int, mask_token: str) -> BD3LMStudent:
