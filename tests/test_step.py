@@ -253,3 +253,21 @@ def test_shared_vocab_size_cuts_the_kl_to_the_first_ids(tiny_assets):
         want = kl(zs[..., :v], zt[..., :v], n.masked, temperature=2.0)
     torch.testing.assert_close(values["kl"], want, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(want, kl(zs, zt, n.masked, temperature=2.0))
+
+
+def test_resolve_terms_binds_each_term_once_with_its_form():
+    """TIDAL's chunk form on two tokenizers, its token form on one vocabulary; kinds and weights bound."""
+    from tide_ds.config import ConfigError, TermConfig, TidalConfig
+    from tide_ds.pipeline.terms import CHUNKS, LOGPROB, ROWS, TEACHER_ROWS
+
+    cross, shared = resolve_terms("tide_shared", pipeline="cross"), resolve_terms("tide_shared", pipeline="shared")
+    assert [(t.name, t.kind) for t in cross.terms] == [("ce", LOGPROB), ("tidal", LOGPROB)] and cross.comp_demo
+    assert [(t.name, t.kind) for t in shared.terms] == [("ce", LOGPROB), ("tidal", ROWS)]
+    assert cross.needs == {CHUNKS} and shared.needs == {TEACHER_ROWS}
+    own = TidalConfig(timestep_weight="uniform", lambda_max=0.5)
+    run = resolve_terms("tide_shared", {"ce": 0.5, "tidal": TermConfig(weight=2.0, temperature=5.0, tidal=own)})
+    tidal = run.terms[1]
+    assert (tidal.weight, tidal.config.temperature, tidal.config.tidal) == (2.0, 5.0, own)
+    assert resolve_terms("kl", {"ce": 1.0, "kl": 0.0}).needs_teacher is False  # zero weight: left out
+    with pytest.raises(ConfigError, match="unknown loss term 'klx'"):
+        resolve_terms("kl", {"klx": 1.0})

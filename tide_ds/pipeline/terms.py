@@ -16,7 +16,7 @@ from typing import Callable, Literal
 import torch
 
 from tide_ds import kernels
-from tide_ds.config import ObjectiveConfig, TermConfig, TidalConfig, run_terms, RECIPES
+from tide_ds.config import RECIPES, ObjectiveConfig, TermConfig, TidalConfig, run_terms
 from tide_ds.objectives import bd3lm_ce, calm, chunk_tidal, tidal_lambda, timestep_weighting
 
 LOGPROB, ROWS = "logprob", "rows"
