@@ -16,7 +16,7 @@ from typing import Callable, Literal
 import torch
 
 from tide_ds import kernels
-from tide_ds.config import RECIPES, ObjectiveConfig, TermConfig, TidalConfig, run_terms
+from tide_ds.config import RECIPES, TERM_NAMES, ObjectiveConfig, TermConfig, TidalConfig, run_terms
 from tide_ds.objectives import bd3lm_ce, calm, chunk_tidal, tidal_lambda, timestep_weighting
 
 LOGPROB, ROWS = "logprob", "rows"
@@ -125,21 +125,32 @@ def token_tidal_term(temperature: float, c: TidalConfig):
     return term
 
 
-def _bind(name: str, spec: TermConfig, pipeline: Pipeline, objective: ObjectiveConfig) -> Term:
-    T = spec.temperature
-    if name == "ce":
-        return Term(name, LOGPROB, spec.weight, ce_term(objective.ce_normalization), frozenset(), config=spec)
-    if name in ("kl", "reverse_kl"):
-        return Term(name, ROWS, spec.weight, kl_term(T, reverse=name == "reverse_kl"), frozenset({TEACHER_ROWS}),
-                    shared_vocab_only=True, config=spec)
-    if name in ("calm", "reverse_calm"):
-        return Term(name, LOGPROB, spec.weight, calm_term(T, reverse=name == "reverse_calm"), frozenset({CHUNKS}),
-                    config=spec)
-    if name == "tidal" and pipeline == "cross":
-        return Term(name, LOGPROB, spec.weight, chunk_tidal_term(T, spec.tidal), frozenset({CHUNKS}), config=spec)
-    if name == "tidal":
-        return Term(name, ROWS, spec.weight, token_tidal_term(T, spec.tidal), frozenset({TEACHER_ROWS}), config=spec)
-    raise AssertionError(f"term {name!r} is named in config.TERM_NAMES but has no form here")
+@dataclass(frozen=True)
+class Form:
+    """How a term is computed: its kind, what it needs, and a builder binding its hyper-parameters."""
+
+    kind: str
+    needs: frozenset[str]
+    build: Callable[[TermConfig, ObjectiveConfig], Callable[[TermInputs], torch.Tensor | kernels.KLRows]]
+    shared_vocab_only: bool = False
+
+
+def _same(form: Form) -> dict[str, Form]:
+    return {"shared": form, "cross": form}
+
+
+# The term registry: name -> its form per pipeline (only TIDAL's differ).
+FORMS: dict[str, dict[str, Form]] = {
+    "ce": _same(Form(LOGPROB, frozenset(), lambda s, o: ce_term(o.ce_normalization))),
+    "kl": _same(Form(ROWS, frozenset({TEACHER_ROWS}), lambda s, o: kl_term(s.temperature, reverse=False), True)),
+    "reverse_kl": _same(Form(ROWS, frozenset({TEACHER_ROWS}), lambda s, o: kl_term(s.temperature, reverse=True),
+                             True)),
+    "calm": _same(Form(LOGPROB, frozenset({CHUNKS}), lambda s, o: calm_term(s.temperature, reverse=False))),
+    "reverse_calm": _same(Form(LOGPROB, frozenset({CHUNKS}), lambda s, o: calm_term(s.temperature, reverse=True))),
+    "tidal": {"cross": Form(LOGPROB, frozenset({CHUNKS}), lambda s, o: chunk_tidal_term(s.temperature, s.tidal)),
+              "shared": Form(ROWS, frozenset({TEACHER_ROWS}), lambda s, o: token_tidal_term(s.temperature, s.tidal))},
+}
+assert set(FORMS) == set(TERM_NAMES), "every term name in tide_ds.config has a form here"
 
 
 def resolve_terms(recipe: str, terms: dict[str, float | TermConfig] | None = None, pipeline: Pipeline = "shared",
@@ -148,5 +159,9 @@ def resolve_terms(recipe: str, terms: dict[str, float | TermConfig] | None = Non
     ("shared": one vocabulary, "cross": two tokenizers) and to its hyper-parameters."""
     objective = objective or ObjectiveConfig()
     specs = run_terms(recipe, terms, objective)  # ConfigError on an unknown name or an empty loss
-    bound = tuple(_bind(name, spec, pipeline, objective) for name, spec in specs.items())
-    return RunTerms(bound, comp_demo=RECIPES[recipe].comp_demo, demo_ratio=objective.demo_ratio)
+    bound = []
+    for name, spec in specs.items():
+        form = FORMS[name][pipeline]
+        bound.append(Term(name, form.kind, spec.weight, form.build(spec, objective), form.needs,
+                          form.shared_vocab_only, spec))
+    return RunTerms(tuple(bound), comp_demo=RECIPES[recipe].comp_demo, demo_ratio=objective.demo_ratio)
