@@ -37,7 +37,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["tide_ds", "tide_ds.*"]),
-    package_data={"tide_ds": ["recipes/*.yaml", "configs/*.yaml"]},
+    package_data={"tide_ds": ["configs/*.yaml", "configs/paper/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",

@@ -49,3 +49,19 @@ def test_an_exact_multiple_gets_no_padding():
 def test_block_size_must_be_positive():
     with pytest.raises(ValueError, match="block size"):
         Collator(EOS, 0, TEACHER_PAD)
+
+
+def test_block_eos_padding_ends_each_row_at_its_own_block_boundary():
+    """eos_padding="block": EOS is maskable only up to the row's next block boundary; the rest of the
+    batch's padding is never trained on."""
+    rows = [{"input_ids": [5] * n, "labels": [5] * n, "chunk_ids": list(range(n)), "teacher_input_ids": [1],
+             "teacher_chunk_ids": [0], "num_chunks": n} for n in (3, 9, 4)]
+    batch = Collator(2, 4, 0, eos_padding="block")(rows)
+    assert batch["input_ids"].shape == (3, 12)
+    assert batch["maskable"].sum(1).tolist() == [4, 12, 4]  # 3 -> 4, 9 -> 12, 4 -> 4 (no EOS needed)
+    for row, n in zip(batch["maskable"], (3, 9, 4)):
+        end = -(-n // 4) * 4
+        assert row[:end].all() and not row[end:].any()
+    assert (batch["input_ids"][0, 3:] == 2).all()  # the row is still EOS after its boundary, just ignored
+    wide = Collator(2, 4, 0)(rows)["maskable"]
+    assert wide.all()  # the default: every row's EOS padding up to the batch's longest row

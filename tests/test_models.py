@@ -495,16 +495,44 @@ def test_llada2_on_cuda_matches_cpu():
 
 def test_distill_step_runs_with_a_wedlm_teacher():
     """Pipeline B end to end through the one teacher call site: the step hands x0 to the teacher."""
-    from tide_ds.config import ObjectiveConfig
-    from tide_ds.objectives import RECIPES
-    from tide_ds.pipeline import DistillStep
+    from tide_ds.pipeline import DistillStep, resolve_terms
 
     teacher = WeDLMTeacher(decoder(), 63, block_size=4)
     student = BD3LMStudent(decoder(seed=1), 4, 63).train()
-    step = DistillStep(student, teacher, RECIPES["tide_shared"], ObjectiveConfig())
+    step = DistillStep(student, teacher, resolve_terms("tide_shared"))
     x0 = torch.randint(0, 60, (2, 16))
     n = step.noise({"input_ids": x0, "maskable": torch.ones_like(x0, dtype=torch.bool)},
                    generator=torch.Generator().manual_seed(0))
     loss, terms = step.loss(n, step.teacher_targets(n), progress=0.5)
     loss.backward()
     assert torch.isfinite(loss) and set(terms) == {"ce", "tidal"}
+
+
+@pytest.mark.parametrize("family,a2d_type", [("qwen3", "a2d-qwen3"), ("llama", "a2d-llama")])
+def test_dllm_a2d_checkpoint_loads_as_a_student(family, a2d_type, tmp_path):
+    """A checkpoint written the way dllm writes its converted BD3LM students (its own model_type and
+    architecture over the family's weights) loads as a student and gives the family's logits."""
+    from tide_ds.models import build_student
+
+    tok = word_tokenizer()
+    model = decoder(family, vocab_size=len(tok), seed=3)
+    model.save_pretrained(tmp_path / "a2d")
+    file = tmp_path / "a2d" / "config.json"
+    raw = json.loads(file.read_text())
+    raw.update(model_type=a2d_type, architectures=[f"A2D{family.capitalize()}LMHeadModel"])
+    file.write_text(json.dumps(raw))
+    student = build_student(ModelConfig(path=str(tmp_path / "a2d")), tok, 4, "<|mask|>").eval()
+    reference = BD3LMStudent(model, 4, tok.mask_token_id).eval()
+    x0 = torch.randint(0, len(tok) - 1, (2, 8))
+    x_t = torch.where(torch.rand(x0.shape) < 0.5, tok.mask_token_id, x0)
+    with torch.no_grad():
+        torch.testing.assert_close(student(x_t, x0), reference(x_t, x0))
+    tok.save_pretrained(tmp_path / "a2d")
+    from tide_ds.generate import load_student
+
+    sampler_student, _ = load_student(str(tmp_path / "a2d"), block_size=4, mask_token="<|mask|>")
+    with torch.no_grad():
+        torch.testing.assert_close(sampler_student(x_t, x0), reference(x_t, x0))
+    other = "llama" if family == "qwen3" else "qwen3"
+    with pytest.raises(ConfigError, match=f"student.kind is '{other}'"):
+        build_student(ModelConfig(path=str(tmp_path / "a2d"), kind=other), tok, 4, "<|mask|>")

@@ -310,3 +310,25 @@ def test_bench_align_runs(capsys):
     assert main(["bench", "align", "--samples", "50"]) == 0
     out = capsys.readouterr().out
     assert "align (one core)" in out and "samples/s" in out
+
+
+def test_last_turn_supervision_marks_only_the_last_answer(tmp_path):
+    """supervise=last_turn (the paper's): on a 3-turn chat only the last assistant message (and its
+    end-of-turn marker) is maskable; every earlier message, answers included, is prompt."""
+    chat = [{"role": "user", "content": "One?"}, {"role": "assistant", "content": "First answer."},
+            {"role": "user", "content": "Two?"}, {"role": "assistant", "content": "Second answer."},
+            {"role": "user", "content": "Three?"}, {"role": "assistant", "content": "Third and last answer."}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat}])
+    qwen = assets.load(assets.qwen_dir())
+    labelled = {}
+    for scope in ("last_turn", "all_turns"):
+        out = tmp_path / scope
+        report = prepare(make_config({"data_files": [path], "output_dir": str(out), "supervise": scope, **sides()}))
+        row = load_prepared(str(out))[0]
+        labels = np.asarray(row["labels"])
+        labelled[scope] = qwen.decode([int(i) for i in labels if i != -100])
+        batch = Collator(report["student_eos_id"], 32, report["teacher_pad_id"], eos_padding="block")([row])
+        n = len(labels)
+        assert batch["maskable"][0, :n].tolist() == (labels != -100).tolist()
+    assert labelled["last_turn"] == "Third and last answer.<|im_end|>\n"
+    assert labelled["all_turns"].count("answer.") == 3

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from tiny import decoder, word_tokenizer
-from tide_ds.config import ConfigError, ModelConfig, ObjectiveConfig
+from tide_ds.config import ConfigError, ModelConfig
 from tide_ds.diffusion.sampler import fill_most_confident, generate, unmask_schedule
 from tide_ds.models import BD3LMStudent, build_student
-from tide_ds.objectives import RECIPES
-from tide_ds.pipeline import DistillStep
+from tide_ds.pipeline import DistillStep, resolve_terms
 
 MASK = 63
 
@@ -111,7 +110,7 @@ def test_student_trained_on_a_repetitive_pattern_reproduces_it():
                                 num_key_value_heads=2, head_dim=8, max_position_embeddings=64))
     s = build_student(cfg, tokenizer, block_size=4, mask_token="<|mask|>")
     cycle = torch.tensor(tokenizer("a b c d e f", add_special_tokens=False)["input_ids"])
-    step = DistillStep(s, None, RECIPES["ce"], ObjectiveConfig())
+    step = DistillStep(s, None, resolve_terms("ce"))
     opt = torch.optim.AdamW(s.parameters(), lr=5e-3)
     gen = torch.Generator().manual_seed(0)
     with one_thread():
@@ -157,3 +156,43 @@ def test_flash_sampler_step_equals_sdpa_on_cuda():
         s.extend(ids[:, :8], pos[:, :8], cache)  # clean context, all visible (as after a block-causal prefill)
         hidden.append(s.extend(ids[:, 8:], pos[:, 8:], cache).float())
     torch.testing.assert_close(hidden[1], hidden[0], atol=3e-2, rtol=3e-2)
+
+
+def reference_aligned(s, prompt, new, steps, pad_id):
+    """Left-padded decoding without a cache: every step recomputes [0, end) block-causally with the
+    padding keys hidden and positions counting real tokens (the paper's evaluation layout)."""
+    from tide_ds.diffusion.layout import clean_prefix
+    from tide_ds.models.attention import run_decoder
+
+    b, p = prompt.shape
+    block = s.block_size
+    pad = -p % block
+    x = torch.cat([torch.full((b, pad), pad_id), prompt, torch.full((b, new), MASK)], 1)
+    total = x.shape[1]
+    real = (torch.arange(total) >= pad).expand(b, total)
+    pos = (torch.arange(total) - pad).clamp_min(0).expand(b, total)
+    assert (p + pad) % block == 0  # the first answer token starts a block
+    for start in range(p + pad, total, block):
+        end = min(start + block, total)
+        for count in unmask_schedule(end - start, steps):
+            hidden = run_decoder(s.model, "sdpa", x[:, :end], pos[:, :end], clean_prefix(end, block),
+                                 key_padding=real[:, :end])[:, start:end]
+            x[:, start:end] = fill_most_confident(s, hidden, x[:, start:end], count, 0.0, None)
+    return x[:, pad:]
+
+
+@pytest.mark.parametrize("prompt_len", [5, 6, 8])
+def test_aligned_prompt_puts_the_answer_on_a_block_boundary(prompt_len):
+    """align_prompt: the answer's first token starts a block; the padding is invisible (any pad id
+    gives the same answer) and the cached sampler equals the recomputing reference."""
+    s = student()
+    prompt = torch.randint(1, 60, (2, prompt_len))
+    with torch.no_grad():
+        out = generate(s, prompt, 10, steps_per_block=2, align_prompt=True, pad_token_id=0)
+        assert out.shape == (2, prompt_len + 10) and torch.equal(out[:, :prompt_len], prompt)
+        assert torch.equal(out, reference_aligned(s, prompt, 10, 2, pad_id=0))
+        assert torch.equal(out, generate(s, prompt, 10, steps_per_block=2, align_prompt=True, pad_token_id=7))
+        if prompt_len % 4 == 0:  # nothing to pad: the plain sampler's answer
+            assert torch.equal(out, generate(s, prompt, 10, steps_per_block=2))
+    with pytest.raises(ConfigError, match="pad token"):
+        generate(s, prompt, 4, align_prompt=True)

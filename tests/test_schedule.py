@@ -56,17 +56,15 @@ def test_overlap_on_its_own_cuda_stream_gives_the_losses_and_weights_of_sequenti
 
 
 def test_tensors_of_finds_cached_rows_and_nested_targets():
-    from tide_ds.objectives.terms import Rows
+    from tide_ds.pipeline.terms import Rows
     from tide_ds.pipeline import TeacherTargets
     from tide_ds.tree import tensors_of
 
-    from tide_ds.config import ObjectiveConfig
     from tide_ds.models import BD3LMStudent
-    from tide_ds.objectives import RECIPES
-    from tide_ds.pipeline import DistillStep
+    from tide_ds.pipeline import DistillStep, resolve_terms
     from tiny import decoder
 
-    step = DistillStep(BD3LMStudent(decoder(vocab_size=64), 4, 63), None, RECIPES["ce"], ObjectiveConfig())
+    step = DistillStep(BD3LMStudent(decoder(vocab_size=64), 4, 63), None, resolve_terms("ce"))
     g = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(0, 60, (2, 8), generator=g), "maskable": torch.ones(2, 8, dtype=torch.bool)}
     noised = step.noise(batch, generator=g)

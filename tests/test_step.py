@@ -1,9 +1,8 @@
 import pytest
 import torch
 
-from tide_ds.config import ObjectiveConfig
 from tide_ds.objectives import RECIPES
-from tide_ds.pipeline import DistillStep
+from tide_ds.pipeline import DistillStep, resolve_terms
 
 
 class PassRecorder(torch.nn.Module):
@@ -40,7 +39,7 @@ def cross_batch():
 
 def test_chunk_consistent_masking_on_both_sides():
     teacher = PassRecorder()
-    step = DistillStep(Student(), teacher, RECIPES["tide_cross"], ObjectiveConfig(), cross_tokenizer=True)
+    step = DistillStep(Student(), teacher, resolve_terms("tide_cross", pipeline="cross"))
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
         batch = cross_batch()
@@ -58,7 +57,7 @@ def test_chunk_consistent_masking_on_both_sides():
 
 def test_compdemo_through_the_step():
     teacher = PassRecorder()
-    step = DistillStep(Student(), teacher, RECIPES["tide_shared"], ObjectiveConfig(), cross_tokenizer=True)
+    step = DistillStep(Student(), teacher, resolve_terms("tide_shared", pipeline="cross"))
     gen = torch.Generator().manual_seed(1)
     batch = cross_batch()
     n = step.noise(batch, generator=gen)
@@ -93,7 +92,7 @@ def test_teacher_rows_pair_single_token_chunks_only():
     batch = cross_batch()
     batch["teacher_chunk_ids"] = torch.tensor([[-1, 0, 0, 1, 2, 3, 3, -1]] * 2)
     # chunk 1 is one token on both sides (student 4, teacher 3); chunk 2 only on the teacher side
-    step = DistillStep(Student(), PassRecorder(), RECIPES["kl"], ObjectiveConfig())
+    step = DistillStep(Student(), PassRecorder(), resolve_terms("kl"))
     n = step.noise(batch, generator=torch.Generator().manual_seed(0))
     n.masked[:] = batch["maskable"]  # every response token masked
     n.chunk_mask[:] = True
@@ -119,10 +118,10 @@ def test_step_fused_equals_reference_for_every_recipe(tiny_assets):
     x0 = torch.randint(0, len(tok) - 2, (3, 16))
     batch = {"input_ids": x0, "maskable": torch.ones_like(x0, dtype=torch.bool)}
     batch["maskable"][0, :4] = False
-    for name, recipe in RECIPES.items():
+    for name in RECIPES:
         results = []
         for impl in ("reference", "twin"):
-            step = DistillStep(student, teacher, recipe, ObjectiveConfig(kernels=impl))
+            step = DistillStep(student, teacher, resolve_terms(name), kernels=impl)
             n = step.noise(batch, generator=torch.Generator().manual_seed(1))
             loss, terms = step.loss(n, step.teacher_targets(n), progress=0.3)
             grads = torch.autograd.grad(loss, [student.output_weight, *list(student.parameters())[1:3]])
@@ -150,8 +149,8 @@ def test_step_projects_each_masked_row_once(tiny_assets, monkeypatch):
     projected = []
     logits = ops._logits
     monkeypatch.setattr(ops, "_logits", lambda h, w, b: (projected.append((w, h.shape[0])), logits(h, w, b))[1])
-    for name, recipe in RECIPES.items():
-        step = DistillStep(student, teacher, recipe, ObjectiveConfig(kernels="twin"))
+    for name in RECIPES:
+        step = DistillStep(student, teacher, resolve_terms(name), kernels="twin")
         n = step.noise(batch, generator=torch.Generator().manual_seed(2))
         targets = step.teacher_targets(n)
         projected.clear()
@@ -180,11 +179,11 @@ def test_step_on_gpu_equals_cpu_reference_for_every_recipe(tiny_assets):
     x0 = torch.randint(0, len(tok) - 2, (3, 16))
     batch = {"input_ids": x0, "maskable": torch.ones_like(x0, dtype=torch.bool)}
     models = {"cpu": (student, teacher), "cuda": (copy.deepcopy(student).cuda(), copy.deepcopy(teacher).cuda())}
-    for name, recipe in RECIPES.items():
+    for name in RECIPES:
         results = {}
         for device, impl in (("cpu", "reference"), ("cuda", "auto")):
             s, te = models[device]
-            step = DistillStep(s, te, recipe, ObjectiveConfig(kernels=impl))
+            step = DistillStep(s, te, resolve_terms(name), kernels=impl)
             n = step.noise(batch, generator=torch.Generator().manual_seed(1))
             n = type(n)(**{k: v.to(device) if torch.is_tensor(v) else
                            ([x.to(device) for x in v] if isinstance(v, list) else v) for k, v in vars(n).items()})
@@ -196,3 +195,79 @@ def test_step_on_gpu_equals_cpu_reference_for_every_recipe(tiny_assets):
             torch.testing.assert_close(t_gpu[k], t_ref[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
         for a, b in zip(g_gpu, g_ref):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def _tiny_pair(tiny_assets):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tide_ds.models import BD3LMStudent, HFBidirectionalTeacher
+
+    tok = AutoTokenizer.from_pretrained(tiny_assets["tokenizer"])
+    teacher = HFBidirectionalTeacher(AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"]), tok.mask_token_id)
+    torch.manual_seed(0)
+    student = BD3LMStudent(AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"]), 4, tok.mask_token_id)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x0 = torch.randint(0, len(tok) - 2, (3, 16))
+    return student, teacher, {"input_ids": x0, "maskable": torch.ones_like(x0, dtype=torch.bool)}
+
+
+def test_each_term_gets_its_own_temperature(tiny_assets):
+    """CALM at T=5 and KL at T=2 in one run: each term equals its reference at its own temperature."""
+    from tide_ds.config import TermConfig
+    from tide_ds.objectives import calm, chunk_logprobs, kl, token_logprobs
+
+    student, teacher, batch = _tiny_pair(tiny_assets)
+    terms = {"ce": 1.0, "calm": TermConfig(weight=0.5, temperature=5.0), "kl": TermConfig(weight=1.0, temperature=2.0)}
+    run = resolve_terms("kl", terms)
+    assert {t.name: t.config.temperature for t in run.terms} == {"ce": 2.0, "calm": 5.0, "kl": 2.0}
+    step = DistillStep(student, teacher, run, kernels="twin")
+    n = step.noise(batch, generator=torch.Generator().manual_seed(3))
+    _, values = step.loss(n, step.teacher_targets(n), progress=0.2)
+    with torch.no_grad():
+        zs = student(n.x_t, n.x0)
+        zt = teacher.hidden_states(n.teacher_pass_inputs[0], None, x0=n.x0) @ teacher.output_weight.T
+        num = n.chunk_mask.shape[1]
+        s_lp = chunk_logprobs(torch.where(n.masked, token_logprobs(zs, n.x0), 0.0), n.chunk_ids, num)
+        t_lp = chunk_logprobs(torch.where(n.masked, token_logprobs(zt, n.x0), 0.0), n.chunk_ids, num)
+        want_calm = calm(s_lp, t_lp, n.chunk_mask, temperature=5.0, reverse=False)
+        want_kl = kl(zs, zt, n.masked, temperature=2.0)
+    torch.testing.assert_close(values["calm"], want_calm, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(values["kl"], want_kl, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(want_calm, calm(s_lp, t_lp, n.chunk_mask, temperature=2.0, reverse=False))
+
+
+def test_shared_vocab_size_cuts_the_kl_to_the_first_ids(tiny_assets):
+    """objective.shared_vocab_size: KL over the first V ids only (the rest of both heads ignored)."""
+    from tide_ds.objectives import kl
+
+    student, teacher, batch = _tiny_pair(tiny_assets)
+    v = student.output_weight.shape[0] // 2
+    step = DistillStep(student, teacher, resolve_terms("kl"), kernels="twin", shared_vocab_size=v)
+    n = step.noise(batch, generator=torch.Generator().manual_seed(4))
+    _, values = step.loss(n, step.teacher_targets(n), progress=0.0)
+    with torch.no_grad():
+        zs = student(n.x_t, n.x0)
+        zt = teacher.hidden_states(n.teacher_pass_inputs[0], None, x0=n.x0) @ teacher.output_weight.T
+        want = kl(zs[..., :v], zt[..., :v], n.masked, temperature=2.0)
+    torch.testing.assert_close(values["kl"], want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(want, kl(zs, zt, n.masked, temperature=2.0))
+
+
+def test_resolve_terms_binds_each_term_once_with_its_form():
+    """TIDAL's chunk form on two tokenizers, its token form on one vocabulary; kinds and weights bound."""
+    from tide_ds.config import ConfigError, TermConfig, TidalConfig
+    from tide_ds.pipeline.terms import CHUNKS, LOGPROB, ROWS, TEACHER_ROWS
+
+    cross, shared = resolve_terms("tide_shared", pipeline="cross"), resolve_terms("tide_shared", pipeline="shared")
+    assert [(t.name, t.kind) for t in cross.terms] == [("ce", LOGPROB), ("tidal", LOGPROB)] and cross.comp_demo
+    assert [(t.name, t.kind) for t in shared.terms] == [("ce", LOGPROB), ("tidal", ROWS)]
+    assert cross.needs == {CHUNKS} and shared.needs == {TEACHER_ROWS}
+    own = TidalConfig(timestep_weight="uniform", lambda_max=0.5)
+    run = resolve_terms("tide_shared", {"ce": 0.5, "tidal": TermConfig(weight=2.0, temperature=5.0, tidal=own)})
+    tidal = run.terms[1]
+    assert (tidal.weight, tidal.config.temperature, tidal.config.tidal) == (2.0, 5.0, own)
+    assert resolve_terms("kl", {"ce": 1.0, "kl": 0.0}).needs_teacher is False  # zero weight: left out
+    with pytest.raises(ConfigError, match="unknown loss term 'klx'"):
+        resolve_terms("kl", {"klx": 1.0})

@@ -49,7 +49,7 @@ def test_unknown_key_recipe_and_missing_files(tiny_overrides, tmp_path):
     with pytest.raises(ConfigError, match="data.seq_len .* multiple of diffusion.block_size"):
         load_config(None, tiny_overrides + ["data.seq_len=30"])
     with pytest.raises(ConfigError, match="choose one of"):
-        load_config(None, tiny_overrides + ["objective.tidal_axis=sideways"])
+        load_config(None, tiny_overrides + ["objective.tidal.axis=sideways"])
 
 
 def test_vocab_mismatch_stops_before_training(tiny_assets, tiny_overrides, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -46,15 +47,36 @@ class DiffusionConfig:
 
 
 @dataclass(kw_only=True)
-class ObjectiveConfig:
-    temperature: float = 2.0
-    ce_normalization: Literal["token", "sequence", "batch"] = "token"
+class TidalConfig:
+    """TIDAL's knobs, in one place: lambda grows from lambda_init to lambda_max over training
+    (`schedule`), scaled by 1 - t along `axis`; rows weighted by `timestep_weight` of their t."""
+
     lambda_init: float = 0.1
     lambda_max: float = 0.9
-    tidal_schedule: Literal["cosine", "linear"] = "cosine"
-    tidal_axis: Literal["both", "training_only", "timestep_only"] = "both"
+    schedule: Literal["cosine", "linear"] = "cosine"
+    axis: Literal["both", "training_only", "timestep_only"] = "both"
     timestep_weight: Literal["midrange", "uniform"] = "midrange"
+
+
+@dataclass(kw_only=True)
+class TermConfig:
+    """One loss term of the run: its weight and, when set, its own hyper-parameters (None: the
+    `objective` section's)."""
+
+    weight: float = 1.0
+    temperature: float | None = None
+    tidal: TidalConfig | None = None
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    """Run-wide defaults of the terms' hyper-parameters; `terms.<name>.*` overrides them per term."""
+
+    temperature: float = 2.0
+    ce_normalization: Literal["token", "sequence", "batch"] = "token"
+    tidal: TidalConfig = field(default_factory=TidalConfig)
     demo_ratio: float = 0.5
+    shared_vocab_size: int = 0  # ids that KL / TIDAL compare (0: min of both vocabularies)
     kernels: Literal["auto", "twin", "reference"] = "auto"  # fused ops: CUDA/CPU twin, or plain PyTorch
 
 
@@ -65,6 +87,10 @@ class DataConfig:
     max_files: int = 400
     holdout_fraction: float = 0.05
     tokenizer_vocab_size: int = 2048  # for the embedded demo tokenizer
+    # prepared data: which answers it trains on (set at `tide-ds prepare`, checked here) and how far
+    # rows are EOS-padded (batch: the longest row; block: the row's own next block boundary, the paper's)
+    supervise: Literal["as_prepared", "last_turn", "all_turns"] = "as_prepared"
+    eos_padding: Literal["batch", "block"] = "batch"
 
 
 @dataclass(kw_only=True)
@@ -97,6 +123,10 @@ class TrainConfig:
     keep_last: int = 2  # complete checkpoints kept (0: all); the newest is never deleted
     nonfinite: Literal["stop", "skip"] = "stop"  # a non-finite loss / gradient norm: stop, or skip the step
     max_nonfinite: int = 10  # with skip: stop after more than this many non-finite steps in a row
+    # length in epochs instead of steps (0: train.steps; else steps = ceil(epochs x global batches per epoch));
+    # warm-up as a share of the steps (0: train.warmup_steps)
+    epochs: float = 0.0
+    warmup_ratio: float = 0.0
 
 
 @dataclass(kw_only=True)
@@ -115,7 +145,8 @@ class EngineConfig:
 @dataclass(kw_only=True)
 class Config:
     recipe: str = "tide_shared"
-    terms: dict[str, float] | None = None  # explicit {term: weight}; overrides the recipe's terms
+    # explicit terms, replacing the recipe's: {name: weight} or {name: {weight, temperature, tidal}}
+    terms: dict[str, float | TermConfig] | None = None
     output_dir: str = "runs/distill"
     student: ModelConfig = field(default_factory=ModelConfig)
     teacher: ModelConfig = field(default_factory=ModelConfig)
@@ -127,13 +158,65 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------
+# Recipes: data, at the bottom of the package so that names are checked when the config loads
+
+
+@dataclass(frozen=True)
+class Recipe:
+    terms: dict[str, float] = field(default_factory=dict)
+    comp_demo: bool = False  # the teacher runs CompDemo's two passes
+
+
+TERM_NAMES = ("ce", "kl", "reverse_kl", "calm", "reverse_calm", "tidal")
+# The paper's recipes (TIDE section 6). Pipeline A's native recipe is tide_cross, B's tide_shared.
+RECIPES: dict[str, Recipe] = {
+    "ce": Recipe({"ce": 1.0}),
+    "kl": Recipe({"ce": 1.0, "kl": 1.0}),
+    "reverse_kl": Recipe({"ce": 1.0, "reverse_kl": 1.0}),
+    "calm": Recipe({"ce": 1.0, "calm": 1.0}),
+    "tide_cross": Recipe({"ce": 1.0, "reverse_calm": 1.0}),
+    "tide_shared": Recipe({"ce": 1.0, "tidal": 1.0}, comp_demo=True),
+}
+
+
+def run_terms(recipe: str, terms: dict[str, float | TermConfig] | None = None,
+              objective: ObjectiveConfig | None = None) -> dict[str, TermConfig]:
+    """The run's terms with a positive weight, each with every hyper-parameter filled in: the
+    recipe's terms (or the explicit `terms`), the `objective` section's values where a term sets none."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe '{recipe}'; choose one of {', '.join(RECIPES)} (config key 'recipe')")
+    objective = objective or ObjectiveConfig()
+    given = RECIPES[recipe].terms if terms is None else terms
+    out = {}
+    for name, spec in given.items():
+        if name not in TERM_NAMES:
+            raise ConfigError(f"unknown loss term '{name}' in config key 'terms'; choose from {', '.join(TERM_NAMES)}")
+        spec = spec if isinstance(spec, TermConfig) else TermConfig(weight=float(spec))
+        if spec.weight < 0:
+            raise ConfigError(f"terms.{name} has negative weight {spec.weight}; weights must be >= 0")
+        if spec.weight > 0:
+            tidal = (spec.tidal or objective.tidal) if name == "tidal" else None
+            out[name] = TermConfig(weight=spec.weight, temperature=objective.temperature if spec.temperature is None else spec.temperature,
+                                   tidal=tidal)
+    if not out:
+        raise ConfigError(f"config key 'terms' gives no term a positive weight ({terms}); the loss would be empty")
+    return out
+
+
+def needs_teacher(terms: dict[str, TermConfig]) -> bool:
+    return any(name != "ce" for name in terms)
+
+
+# ---------------------------------------------------------------------------------------------
 # Loading
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Reads a YAML file (optional) and applies `a.b=value` overrides (values parsed as YAML)."""
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                check_files: bool = True) -> Config:
+    """Reads a YAML file (optional) and applies `a.b=value` overrides (values parsed as YAML).
+    check_files=False leaves model, tokenizer and ds_config paths unchecked (a dry run)."""
     cfg = load_dataclass(Config, path, overrides)
-    validate(cfg)
+    validate(cfg, check_files=check_files)
     return cfg
 
 
@@ -251,18 +334,23 @@ def _coerce(tp, value, key: str):
     raise ConfigError(f"config key '{key}' must be of type {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
-def validate(cfg: Config) -> None:
-    """Checks of values that types alone cannot catch."""
-    from tide_ds.objectives.recipes import needs_teacher, resolve_terms  # local: objectives import torch
-
-    recipe = resolve_terms(cfg.recipe, cfg.terms)  # raises ConfigError naming an unknown recipe or term
+def validate(cfg: Config, check_files: bool = True) -> None:
+    """Checks of values that types alone cannot catch (and, with check_files, that paths exist)."""
+    if cfg.objective.temperature <= 0:
+        raise ConfigError("objective.temperature must be > 0")
+    terms = run_terms(cfg.recipe, cfg.terms, cfg.objective)  # raises ConfigError naming an unknown recipe or term
+    for name, term in terms.items():
+        if term.temperature <= 0:
+            raise ConfigError(f"terms.{name}.temperature must be > 0, got {term.temperature}")
+    _check_tidal(cfg.objective.tidal, "objective.tidal")
+    for name, spec in (cfg.terms or {}).items():
+        if isinstance(spec, TermConfig) and spec.tidal is not None:
+            _check_tidal(spec.tidal, f"terms.{name}.tidal")
     t = cfg.train
     checks = [
         (cfg.diffusion.block_size >= 1, "diffusion.block_size must be >= 1"),
         (0.0 < cfg.diffusion.eps < 1.0, "diffusion.eps must be in (0, 1)"),
-        (cfg.objective.temperature > 0, "objective.temperature must be > 0"),
-        (0.0 <= cfg.objective.lambda_init <= 1.0, "objective.lambda_init must be in [0, 1]"),
-        (0.0 <= cfg.objective.lambda_max <= 1.0, "objective.lambda_max must be in [0, 1]"),
+        (cfg.objective.shared_vocab_size >= 0, "objective.shared_vocab_size must be >= 0 (0: min of both vocabularies)"),
         (0.0 < cfg.objective.demo_ratio < 1.0, "objective.demo_ratio must be in (0, 1)"),
         (t.steps >= 1, "train.steps must be >= 1"),
         (t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
@@ -281,6 +369,8 @@ def validate(cfg: Config) -> None:
         (t.lr > 0, "train.lr must be > 0"),
         (0 <= t.warmup_steps, "train.warmup_steps must be >= 0"),
         (0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
+        (t.epochs >= 0, "train.epochs must be >= 0 (0: train.steps sets the length)"),
+        (0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio must be in [0, 1) (0: train.warmup_steps)"),
         (cfg.teacher.block_size is None or cfg.teacher.block_size >= 1, "teacher.block_size must be >= 1"),
         (cfg.data.seq_len % cfg.diffusion.block_size == 0,
          f"data.seq_len ({cfg.data.seq_len}) must be a multiple of diffusion.block_size ({cfg.diffusion.block_size})"),
@@ -288,18 +378,61 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    for side in ("student", "teacher") if needs_teacher(recipe) else ("student",):
+    sides = ("student", "teacher") if needs_teacher(terms) else ("student",)
+    for side in sides if check_files else ():
         m: ModelConfig = getattr(cfg, side)
         if m.path is not None and not os.path.isdir(m.path):
             raise ConfigError(f"{side}.path not found: {m.path} (give a transformers model directory)")
         if m.tokenizer is not None and not os.path.isdir(m.tokenizer):
             raise ConfigError(f"{side}.tokenizer not found: {m.tokenizer} (give a directory with a saved tokenizer)")
-    if cfg.engine.ds_config is not None and not os.path.isfile(cfg.engine.ds_config):
+    if check_files and cfg.engine.ds_config is not None and not os.path.isfile(cfg.engine.ds_config):
         raise ConfigError(f"engine.ds_config not found: {cfg.engine.ds_config} (give a DeepSpeed JSON, e.g. ds_configs/zero3.json)")
     if cfg.student.path is None and not cfg.student.init:
         raise ConfigError("student: set student.path to a model directory or student.init to a config for a new model")
-    if needs_teacher(recipe) and cfg.teacher.path is None:
+    if needs_teacher(terms) and cfg.teacher.path is None:
         raise ConfigError(f"recipe '{cfg.recipe}' needs a teacher: set teacher.path to a trained model directory")
+
+
+def epoch_steps(epochs: float, rows: int, global_batch: int) -> int:
+    """Optimizer steps of `epochs` passes over `rows` training rows (each step one global batch;
+    a partial last batch of an epoch is dropped)."""
+    return max(1, math.ceil(epochs * (rows // global_batch)))
+
+
+def warmup_steps(t: TrainConfig) -> int:
+    """Warm-up length in optimizer steps: train.warmup_ratio of train.steps when set (rounded up)."""
+    return math.ceil(t.warmup_ratio * t.steps) if t.warmup_ratio else t.warmup_steps
+
+
+def _check_tidal(tidal: TidalConfig, key: str) -> None:
+    for name in ("lambda_init", "lambda_max"):
+        if not 0.0 <= getattr(tidal, name) <= 1.0:
+            raise ConfigError(f"{key}.{name} must be in [0, 1], got {getattr(tidal, name)}")
+
+
+def resolved(cfg: Config) -> tuple[dict[str, Any], list[str]]:
+    """The config as the run will use it, as a plain dict: every section, and every term with its own
+    hyper-parameters filled in; plus notes on what is only known once the run starts."""
+    out = to_dict(cfg)
+    terms = run_terms(cfg.recipe, cfg.terms, cfg.objective)
+    out["terms"] = {name: {k: v for k, v in dataclasses.asdict(spec).items() if v is not None}
+                    for name, spec in terms.items()}
+    notes = [f"recipe {cfg.recipe}: {' + '.join(terms)}" + (" with CompDemo's two teacher passes"
+                                                            if RECIPES[cfg.recipe].comp_demo else "")]
+    if "tidal" in terms:
+        notes.append("tidal acts on chunks on data prepared for two tokenizers, on tokens with one vocabulary")
+    t = cfg.train
+    if t.epochs:
+        notes.append(f"train.steps: ceil({t.epochs:g} x global batches per epoch), worked out once the data is read")
+    if t.warmup_ratio:
+        notes.append(f"warm-up: ceil({t.warmup_ratio:g} x train.steps) steps (train.warmup_steps unused)")
+    for side in ("student", "teacher") if needs_teacher(terms) else ("student",):
+        for key in ("path", "tokenizer"):
+            value = getattr(getattr(cfg, side), key)
+            if value is not None and not os.path.isdir(value):
+                notes.append(f"{side}.{key}={value} is not a local directory (a hub name?): point it at a local "
+                             f"copy; the run checks it when it starts")
+    return out, notes
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

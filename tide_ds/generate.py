@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from tide_ds.config import ConfigError
 from tide_ds.diffusion.sampler import generate
 from tide_ds.models.attention import BACKENDS
-from tide_ds.models.build import check_student_checkpoint, checkpoint_model_type, load_tokenizer, mask_token_id
+from tide_ds.models.build import a2d_config, load_tokenizer, mask_token_id, student_family
 from tide_ds.models.student import BD3LMStudent
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.add_argument("--no-stop-at-eos", dest="stop_at_eos", action="store_false",
                    help="decode all --max-new-tokens even after EOS")
+    p.add_argument("--align-prompt", action="store_true",
+                   help="left-pad the prompt so the answer starts on a block boundary (the paper's evaluation)")
     p.add_argument("--attn-backend", choices=BACKENDS, default="auto")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
@@ -39,9 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def load_student(path: str, *, block_size: int | None = None, mask_token: str | None = None,
                  attn_backend: str = "auto", dtype: str = "float32"):
     """(BD3LMStudent, tokenizer) from a student directory."""
-    check_student_checkpoint(checkpoint_model_type(path, "--model"), f"--model={path}")
+    family = student_family(path, f"--model={path}")
     tokenizer = load_tokenizer(path, "--model")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype]).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], **a2d_config(path, family)).eval()
     saved = getattr(model.config, "bd3lm", None) or {}
     block = block_size or saved.get("block_size")
     mask_id = mask_token_id(tokenizer, mask_token, "--model") if mask_token else saved.get("mask_token_id")
@@ -66,7 +68,9 @@ def run(args) -> int:
         prompt = torch.tensor([ids], device=device)
         out = generate(student, prompt, args.max_new_tokens, steps_per_block=args.steps_per_block,
                        temperature=args.temperature, generator=generator,
-                       eos_token_id=tokenizer.eos_token_id if args.stop_at_eos else None)
+                       eos_token_id=tokenizer.eos_token_id if args.stop_at_eos else None,
+                       align_prompt=args.align_prompt,
+                       pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
         new = out[0, prompt.shape[1]:].tolist()
         if args.stop_at_eos and tokenizer.eos_token_id in new:
             new = new[:new.index(tokenizer.eos_token_id)]

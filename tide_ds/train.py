@@ -25,7 +25,8 @@ import yaml
 from tqdm import tqdm
 
 from tide_ds import checkpoint
-from tide_ds.config import SKIP_NEEDS_ONE_PROCESS, Config, ConfigError, load_config, to_dict
+from tide_ds.config import (SKIP_NEEDS_ONE_PROCESS, Config, ConfigError, epoch_steps, load_config, needs_teacher,
+                            resolved, run_terms, to_dict)
 from tide_ds.data.collate import Collator
 from tide_ds.data.corpus import TextWindows, collate_windows, corpus_files, is_holdout
 from tide_ds.data.prepare import REPORT_NAME, load_prepared, vocab_fingerprint
@@ -38,19 +39,26 @@ from tide_ds.engine.preempt import Preemption, resume_command
 from tide_ds.eval import masked_token_loss
 from tide_ds.metrics import MetricsLog, Phases, overlap_fraction
 from tide_ds.models import build_student, build_teacher, load_tokenizer
-from tide_ds.objectives import TERMS, needs_teacher, resolve_terms
-from tide_ds.pipeline import DistillStep, build_scheduler
+from tide_ds.pipeline import DistillStep, RunTerms, build_scheduler, resolve_terms
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML run config (see tide_ds/configs/ for examples)")
     p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint directory; 'latest': the newest "
                    "complete one in output_dir; 'auto': that one if there is one, else start fresh")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config and print it fully resolved (YAML); load no model or data")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
 
 
 def run(args) -> int:
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    if args.dry_run:
+        out, notes = resolved(load_config(args.config, overrides, check_files=False))
+        print("\n".join(["# tide-ds distill --dry-run: the resolved config (no model or data loaded)"]
+                        + [f"# {note}" for note in notes]))
+        print(yaml.safe_dump(out, sort_keys=False), end="")
+        return 0
     result = distill(load_config(args.config, overrides))
     code = 128 + result["preempted"] if result.get("preempted") else 0  # 143 SIGTERM, 130 SIGINT, 138 SIGUSR1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -103,8 +111,10 @@ def build_data(cfg: Config, tokenizer) -> Data:
         with open(report_path, encoding="utf-8") as f:
             report = json.load(f)
         check_prepared_tokenizers(cfg, report, tokenizer)
+        check_supervision(cfg, report["config"].get("supervise", "all_turns"))
         n_held = max(1, int(len(data) * cfg.data.holdout_fraction)) if len(data) > 1 else 0
-        collate = Collator(report["student_eos_id"], cfg.diffusion.block_size, report["teacher_pad_id"])
+        collate = Collator(report["student_eos_id"], cfg.diffusion.block_size, report["teacher_pad_id"],
+                           eos_padding=cfg.data.eos_padding)
         held = data.select(range(n_held)) if n_held else data
         return Data(data.select(range(n_held, len(data))), held, collate,
                     cross_tokenizer=report["config"]["pipeline"] == "cross")
@@ -113,6 +123,14 @@ def build_data(cfg: Config, tokenizer) -> Data:
     train = [p for p in files if p not in held] or files
     return Data(TextWindows(train, tokenizer, cfg.data.seq_len), TextWindows(held, tokenizer, cfg.data.seq_len),
                 collate_windows, cross_tokenizer=False)
+
+
+def check_supervision(cfg: Config, prepared: str) -> None:
+    """The supervision scope is fixed when the data is prepared; the run may state the one it expects."""
+    if cfg.data.supervise not in ("as_prepared", prepared):
+        raise ConfigError(f"data.supervise={cfg.data.supervise} but data.source={cfg.data.source} was prepared with "
+                          f"supervise={prepared}; prepare it again with supervise: {cfg.data.supervise}, or set "
+                          f"data.supervise=as_prepared")
 
 
 def check_prepared_tokenizers(cfg: Config, report: dict, tokenizer) -> None:
@@ -136,9 +154,9 @@ def check_prepared_tokenizers(cfg: Config, report: dict, tokenizer) -> None:
                               f"to it, or prepare the data again with this {side}'s tokenizer")
 
 
-def check_teacher_fits(cfg: Config, recipe, data: Data, tokenizer) -> None:
+def check_teacher_fits(cfg: Config, terms: RunTerms, data: Data, tokenizer) -> None:
     """Shared-vocabulary terms need one vocabulary; without its own ids the teacher reads the student's."""
-    shared_only = [n for n, w in recipe.terms.items() if w > 0 and TERMS[n].shared_vocab_only]
+    shared_only = [term.name for term in terms.terms if term.shared_vocab_only]
     if data.cross_tokenizer and shared_only:
         raise ConfigError(f"recipe '{cfg.recipe}' uses {', '.join(shared_only)}, which needs one shared vocabulary, but "
                           f"data.source={cfg.data.source} was prepared for two tokenizers; use tide_cross, calm or "
@@ -157,6 +175,8 @@ def check_batch(cfg: Config, dist, data: Data) -> None:
     else:
         plain_batch(cfg)
     batches_per_epoch(len(data.train), cfg.train.global_batch_size)
+    if cfg.train.epochs:  # the length in steps, known once the data and the global batch are
+        cfg.train.steps = epoch_steps(cfg.train.epochs, len(data.train), cfg.train.global_batch_size)
 
 
 def distill(cfg: Config) -> dict:
@@ -180,15 +200,16 @@ def _distill(cfg: Config, dist, signals: Preemption) -> dict:
     if t.threads:
         torch.set_num_threads(t.threads)
     device = dist.device
-    recipe = resolve_terms(cfg.recipe, cfg.terms)
+    wants_teacher = needs_teacher(run_terms(cfg.recipe, cfg.terms, cfg.objective))
     log = print if dist.is_main else (lambda *a, **k: None)
     resume = checkpoint.resolve_resume(cfg, log)  # a missing or incomplete checkpoint stops here
     tokenizer = student_tokenizer(cfg)
     data = build_data(cfg, tokenizer)
     check_batch(cfg, dist, data)
+    terms = resolve_terms(cfg.recipe, cfg.terms, "cross" if data.cross_tokenizer else "shared", cfg.objective)
     teacher = None
-    if needs_teacher(recipe):
-        check_teacher_fits(cfg, recipe, data, tokenizer)
+    if wants_teacher:
+        check_teacher_fits(cfg, terms, data, tokenizer)
         # the megatron placement reads only this rank's slices of the weights itself
         lazy = cfg.engine.teacher_placement == "megatron"
         teacher = build_teacher(cfg.teacher, cfg.diffusion.mask_token, block_size=cfg.diffusion.block_size,
@@ -198,8 +219,8 @@ def _distill(cfg: Config, dist, signals: Preemption) -> dict:
     eval_batches = list(itertools.islice(torch.utils.data.DataLoader(
         data.held_out, batch_size=t.micro_batch_size, collate_fn=data.collate), t.eval_batches))
 
-    step = DistillStep(student, teacher, recipe, cfg.objective, cross_tokenizer=data.cross_tokenizer,
-                       eps=cfg.diffusion.eps)
+    step = DistillStep(student, teacher, terms, kernels=cfg.objective.kernels, eps=cfg.diffusion.eps,
+                       shared_vocab_size=cfg.objective.shared_vocab_size)
     engine = build_engine(cfg, step, dist, use_deepspeed=wants_deepspeed(cfg))  # settles the batch sizes
     accum, micro = t.gradient_accumulation_steps, t.micro_batch_size
     first = 0
@@ -208,8 +229,8 @@ def _distill(cfg: Config, dist, signals: Preemption) -> dict:
 
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())
     guard = StepGuard(cfg, engine, signals, log)
-    log(f"recipe {cfg.recipe}: {' + '.join(f'{w:g}*{n}' for n, w in recipe.terms.items())}"
-        f"{' (CompDemo)' if recipe.comp_demo else ''}; student {n_params / 1e6:.2f}M params; "
+    log(f"recipe {cfg.recipe}: {' + '.join(f'{term.weight:g}*{term.name}' for term in terms.terms)}"
+        f"{' (CompDemo)' if terms.comp_demo else ''}; student {n_params / 1e6:.2f}M params; "
         f"{len(data.train)} train / {len(data.held_out)} held-out rows; device {device}; "
         f"{dist.world} rank(s) x {accum} accumulation x {micro} = global batch {t.global_batch_size}")
     before = masked_token_loss(student, eval_batches, eps=cfg.diffusion.eps)

@@ -85,10 +85,9 @@ def run(args) -> int:
     import torch
 
     from tide_ds.bench.step import _model
-    from tide_ds.config import ObjectiveConfig
+    from tide_ds.config import RECIPES
     from tide_ds.models import BD3LMStudent, HFBidirectionalTeacher
-    from tide_ds.objectives import RECIPES
-    from tide_ds.pipeline import DistillStep
+    from tide_ds.pipeline import DistillStep, resolve_terms
 
     if args.recipe not in RECIPES:
         raise SystemExit(f"unknown recipe {args.recipe!r}; choose one of {', '.join(RECIPES)}")
@@ -96,7 +95,7 @@ def run(args) -> int:
     mask_id = args.vocab - 1
     student = BD3LMStudent(_model(args.hidden, args.vocab, args.student_layers, 0), args.block_size, mask_id).to(device)
     teacher = HFBidirectionalTeacher(_model(args.hidden, args.vocab, args.teacher_layers, 1).eval(), mask_id).to(device)
-    step = DistillStep(student, teacher, RECIPES[args.recipe], ObjectiveConfig())
+    step = DistillStep(student, teacher, resolve_terms(args.recipe))
     print(f"tide-ds bench schedule: recipe={args.recipe} micro-batch {args.batch} x {args.length} tokens, "
           f"accumulation {args.accumulation}, H={args.hidden} V={args.vocab}, student {args.student_layers} / teacher "
           f"{args.teacher_layers} layers, device={device_name(device.type)}")

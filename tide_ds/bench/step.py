@@ -49,17 +49,15 @@ def _model(hidden: int, vocab: int, layers: int, seed: int):
 def _worker(args) -> dict:
     import torch
 
-    from tide_ds.config import ObjectiveConfig
     from tide_ds.models import BD3LMStudent, HFBidirectionalTeacher
-    from tide_ds.objectives import RECIPES
-    from tide_ds.pipeline import DistillStep
+    from tide_ds.pipeline import DistillStep, resolve_terms
 
     mask_id = args.vocab - 1
     student = BD3LMStudent(_model(args.hidden, args.vocab, args.layers, 0), args.block_size, mask_id).to(args.device)
     teacher = HFBidirectionalTeacher(_model(args.hidden, args.vocab, args.layers, 1).eval(), mask_id).to(args.device)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    step = DistillStep(student, teacher, RECIPES[args.recipe], ObjectiveConfig(kernels=args.worker))
+    step = DistillStep(student, teacher, resolve_terms(args.recipe), kernels=args.worker)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randint(0, args.vocab - 1, (args.batch, args.length), generator=g).to(args.device)
     batch = {"input_ids": x0, "maskable": torch.ones_like(x0, dtype=torch.bool)}
@@ -82,7 +80,7 @@ def run(args) -> int:
     if args.worker:
         print(json.dumps(_worker(args)))
         return 0
-    from tide_ds.objectives import RECIPES
+    from tide_ds.config import RECIPES
 
     if args.recipe not in RECIPES:
         raise SystemExit(f"unknown recipe {args.recipe!r}; choose one of {', '.join(RECIPES)}")

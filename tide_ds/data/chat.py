@@ -103,8 +103,11 @@ def render_text(text: str) -> Rendered:
     return Rendered(text, [(0, n)], [(0, n)], append_eos=True)
 
 
-def render_pair(messages: list[dict[str, str]], student: tuple, teacher: tuple) -> tuple[Rendered, Rendered]:
+def render_pair(messages: list[dict[str, str]], student: tuple, teacher: tuple,
+                supervise: str = "all_turns") -> tuple[Rendered, Rendered]:
     """Renders `messages` for both sides; `student` and `teacher` are (tokenizer, template) pairs.
+    `supervise`: "all_turns" (every response turn is trained on) or "last_turn" (only the last; the
+    earlier messages are all prompt, as in the paper's runs).
 
     Each message's content is searched in both renderings after the text the earlier messages
     render to (as is, else stripped, as templates often strip it); the same form is used on both
@@ -127,6 +130,8 @@ def render_pair(messages: list[dict[str, str]], student: tuple, teacher: tuple) 
         t_spans.append((t_at, t_cursor))
 
     responses = [k for k, m in enumerate(messages) if m["role"] == RESPONSE_ROLE]
+    if supervise == "last_turn":
+        responses = responses[-1:]
     # A response turn runs from its content to where the next message's text starts, so that the
     # end-of-turn marker (e.g. "<|im_end|>") is learned; the content end if that is unknown.
     turns = [(s_spans[k][0], max(s_spans[k][1], s_starts[k + 1])) for k in responses]

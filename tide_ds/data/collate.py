@@ -15,7 +15,10 @@ class Collator:
       input_ids               [b, l] long: the student's x0, padded with its EOS up to the longest row
                               rounded up to a multiple of the block size
       maskable                [b, l] bool: response tokens; EOS padding too when train_on_padding
-                              (the model learns to end)
+                              (the model learns to end): up to the longest row (eos_padding="batch")
+                              or only up to the row's own next block boundary ("block", the paper's;
+                              the rest of the row lies in later blocks, which earlier ones never see,
+                              and is ignored)
       chunk_ids               [b, l] long: chunk id per student token, -1 = none
       teacher_input_ids       [b, lt] long, padded with the teacher's pad id
       teacher_chunk_ids       [b, lt] long, -1 = none
@@ -24,9 +27,12 @@ class Collator:
     """
 
     def __init__(self, student_eos_id: int, student_pad_to_multiple: int, teacher_pad_id: int,
-                 train_on_padding: bool = True):
+                 train_on_padding: bool = True, eos_padding: str = "batch"):
         if student_pad_to_multiple < 1:
             raise ValueError(f"student_pad_to_multiple must be >= 1 (the block size), got {student_pad_to_multiple}")
+        if eos_padding not in ("batch", "block"):
+            raise ValueError(f"eos_padding must be 'batch' or 'block', got {eos_padding!r}")
+        self.eos_padding = eos_padding
         self.student_eos_id = student_eos_id
         self.multiple = student_pad_to_multiple
         self.teacher_pad_id = teacher_pad_id
@@ -41,6 +47,9 @@ class Collator:
         length = -(-longest // self.multiple) * self.multiple
         ids = _pad(input_ids, length, self.student_eos_id)
         is_padding = _pad([torch.zeros(len(x), dtype=torch.bool) for x in input_ids], length, True)
+        if self.eos_padding == "block":  # padding past the row's own block boundary is not trained on
+            ends = torch.tensor([-(-len(x) // self.multiple) * self.multiple for x in input_ids])
+            is_padding &= torch.arange(length)[None, :] < ends[:, None]
         maskable = _pad(labels, length, IGNORE) != IGNORE
         if self.train_on_padding:
             maskable |= is_padding

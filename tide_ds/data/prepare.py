@@ -44,6 +44,7 @@ class PrepareConfig:
     teacher: SideConfig
     pipeline: Literal["cross", "shared"] = "cross"  # shared: one vocabulary, two chat templates (pipeline B)
     column: str = "auto"  # "auto": each row's "messages", else its "text"; or one column's name
+    supervise: Literal["all_turns", "last_turn"] = "all_turns"  # last_turn: the paper's (earlier turns are prompt)
     split: str = "train"  # for a directory holding a DatasetDict
     max_samples: int | None = None  # read at most this many rows (all files together)
     num_proc: int = 1  # processes for datasets.map
@@ -95,7 +96,8 @@ def prepare(cfg: PrepareConfig) -> dict:
             sources.append((path, rows))
         outputs = []
         for i, (path, rows) in enumerate(sources):
-            preparer = RowPreparer(cfg.column, _side_spec(cfg.student), _side_spec(cfg.teacher), (student, teacher))
+            preparer = RowPreparer(cfg.column, _side_spec(cfg.student), _side_spec(cfg.teacher), (student, teacher),
+                                   supervise=cfg.supervise)
             outputs.append(rows.map(
                 preparer, batched=True, batch_size=cfg.batch_size, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
                 remove_columns=rows.column_names, features=_output_features(),

@@ -192,8 +192,10 @@ class RowPreparer:
     tokenizers once, on first use.
     """
 
-    def __init__(self, column: str, student: dict, teacher: dict, loaded: tuple[Side, Side] | None = None):
+    def __init__(self, column: str, student: dict, teacher: dict, loaded: tuple[Side, Side] | None = None,
+                 supervise: str = "all_turns"):
         self.column = column
+        self.supervise = supervise  # "all_turns" or "last_turn" (render_pair)
         self.student_spec, self.teacher_spec = student, teacher  # Side.load keyword arguments
         self._sides = loaded  # sides this process already loaded from those specs
 
@@ -234,7 +236,8 @@ class RowPreparer:
         conversation = conversation_of(row, self.column)
         if isinstance(conversation, str):
             return render_text(conversation), render_text(conversation)
-        return render_pair(conversation, (student.tokenizer, student.template), (teacher.tokenizer, teacher.template))
+        return render_pair(conversation, (student.tokenizer, student.template), (teacher.tokenizer, teacher.template),
+                           supervise=self.supervise)
 
 
 def _parse_row(batch: dict[str, list], i: int) -> dict:

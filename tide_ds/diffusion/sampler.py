@@ -1,6 +1,9 @@
 """Block-diffusion sampling for a BD3LM student.
 
-The answer is decoded block by block (blocks counted from position 0, as in training). A block
+The answer is decoded block by block (blocks counted from position 0, as in training; with
+align_prompt, as in the paper's evaluation, the prompt is left-padded to a whole number of blocks so
+the answer starts on a block boundary; the padding is hidden from attention and the positions
+count real tokens only). A block
 starts with its unknown positions masked; each step runs the block against the cached keys and
 values of the clean context (the prompt and every finished block) and fills the most confident
 masked positions; temperature 0 picks the argmax token. A finished block is run once more as
@@ -46,12 +49,15 @@ def generate(
     block_size: int | None = None,
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    align_prompt: bool = False,
+    pad_token_id: int | None = None,
 ) -> torch.Tensor:
     """Samples `max_new_tokens` after `prompt_ids` [b, P] (one length for the batch) with a
     `BD3LMStudent`. Returns [b, P + max_new_tokens] ids with no mask token left.
 
     steps_per_block defaults to the block size (one token per step). With eos_token_id, decoding
-    stops after the first block in which every row has produced EOS; the rest is filled with EOS."""
+    stops after the first block in which every row has produced EOS; the rest is filled with EOS.
+    align_prompt: left-pad the prompt with pad_token_id (hidden keys) to a multiple of the block size."""
     block = block_size or student.block_size
     steps = block if steps_per_block is None else steps_per_block
     if steps < 1:
@@ -65,29 +71,41 @@ def generate(
 
     device = student.output_weight.device
     mask_id = student.mask_token_id
+    pad = 0
+    if align_prompt:
+        if pad_token_id is None:
+            raise ConfigError("align_prompt needs a pad token id (the tokenizer's pad or EOS token)")
+        pad = -prompt_len % block
+        prompt_ids = torch.cat([torch.full((b, pad), pad_token_id, dtype=prompt_ids.dtype), prompt_ids.cpu()], 1)
+        prompt_len += pad
     total = prompt_len + max_new_tokens
     x = torch.cat([prompt_ids.to(device), torch.full((b, max_new_tokens), mask_id, device=device)], dim=1)
-    positions = torch.arange(total, device=device).expand(b, total)
+    positions = (torch.arange(total, device=device) - pad).clamp_min(0).expand(b, total)
+    real = None if not pad else (torch.arange(total, device=device) >= pad).expand(b, total)
     cache = DynamicCache(config=student.model.config)
+
+    def extend(ids, pos, pattern=None):
+        return student.extend(ids, pos, cache, pattern,
+                              key_padding=None if real is None else real[:, :cache.get_seq_length() + ids.shape[1]])
 
     first = prompt_len // block  # the block the answer starts in (it may also hold prompt tokens)
     if first > 0:  # the prompt's whole blocks: clean context, block-causal among themselves
         end = first * block
-        student.extend(x[:, :end], positions[:, :end], cache, clean_prefix(end, block))
+        extend(x[:, :end], positions[:, :end], clean_prefix(end, block))
 
     for start in range(first * block, total, block):
         end = min(start + block, total)
         ids, pos = x[:, start:end], positions[:, start:end]
         for count in unmask_schedule(end - max(start, prompt_len), steps):
-            hidden = student.extend(ids, pos, cache)
+            hidden = extend(ids, pos)
             cache.crop(-(end - start))  # the noisy block is not context: drop its keys again
             ids.copy_(fill_most_confident(student, hidden, ids, count, temperature, generator))
-        student.extend(ids, pos, cache)  # the finished block becomes clean context
+        extend(ids, pos)  # the finished block becomes clean context
         # sync point: one check per block, only when stopping at EOS
         if eos_token_id is not None and (x[:, prompt_len:end] == eos_token_id).any(dim=1).all():
             x[:, end:] = eos_token_id
             break
-    return x
+    return x[:, pad:]
 
 
 def fill_most_confident(student, hidden: torch.Tensor, ids: torch.Tensor, count: int, temperature: float,

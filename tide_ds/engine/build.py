@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tide_ds.config import Config, ConfigError
+from tide_ds.config import Config, ConfigError, warmup_steps
 from tide_ds.engine.dist import Dist
 from tide_ds.engine.merge import load_ds_config, merge_ds_config, plain_batch
 from tide_ds.engine.placement import check_placement, expert_parallel, megatron, tensor_parallel
@@ -177,14 +177,30 @@ class Engine:
 def lr_lambda(cfg: Config):
     """Linear warm-up, then cosine decay to min_lr_ratio of the peak (per optimizer step)."""
     t = cfg.train
+    warmup = warmup_steps(t)
 
     def f(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        p = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        if step < warmup:
+            return (step + 1) / warmup
+        p = (step - warmup) / max(1, t.steps - warmup)
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
 
     return f
+
+
+def _in_precision(fn: Callable, precision: str, device: torch.device) -> Callable:
+    """One process: bf16 mixed precision by autocast (fp32 master weights and optimizer state; the
+    losses reduce in fp32 as always). fp16 needs loss scaling, which only the DeepSpeed engine has."""
+    if precision == "fp32":
+        return fn
+    if precision == "fp16":
+        raise ConfigError("train.precision=fp16 needs DeepSpeed's loss scaling: set engine.ds_config, or use bf16")
+
+    def call(*args, **kwargs):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def _adamw(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -208,7 +224,8 @@ def build_engine(cfg: Config, step, dist: Dist, *, use_deepspeed: bool) -> Engin
         opt = _adamw(cfg, step.student)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
         _report_teacher(step.teacher, dist, "replicate", full)
-        return Engine(dist, step.student, step.teacher_targets, step.loss, optimizer=opt, scheduler=sched,
+        loss = _in_precision(step.loss, cfg.train.precision, dist.device)
+        return Engine(dist, step.student, step.teacher_targets, loss, optimizer=opt, scheduler=sched,
                       accumulation=cfg.train.gradient_accumulation_steps, grad_clip=cfg.train.grad_clip)
     import deepspeed
 

@@ -15,7 +15,7 @@ import torch
 from tide_ds.kernels import ops, twin
 from tide_ds.kernels._ext import cuda_extension
 from tide_ds.objectives.calm import calm, chunk_logprobs
-from tide_ds.objectives.ce import _fp32, token_logprobs
+from tide_ds.objectives.ce import fp32, token_logprobs
 from tide_ds.objectives.kl import kl, kl_per_position, tidal_kl, tidal_lambda, timestep_weighting
 
 Impl = Literal["auto", "twin", "reference"]
@@ -66,7 +66,7 @@ def target_logprobs(
     h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     if _reference(impl):
         z = ops._logits(h, weight, bias) / temperature
-        logp, lse = token_logprobs(z, y), torch.logsumexp(_fp32(z), dim=-1)
+        logp, lse = token_logprobs(z, y), torch.logsumexp(fp32(z), dim=-1)
     else:
         logp, lse = ops.TargetLogprobsFunction.apply(h, weight, bias, y, 1.0 / temperature, _kernels(h, impl),
                                                     _rows(block_rows, h, weight.shape[0]))
@@ -113,7 +113,7 @@ def fused_head_loss(
     if _reference(impl):
         z = ops._logits(hidden, weight, bias)
         if logprob_loss is None:
-            logp = z.new_zeros(z.shape[0], dtype=_fp32(z).dtype)
+            logp = z.new_zeros(z.shape[0], dtype=fp32(z).dtype)
             loss = logp.new_zeros(())
         else:
             logp = token_logprobs(z, targets)
@@ -122,7 +122,7 @@ def fused_head_loss(
         if kl is not None:
             zt = ops._logits(kl.hidden, kl.weight, kl.bias)
             kl_vals = kl_per_position(z, zt, temperature=kl.temperature, reverse=kl.reverse, lam=kl.lam)
-            loss = loss + (_fp32(kl.coef) * kl_vals).sum()
+            loss = loss + (fp32(kl.coef) * kl_vals).sum()
         return loss, logp.detach(), None if kl_vals is None else kl_vals.detach()
     return ops.HeadLossFunction.apply(hidden, weight, bias, targets, logprob_loss, groups, num_groups, kl,
                                       _kernels(hidden, impl), _rows(block_rows, hidden, weight.shape[0]),
@@ -146,7 +146,7 @@ def kl_rows(
         raise ValueError("kl_rows: TIDAL (lam) is a forward KL; reverse=True takes no lam")
     n = teacher_hidden.shape[0]
     masked = torch.ones(n, dtype=torch.bool, device=teacher_hidden.device) if masked is None else masked.bool()
-    coef = masked.to(_fp32(teacher_hidden).dtype) * (temperature**2 / masked.sum().clamp_min(1))
+    coef = masked.to(fp32(teacher_hidden).dtype) * (temperature**2 / masked.sum().clamp_min(1))
     if row_weight is not None:
         coef = coef * row_weight
     return ops.KLRows(teacher_hidden, teacher_weight, teacher_bias, coef, lam, temperature, reverse)
@@ -293,7 +293,7 @@ def fused_tidal(
         return tidal_kl(_as_sequences(zs, lead), _as_sequences(zt, lead), _as_sequences(m, lead), t, progress,
                         lambda_init=lambda_init, lambda_max=lambda_max, schedule=schedule, axis=axis,
                         timestep_weight=timestep_weight, temperature=temperature)
-    t32 = _fp32(t)
+    t32 = fp32(t)
     lam = tidal_lambda(t32, progress, lambda_init=lambda_init, lambda_max=lambda_max, schedule=schedule, axis=axis)
     w = timestep_weighting(t32, timestep_weight)
     per_row = lambda x: x.reshape(x.shape + (1,) * (len(lead) - x.dim())).expand(lead)  # noqa: E731

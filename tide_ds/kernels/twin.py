@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tide_ds.objectives.ce import _fp32
+from tide_ds.objectives.ce import fp32
 
 
 def lse_target(z: torch.Tensor, targets: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(logsumexp(scale * z), scale * z[target]) per row, in fp32."""
-    x = _fp32(z)
+    x = fp32(z)
     if scale != 1.0:
         x = x * scale
     return torch.logsumexp(x, dim=1), x.gather(1, targets[:, None]).squeeze(1)
@@ -33,7 +33,7 @@ def logit_grad_(
 
     With coef_target = dL/dlogp(target) and coef_prob = dL/dlse - dL/dlogp(target) this is
     dL/dz for a loss of the per-token target log-prob and log-normaliser."""
-    p = z if z.dtype == _fp32(z).dtype else z.float()  # fp32 work buffer (z itself when fp32)
+    p = z if z.dtype == fp32(z).dtype else z.float()  # fp32 work buffer (z itself when fp32)
     if scale != 1.0:
         p.mul_(scale)
     p.sub_(lse[:, None]).exp_().mul_(coef_prob[:, None])
@@ -66,7 +66,7 @@ def kl_grad_(
     coef_target * (onehot(targets) - exp(zs - lse)), over the whole row. Works on a few fp32
     [R, Vs] buffers."""
     v = zt.shape[1]
-    zs32, zt32 = _fp32(zs[:, :v]), _fp32(zt)
+    zs32, zt32 = fp32(zs[:, :v]), fp32(zt)
     log_s = F.log_softmax(zs32 / temperature, dim=-1)
     if lam is None:
         log_t = F.log_softmax(zt32 / temperature, dim=-1)
@@ -92,7 +92,7 @@ def kl_grad_(
         zs[:, v:].zero_()
         zs[:, :v].copy_(grad)
         return kl
-    full = _fp32(zs).sub(lse[:, None]).exp_().mul_(-coef_target[:, None].to(grad.dtype))  # a new buffer
+    full = fp32(zs).sub(lse[:, None]).exp_().mul_(-coef_target[:, None].to(grad.dtype))  # a new buffer
     full.scatter_add_(1, targets[:, None], coef_target[:, None].to(full.dtype))
     full[:, :v] += grad
     zs.copy_(full)

@@ -129,14 +129,15 @@ def plots(cfg, out: str, results: dict, objective) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     progress = torch.linspace(0, 1, 101)
+    tidal = objective.tidal
     for t in (0.1, 0.5, 0.9):
-        lam = [float(tidal_lambda(torch.tensor([t]), float(p), lambda_init=objective.lambda_init,
-                                  lambda_max=objective.lambda_max, schedule=objective.tidal_schedule,
-                                  axis=objective.tidal_axis)) for p in progress]
+        lam = [float(tidal_lambda(torch.tensor([t]), float(p), lambda_init=tidal.lambda_init,
+                                  lambda_max=tidal.lambda_max, schedule=tidal.schedule,
+                                  axis=tidal.axis)) for p in progress]
         ax.plot(progress.numpy(), lam, label=f"mask ratio t = {t}")
     ax.set_xlabel("training progress")
     ax.set_ylabel("lambda (weight of the teacher)")
-    ax.set_title(f"TIDAL lambda schedule ({objective.tidal_schedule}, axis {objective.tidal_axis})")
+    ax.set_title(f"TIDAL lambda schedule ({tidal.schedule}, axis {tidal.axis})")
     ax.legend()
     fig.tight_layout()
     files.append(_save(fig, pdir, "tidal_lambda.png"))

@@ -30,6 +30,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 STUDENT_KINDS = ("auto", "qwen3", "llama")
 # kind -> the checkpoint model_types it accepts (None: any)
 _KIND_MODEL_TYPES = {"qwen3": {"qwen3"}, "llama": {"llama"}, "llada2_moe": {llada2.MODEL_TYPE}}
+# dllm's converted BD3LM checkpoints ("a2d", e.g. dllm-collection/Qwen3-0.6B-diffusion-bd3lm-v0.1): the
+# weights of the transformers family they subclass, under their own model_type; read as that family.
+A2D_MODEL_TYPES = {"a2d-qwen3": "qwen3", "a2d-qwen2": "qwen2", "a2d-llama": "llama"}
 
 
 def load_tokenizer(path: str, key: str) -> PreTrainedTokenizerBase:
@@ -105,10 +108,9 @@ def _load(cls, cfg: ModelConfig, key: str, **kwargs):
 def _causal_lm(cfg: ModelConfig, key: str, vocab_size: int | None) -> torch.nn.Module:
     dtype = _DTYPES[cfg.dtype]
     if cfg.path is not None:
-        model_type = checkpoint_model_type(cfg.path, f"{key}.path")
-        check_kind(cfg.kind, model_type, key)
-        check_student_checkpoint(model_type, f"{key}.path")
-        return _load(AutoModelForCausalLM, cfg, key)
+        family = student_family(cfg.path, f"{key}.path")
+        check_kind(cfg.kind, family, key)
+        return _load(AutoModelForCausalLM, cfg, key, **a2d_config(cfg.path, family))
     family = cfg.kind if cfg.kind in ("qwen3", "llama") else "qwen3"
     init = dict(cfg.init)
     if vocab_size is not None:
@@ -118,6 +120,26 @@ def _causal_lm(cfg: ModelConfig, key: str, vocab_size: int | None) -> torch.nn.M
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{key}.init is not a valid {family} config: {e}") from None
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def student_family(path: str, key: str) -> str:
+    """The transformers family of a student checkpoint (an a2d type read as the family it subclasses)."""
+    model_type = checkpoint_model_type(path, key)
+    family = A2D_MODEL_TYPES.get(model_type, model_type)
+    check_student_checkpoint(family, key)
+    return family
+
+
+def a2d_config(path: str, family: str) -> dict:
+    """from_pretrained arguments for a student checkpoint: an a2d checkpoint's config.json read as its
+    family's config; nothing for any other checkpoint."""
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        raw = json.load(f)
+    if A2D_MODEL_TYPES.get(raw.get("model_type")) != family:
+        return {}
+    for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+        raw.pop(key, None)
+    return {"config": AutoConfig.for_model(family, **raw)}
 
 
 def build_student(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, block_size: int, mask_token: str) -> BD3LMStudent:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from tide_ds.objectives.ce import _fp32
+from tide_ds.objectives.ce import fp32
 from tide_ds.objectives.kl import _masked_mean
 
 CLAMP = 1e-7
@@ -18,7 +18,7 @@ def chunk_logprobs(token_logprobs: torch.Tensor, chunk_ids: torch.Tensor, num_ch
     """Sums per-token log-probs into chunks. token_logprobs [b, l], chunk_ids [b, l] (-1 = none)
     -> [b, num_chunks]; a chunk with no token sums to 0."""
     b = token_logprobs.shape[0]
-    lp = _fp32(token_logprobs)
+    lp = fp32(token_logprobs)
     bucket = (chunk_ids + 1).clamp_min(0)
     lp = torch.where(chunk_ids >= 0, lp, torch.zeros_like(lp))  # tokens outside chunks may hold junk
     out = lp.new_zeros(b, num_chunks + 1).scatter_add(1, bucket, lp)
@@ -26,7 +26,7 @@ def chunk_logprobs(token_logprobs: torch.Tensor, chunk_ids: torch.Tensor, num_ch
 
 
 def chunk_prob(chunk_logprob: torch.Tensor, temperature: float) -> torch.Tensor:
-    return torch.exp(_fp32(chunk_logprob) / temperature).clamp(CLAMP, 1 - CLAMP)
+    return torch.exp(fp32(chunk_logprob) / temperature).clamp(CLAMP, 1 - CLAMP)
 
 
 def binary_ce(target: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
@@ -64,9 +64,9 @@ def chunk_tidal(
     """
     s = chunk_prob(student_chunk_logprobs, temperature)
     q = chunk_prob(teacher_chunk_logprobs.detach(), temperature)
-    lam = _fp32(lam)[:, None]
+    lam = fp32(lam)[:, None]
     m = ((1 - lam) * s.detach() + lam * q).clamp(CLAMP, 1 - CLAMP)
     per_chunk = binary_ce(m, s)
     if weight is not None:
-        per_chunk = per_chunk * _fp32(weight)[:, None]
+        per_chunk = per_chunk * fp32(weight)[:, None]
     return _masked_mean(per_chunk, chunk_mask)

@@ -8,14 +8,14 @@ import torch
 from tide_ds.diffusion.noise import loss_weight
 
 
-def _fp32(x: torch.Tensor) -> torch.Tensor:
+def fp32(x: torch.Tensor) -> torch.Tensor:
     """At least fp32 (float64 stays float64 so gradcheck works)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) = z[target] - logsumexp(z), in fp32. logits [..., V], targets [...]."""
-    z = _fp32(logits)
+    z = fp32(logits)
     return z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
 
@@ -31,8 +31,8 @@ def bd3lm_ce(
 
     token_logprobs [b, l] (only masked positions are read), masked / maskable [b, l] bool, t [b].
     """
-    lp = _fp32(token_logprobs)
-    nll = torch.where(masked, -lp, torch.zeros_like(lp)) * loss_weight(_fp32(t))[:, None]
+    lp = fp32(token_logprobs)
+    nll = torch.where(masked, -lp, torch.zeros_like(lp)) * loss_weight(fp32(t))[:, None]
     if normalization == "token":
         return nll.sum() / maskable.sum().clamp_min(1)
     if normalization == "sequence":

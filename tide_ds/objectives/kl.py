@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from tide_ds.objectives.ce import _fp32
+from tide_ds.objectives.ce import fp32
 
 
 def shared_vocab(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
@@ -38,10 +38,10 @@ def kl_per_position(
     """KL at temperature T per position, on the shared id range (no T^2 factor): KL(p_T || p_S),
     KL(p_S || p_T) with reverse, or with lam (broadcast over the leading dims) TIDAL's
     KL(r || p_S), r = stopgrad softmax(((1 - lam) z_s + lam z_T) / T)."""
-    zs, zt = shared_vocab(_fp32(student_logits), _fp32(teacher_logits).detach())
+    zs, zt = shared_vocab(fp32(student_logits), fp32(teacher_logits).detach())
     log_s = F.log_softmax(zs / temperature, dim=-1)
     if lam is not None:
-        lam = _fp32(lam).to(zs.dtype)[..., None]
+        lam = fp32(lam).to(zs.dtype)[..., None]
         return _kl_rows(F.log_softmax(((1 - lam) * zs.detach() + lam * zt) / temperature, dim=-1), log_s)
     log_t = F.log_softmax(zt / temperature, dim=-1)
     return _kl_rows(log_s, log_t) if reverse else _kl_rows(log_t, log_s)
@@ -113,7 +113,7 @@ def tidal_kl(
 
     logits [b, l, V], masked [b, l], t [b]; mix = (1 - lambda) z_s + lambda z_T.
     """
-    t = _fp32(t)
+    t = fp32(t)
     lam = tidal_lambda(t, progress, lambda_init=lambda_init, lambda_max=lambda_max, schedule=schedule, axis=axis)
     per_pos = kl_per_position(student_logits, teacher_logits, temperature=temperature, lam=lam[:, None])
     w = timestep_weighting(t, timestep_weight)[:, None]

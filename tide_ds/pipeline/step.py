@@ -1,4 +1,4 @@
-"""One distillation step, in three parts the scheduler can overlap:
+"""One distillation step, in three parts that can overlap:
 
   noise(batch)            -> Noised: x_t for student and teacher, the masked set, chunks, CompDemo split
   teacher_targets(noised) -> TeacherTargets: only what the recipe needs (no grad)
@@ -19,18 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from tide_ds import kernels
-from tide_ds.config import ObjectiveConfig
 from tide_ds.diffusion import chunk_masked, noise_batch, tokens_of_chunks
-from tide_ds.objectives import (
-    TERMS,
-    Recipe,
-    TermInputs,
-    chunk_logprobs,
-    comp_demo_merge,
-    comp_demo_split,
-    term_needs,
-)
-from tide_ds.objectives.terms import CHUNKS, TEACHER_ROWS, Rows
+from tide_ds.objectives import chunk_logprobs, comp_demo_merge, comp_demo_split
+from tide_ds.pipeline.terms import CHUNKS, LOGPROB, ROWS, TEACHER_ROWS, Rows, RunTerms, TermInputs
 
 
 @dataclass
@@ -69,15 +60,15 @@ def identity_chunks(maskable: torch.Tensor) -> torch.Tensor:
 
 
 class DistillStep:
-    def __init__(self, student, teacher, recipe: Recipe, objective: ObjectiveConfig, *,
-                 cross_tokenizer: bool = False, eps: float = 1e-3):
+    def __init__(self, student, teacher, terms: RunTerms, *, kernels: str = "auto", eps: float = 1e-3,
+                 shared_vocab_size: int = 0):
         self.student = student
         self.teacher = teacher
-        self.recipe = recipe
-        self.cfg = objective
-        self.cross_tokenizer = cross_tokenizer
+        self.terms = terms
+        self.kernels = kernels  # "auto", "twin" or "reference" (objective.kernels)
         self.eps = eps
-        self.needs = frozenset().union(*(term_needs(name, cross_tokenizer) for name, w in recipe.terms.items() if w > 0))
+        self.shared_vocab_size = shared_vocab_size  # KL / TIDAL compare ids below it (0: all shared ids)
+        self.needs = terms.needs
 
     # -- 1. noise ------------------------------------------------------------------------------
     def noise(self, batch: dict, generator: torch.Generator | None = None) -> Noised:
@@ -111,9 +102,9 @@ class DistillStep:
         def masked_input(chunks):
             return torch.where(tokens_of_chunks(chunks, teacher_chunk_ids), mask_id, teacher_x0)
 
-        if not self.recipe.comp_demo:
+        if not self.terms.comp_demo:
             return [masked_input(active)], None
-        c_a, c_b = comp_demo_split(active, self.cfg.demo_ratio, generator=generator)
+        c_a, c_b = comp_demo_split(active, self.terms.demo_ratio, generator=generator)
         # pass 1 masks M_B (M_A revealed), pass 2 masks M_A (M_B revealed)
         return [masked_input(c_b), masked_input(c_a)], tokens_of_chunks(c_b, teacher_chunk_ids)
 
@@ -130,7 +121,8 @@ class DistillStep:
         out = TeacherTargets()
         if TEACHER_ROWS in self.needs:
             rows, out.row_valid = teacher_rows(noised)
-            out.rows = Rows(h[rows], w, bias)
+            v = self.shared_vocab_size or w.shape[0]  # the KL's id range is min(V_student, teacher rows)
+            out.rows = Rows(h[rows], w[:v], None if bias is None else bias[:v])
         if CHUNKS in self.needs:
             rows = tokens_of_chunks(noised.chunk_mask, noised.teacher_chunk_ids).nonzero(as_tuple=True)
             lp = self.row_logprobs(Rows(h[rows], w, bias), noised.teacher_x0, rows)
@@ -144,18 +136,15 @@ class DistillStep:
         hidden = self.student.hidden_states(noised.x_t, noised.x0)
         rows = noised.masked_rows
         x = TermInputs(
-            cfg=self.cfg, progress=progress, t=noised.t, masked=noised.masked, maskable=noised.maskable,
-            row_t=noised.t[rows[0]], cross_tokenizer=self.cross_tokenizer, teacher=targets.rows,
-            row_valid=targets.row_valid,
+            progress=progress, t=noised.t, masked=noised.masked, maskable=noised.maskable,
+            row_t=noised.t[rows[0]], teacher=targets.rows, row_valid=targets.row_valid,
         )
         groups, num_chunks = None, noised.chunk_mask.shape[1]
         if CHUNKS in self.needs:
             x.teacher_chunk_logprobs, x.chunk_mask = targets.chunk_logprobs, noised.chunk_mask
             chunk = noised.chunk_ids[rows]  # a row's log-prob gradient waits for the rest of its chunk
             groups = torch.where(chunk >= 0, rows[0] * num_chunks + chunk, -1)
-        weights = {name: w for name, w in self.recipe.terms.items() if w > 0}
-        whole = [n for n in weights if TEACHER_ROWS in term_needs(n, self.cross_tokenizer)]
-        by_logprob = [n for n in weights if n not in whole]
+        whole, by_logprob = self.terms.of_kind(ROWS), self.terms.of_kind(LOGPROB)
 
         def with_logprobs(lp: torch.Tensor) -> TermInputs:
             token_lp = scatter_rows(lp, rows, noised.x0.shape)
@@ -164,16 +153,17 @@ class DistillStep:
 
         def logprob_loss(lp: torch.Tensor) -> torch.Tensor:
             xl = with_logprobs(lp)
-            return sum(weights[n] * TERMS[n].fn(xl) for n in by_logprob)
+            return sum(term.weight * term.fn(xl) for term in by_logprob)
 
-        kl_terms = {n: TERMS[n].fn(x) for n in whole}
-        head = dict(weight=self.student.output_weight, bias=self.student.output_bias, impl=self.cfg.kernels)
+        kl_terms = {term.name: term.fn(x) for term in whole}
+        head = dict(weight=self.student.output_weight, bias=self.student.output_bias, impl=self.kernels)
         h = hidden[rows]
         values, total = {}, None
         # The first whole-distribution term rides on the log-prob pass; any further one (a custom
         # `terms:` mix) costs a pass of its own.
-        for i, n in enumerate(whole or [None]):
-            spec = None if n is None else dataclasses.replace(kl_terms[n], coef=weights[n] * kl_terms[n].coef)
+        for i, term in enumerate(whole or [None]):
+            n = None if term is None else term.name
+            spec = None if n is None else dataclasses.replace(kl_terms[n], coef=term.weight * kl_terms[n].coef)
             first = i == 0 and bool(by_logprob)
             loss, lp, kl_vals = kernels.fused_head_loss(
                 h, targets=noised.x0[rows] if first else None, logprob_loss=logprob_loss if first else None,
@@ -184,12 +174,12 @@ class DistillStep:
             if first:
                 with torch.no_grad():
                     xl = with_logprobs(lp)
-                    values.update({m: TERMS[m].fn(xl) for m in by_logprob})
-        return total, {n: values[n].detach() for n in weights}
+                    values.update({m.name: m.fn(xl) for m in by_logprob})
+        return total, {term.name: values[term.name].detach() for term in self.terms.terms}
 
     def row_logprobs(self, r: Rows, targets: torch.Tensor, rows) -> torch.Tensor:
         """Target log-probs at `rows` (tiled over the vocabulary), scattered into [b, l] (0 elsewhere)."""
-        lp, _ = kernels.target_logprobs(r.hidden, r.weight, targets[rows], bias=r.bias, impl=self.cfg.kernels)
+        lp, _ = kernels.target_logprobs(r.hidden, r.weight, targets[rows], bias=r.bias, impl=self.kernels)
         return scatter_rows(lp, rows, targets.shape)
 
 
