@@ -103,17 +103,19 @@ def ssh_nodes(tmp_path):
 @pytest.mark.multirank
 @pytest.mark.slow
 def test_deepspeed_hostfile_two_nodes_match_one_process(ssh_nodes, tiny_overrides, tmp_path):
-    """`deepspeed --hostfile` with 2 hosts of 1 slot: pdsh logs into each over ssh and starts its rank there."""
+    """launchers/deepspeed.sh (`deepspeed --hostfile`) with 2 hosts of 1 slot: pdsh logs into each over
+    ssh and starts its rank there; the master address is the first host of the hostfile."""
     port, opts = ssh_nodes
     (tmp_path / "hostfile").write_text("".join(f"{a} slots=1\n" for a in NODES))
     # the launcher exports only PYTHON* variables to the nodes by default; the rest go in its env file
     env = _env()
     (tmp_path / "ds_env").write_text("".join(f"{k}={env[k]}\n" for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS",
                                                                        "TORCH_EXTENSIONS_DIR") if k in env))
-    env.update(DS_ENV_FILE=str(tmp_path / "ds_env"), PDSH_SSH_ARGS_APPEND=opts)
-    cmd = [str(BIN / "deepspeed"), "--hostfile", str(tmp_path / "hostfile"), "--ssh_port", str(port),
-           "--no_ssh_check", "--master_addr", NODES[0], "--master_port", str(_port()), "--module", "tide_ds.cli",
-           "distill", *_args(tiny_overrides, tmp_path / "ds2", *COMMON, *_zero3(tmp_path))]
+    env.update(DS_ENV_FILE=str(tmp_path / "ds_env"), PDSH_SSH_ARGS_APPEND=opts, MASTER_PORT=str(_port()),
+               DS_LAUNCHER_ARGS=f"--ssh_port {port} --no_ssh_check")
+    (tmp_path / "run.yaml").write_text("recipe: tide_cross\n")
+    cmd = [str(REPO / "launchers" / "deepspeed.sh"), str(tmp_path / "hostfile"), str(tmp_path / "run.yaml"),
+           *_args(tiny_overrides, tmp_path / "ds2", *COMMON, *_zero3(tmp_path))]
     out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     log = _check_two_ranks(out, tmp_path, tiny_overrides, "ds2")
     for node, addr in enumerate(NODES):  # pdsh prefixes each node's output with its host
