@@ -7,6 +7,7 @@
 set -euo pipefail
 cmd=${1:?start or stop} dir=${2:?a directory}
 mkdir -p "$dir" && dir=$(cd "$dir" && pwd)
+chmod 755 "$dir"  # munged runs as the munge user and must reach $dir/munge
 
 stop() {
   local name pid
