@@ -160,6 +160,10 @@ def _sbatch(tmp_path, overrides, *options):
     return subprocess.run(cmd, env=_env(PYTHON=sys.executable), cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
 def _job(job_id: str) -> dict[str, str]:
     out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
     return dict(re.findall(r"(\w+)=(\S+)", out))
@@ -172,7 +176,7 @@ def test_sbatch_script_on_a_node_without_gpus(tiny_overrides, tmp_path):
     out = _sbatch(tmp_path, _args(tiny_overrides, tmp_path / "job", *COMMON, *_zero3(tmp_path),
                                   "train.resume=null"),  # after the script's train.resume=auto: a fresh run
                   "--wait")
-    log = (tmp_path / "job.log").read_text() if (tmp_path / "job.log").exists() else ""
+    log = _read(tmp_path / "job.log")
     assert out.returncode == 0, out.stderr[-2000:] + log[-3000:]
     assert "2 ranks on 1 node(s), GPUs per node: none" in log, log[-3000:]
     run = json.loads((tmp_path / "job" / "metrics.json").read_text())
@@ -205,7 +209,7 @@ def test_sbatch_requeues_on_usr1_and_resumes_from_the_checkpoint(tiny_overrides,
     assert out.returncode == 0, out.stderr
     job = out.stdout.strip().split(";")[0]
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + 600
         while not re.search(r"distill:\s+\d+%.*\| *([3-9]|\d\d+)/60", _read(tmp_path / "job.log")):  # a few steps done
             assert time.time() < deadline and _job(job).get("JobState") in ("PENDING", "RUNNING"), _read(tmp_path / "job.log")
             time.sleep(0.5)
@@ -226,8 +230,4 @@ def test_sbatch_requeues_on_usr1_and_resumes_from_the_checkpoint(tiny_overrides,
     resumed = {h["step"]: h["loss"] for h in run["history"]}
     assert resumed and min(resumed) == run["first_step"]
     assert list(resumed.values()) == pytest.approx([h["loss"] for h in reference["history"] if h["step"] in resumed], abs=1e-5)
-
-
-def _read(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
 
