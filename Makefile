@@ -4,9 +4,11 @@
 VENV ?= .venv
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,eval
+EXTRAS ?= dev,eval,megatron
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.tide_ds-installed
+comma := ,
+# one stamp per set of extras, so that asking for more extras installs them into an existing venv
+STAMP := $(VENV)/.tide_ds-installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: demo test install clean docker-cpu docker-cuda docker-lint
 
