@@ -508,3 +508,24 @@ def test_distill_step_runs_with_a_wedlm_teacher():
     loss, terms = step.loss(n, step.teacher_targets(n), progress=0.5)
     loss.backward()
     assert torch.isfinite(loss) and set(terms) == {"ce", "tidal"}
+
+
+def test_llada2_boolean_causal_mask_matches_the_prefix_alone():
+    """The main job's teacher warm-up runs LLaDA2 causally with a [1, 1, l, l] bool mask (True =
+    may attend): position i must see tokens 0..i only. With one layer, position i's output is that of
+    the last position of the prefix 0..i run alone with no mask."""
+    model = llada2()
+    ids = torch.randint(0, model.config.vocab_size - 1, (2, 12), generator=torch.Generator().manual_seed(0))
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()[None, None]
+    with torch.no_grad():
+        full = model(ids, attention_mask=causal).logits
+        one = llada2(num_hidden_layers=1, first_k_dense_replace=1)
+        one_full = one(ids, attention_mask=causal).logits
+        for cut in (1, 5, 12):
+            torch.testing.assert_close(one_full[:, cut - 1], one(ids[:, :cut]).logits[:, -1], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(full[:, :cut], model(ids[:, :cut], attention_mask=causal[..., :cut, :cut]).logits,
+                                       rtol=1e-4, atol=1e-5)
+        changed = ids.clone()
+        changed[:, 8:] = (changed[:, 8:] + 1) % (model.config.vocab_size - 1)
+        torch.testing.assert_close(model(changed, attention_mask=causal).logits[:, :8], full[:, :8])
+        assert not torch.allclose(model(changed).logits[:, :8], model(ids).logits[:, :8])  # unmasked: it sees them
