@@ -204,13 +204,14 @@ def test_sbatch_requeues_on_usr1_and_resumes_from_the_checkpoint(tiny_overrides,
     if not _resume_auto_supported(tiny_overrides, tmp_path):
         pytest.skip("needs train.resume=auto (resume from the newest complete checkpoint in output_dir, "
                     "or start fresh), which this tide_ds refuses")
-    steps = ["train.steps=60", "train.warmup_steps=0", "train.lr=3e-3", "recipe=tide_cross"]
+    # long enough that an idle machine cannot finish the job between its first steps and the signal
+    steps = ["train.steps=400", "train.warmup_steps=0", "train.lr=3e-3", "recipe=tide_cross"]
     out = _sbatch(tmp_path, _args(tiny_overrides, tmp_path / "job", *steps, *_zero3(tmp_path)))
     assert out.returncode == 0, out.stderr
     job = out.stdout.strip().split(";")[0]
     try:
         deadline = time.time() + 600
-        while not re.search(r"distill:\s+\d+%.*\| *([3-9]|\d\d+)/60", _read(tmp_path / "job.log")):  # a few steps done
+        while not re.search(r"distill:\s+\d+%.*\| *([3-9]|\d\d+)/400", _read(tmp_path / "job.log")):  # a few steps done
             assert time.time() < deadline and _job(job).get("JobState") in ("PENDING", "RUNNING"), _read(tmp_path / "job.log")
             time.sleep(0.5)
         subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
@@ -224,7 +225,7 @@ def test_sbatch_requeues_on_usr1_and_resumes_from_the_checkpoint(tiny_overrides,
     assert state.get("Restarts") == "1" and "SIGUSR1" in log and "requeued" in log and "start 2," in log, log[-3000:]
     run = json.loads((tmp_path / "job" / "metrics.json").read_text())
     saved = tmp_path / "job" / "checkpoints" / f"step{run['first_step']}"
-    assert 0 < run["first_step"] < 60 and (saved / checkpoint.MARKER).is_file(), run["first_step"]
+    assert 0 < run["first_step"] < 400 and (saved / checkpoint.MARKER).is_file(), run["first_step"]
     reference = distill(load_config(None, _args(tiny_overrides, tmp_path / "one", *steps,
                                                 "train.gradient_accumulation_steps=2")))
     resumed = {h["step"]: h["loss"] for h in run["history"]}

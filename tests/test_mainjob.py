@@ -11,7 +11,7 @@ MINI = [
     "teacher.model={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
     "num_key_value_heads: 1, head_dim: 16, num_experts: 4, num_experts_per_tok: 2, num_shared_experts: 1, "
     "moe_intermediate_size: 32, first_k_dense_replace: 1, n_group: 2, topk_group: 1, tie_word_embeddings: true}",
-    "teacher.train={steps: 3, batch_size: 4, seq_len: 64, log_every: 1}", "student_steps=2",
+    "teacher.train={steps: 3, ar_steps: 1, batch_size: 4, seq_len: 64, log_every: 1}", "student_steps=2",
     "eval={ratios: [0.3, 0.7], batches: 1, humaneval_problems: 2, max_new_tokens: 8, samples: 1, sample_new_tokens: 8}",
 ]
 
@@ -43,3 +43,5 @@ def test_unknown_stage_and_recipe_are_refused():
         demo.load_job(argparse.Namespace(redo="teach", long=False, recipes=None, overrides=[]))
     with pytest.raises(ConfigError, match="unknown tide"):
         demo.load_job(argparse.Namespace(redo=None, long=False, recipes="tide", overrides=[]))
+    with pytest.raises(ConfigError, match="ar_steps=300 must be"):
+        demo.load_job(argparse.Namespace(redo=None, long=False, recipes=None, overrides=["teacher.train.ar_steps=300"]))

@@ -536,3 +536,24 @@ def test_dllm_a2d_checkpoint_loads_as_a_student(family, a2d_type, tmp_path):
     other = "llama" if family == "qwen3" else "qwen3"
     with pytest.raises(ConfigError, match=f"student.kind is '{other}'"):
         build_student(ModelConfig(path=str(tmp_path / "a2d"), kind=other), tok, 4, "<|mask|>")
+
+
+def test_llada2_boolean_causal_mask_matches_the_prefix_alone():
+    """The main job's teacher warm-up runs LLaDA2 causally with a [1, 1, l, l] bool mask (True =
+    may attend): position i must see tokens 0..i only. With one layer, position i's output is that of
+    the last position of the prefix 0..i run alone with no mask."""
+    model = llada2()
+    ids = torch.randint(0, model.config.vocab_size - 1, (2, 12), generator=torch.Generator().manual_seed(0))
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()[None, None]
+    with torch.no_grad():
+        full = model(ids, attention_mask=causal).logits
+        one = llada2(num_hidden_layers=1, first_k_dense_replace=1)
+        one_full = one(ids, attention_mask=causal).logits
+        for cut in (1, 5, 12):
+            torch.testing.assert_close(one_full[:, cut - 1], one(ids[:, :cut]).logits[:, -1], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(full[:, :cut], model(ids[:, :cut], attention_mask=causal[..., :cut, :cut]).logits,
+                                       rtol=1e-4, atol=1e-5)
+        changed = ids.clone()
+        changed[:, 8:] = (changed[:, 8:] + 1) % (model.config.vocab_size - 1)
+        torch.testing.assert_close(model(changed, attention_mask=causal).logits[:, :8], full[:, :8])
+        assert not torch.allclose(model(changed).logits[:, :8], model(ids).logits[:, :8])  # unmasked: it sees them

@@ -49,6 +49,9 @@ def load_job(args):
     if args.long:
         cfg.teacher.train.steps, cfg.student_steps = cfg.long.teacher_steps, cfg.long.student_steps
         cfg.eval.humaneval_problems = cfg.long.humaneval_problems
+    if not 0 <= cfg.teacher.train.ar_steps < cfg.teacher.train.steps:
+        raise ConfigError(f"teacher.train.ar_steps={cfg.teacher.train.ar_steps} must be >= 0 and below "
+                          f"teacher.train.steps={cfg.teacher.train.steps} (the rest are masked diffusion steps)")
     if args.recipes:
         wanted = [r.strip() for r in args.recipes.split(",") if r.strip()]
         unknown = [r for r in wanted if r not in cfg.recipes]

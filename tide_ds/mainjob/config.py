@@ -20,6 +20,7 @@ class CorpusConfig:
 @dataclass(kw_only=True)
 class TeacherTrainConfig:
     steps: int = 300
+    ar_steps: int = 100  # of `steps`: causal next-token warm-up before masked diffusion (see mainjob/teacher.py)
     batch_size: int = 16
     seq_len: int = 128
     lr: float = 2.0e-3

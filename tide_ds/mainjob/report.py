@@ -197,7 +197,7 @@ def tensorboard(cfg, out: str, results: dict) -> None:
 def write(cfg, out: str, timings: dict) -> dict:
     import yaml
 
-    from tide_ds.config import ObjectiveConfig
+    from tide_ds.config import Config, load_dataclass
     from tide_ds.demo import config_path
 
     results = collect(cfg, out)
@@ -205,8 +205,7 @@ def write(cfg, out: str, timings: dict) -> dict:
         json.dump(results, f, indent=1, sort_keys=True)
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
         f.write(markdown(results) + "\n")
-    with open(config_path("demo_student.yaml"), encoding="utf-8") as f:
-        objective = ObjectiveConfig(**yaml.safe_load(f).get("objective", {}))
+    objective = load_dataclass(Config, config_path("demo_student.yaml")).objective
     plots(cfg, out, results, objective)
     tensorboard(cfg, out, results)
     timing_file = os.path.join(out, "timings.json")
