@@ -2,26 +2,16 @@
 import pytest
 import torch
 
-from tests.tiny import word_tokenizer
+from tests.tiny import saved_student, word_tokenizer
 from tide_ds.cli import main
-from tide_ds.config import ModelConfig
 from tide_ds.eval.cli import parse_tasks
 from tide_ds.eval.loss import masked_nll, masked_token_loss
-from tide_ds.models import build_student
-
-INIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=8, max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("student")
-    tok = word_tokenizer()
-    torch.manual_seed(0)
-    student = build_student(ModelConfig(init=INIT), tok, 4, "<|mask|>")
-    student.model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path), student
+    return str(path), saved_student(path)
 
 
 def one_error_line(capsys, argv, *needles):

@@ -6,13 +6,9 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm_eval is an optional extra: pip install 'tide_ds[lmeval]'")
 
-from tests.tiny import word_tokenizer  # noqa: E402
-from tide_ds.config import ModelConfig  # noqa: E402
+from tests.tiny import saved_student  # noqa: E402
 from tide_ds.eval.lm_eval_adapter import TideDSLM, continuation_elbo  # noqa: E402
-from tide_ds.models import build_student  # noqa: E402
 
-INIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=8, max_position_embeddings=256)
 MC = """task: tide_tiny_mc
 dataset_path: json
 dataset_kwargs:
@@ -46,11 +42,7 @@ metric_list:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("student")
-    tok = word_tokenizer()
-    torch.manual_seed(0)
-    student = build_student(ModelConfig(init=INIT), tok, 4, "<|mask|>")
-    student.model.save_pretrained(path)
-    tok.save_pretrained(path)
+    saved_student(path)
     return str(path)
 
 

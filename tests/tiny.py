@@ -52,3 +52,20 @@ def llada2(seed: int = 0, **kw) -> LLaDA2MoeModelLM:
         for layer in model.model.layers[model.config.first_k_dense_replace:]:
             layer.mlp.gate.expert_bias.normal_(0.0, 0.3)
     return model
+
+
+STUDENT_INIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+
+
+def saved_student(path, block_size: int = 4):
+    """A tiny random BD3LM student over a word tokenizer, saved to `path` with its tokenizer."""
+    from tide_ds.config import ModelConfig
+    from tide_ds.models import build_student
+
+    tok = word_tokenizer()
+    torch.manual_seed(0)
+    student = build_student(ModelConfig(init=STUDENT_INIT), tok, block_size, "<|mask|>")
+    student.model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return student
