@@ -34,9 +34,3 @@ def tensors_of(obj) -> Iterator[torch.Tensor]:
 
 def to_device(obj, device: torch.device):
     return map_tensors(obj, lambda t: t.to(device, non_blocking=True))
-
-
-def slice_rows(obj, rows: slice):
-    """Rows of every tensor with a batch dimension."""
-    return map_tensors(obj, lambda t: t[rows] if t.ndim >= 1 else t)
-

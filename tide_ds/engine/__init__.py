@@ -5,6 +5,5 @@
 from tide_ds.engine.build import Engine, build_engine
 from tide_ds.engine.dist import Dist, init_distributed, wants_deepspeed
 from tide_ds.engine.merge import merge_ds_config
-from tide_ds.tree import slice_rows
 
-__all__ = ["Dist", "Engine", "build_engine", "init_distributed", "merge_ds_config", "slice_rows", "wants_deepspeed"]
+__all__ = ["Dist", "Engine", "build_engine", "init_distributed", "merge_ds_config", "wants_deepspeed"]
