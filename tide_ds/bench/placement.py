@@ -20,7 +20,9 @@ from types import SimpleNamespace
 
 def run(args) -> int:
     if os.environ.get("TIDE_BENCH_RANK_WORKER"):
-        print("BENCH " + json.dumps(_worker(args)), flush=True)
+        rows = _worker(args)
+        if rows is not None:  # rank 0 prints every rank's row on one line: ranks' prints would interleave
+            print("BENCH " + json.dumps(rows), flush=True)
         return 0
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -35,7 +37,8 @@ def run(args) -> int:
     env = dict(os.environ, TIDE_BENCH_RANK_WORKER="1", MALLOC_MMAP_THRESHOLD_="1048576", OMP_NUM_THREADS="1")
     env.setdefault("DS_ACCELERATOR", "cpu" if _device(args.device) == "cpu" else "cuda")
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    rows = [json.loads(line.split("BENCH ", 1)[1]) for line in out.stdout.splitlines() if "BENCH {" in line]
+    printed = [line.split("BENCH ", 1)[1] for line in out.stdout.splitlines() if line.startswith("BENCH [")]
+    rows = json.loads(printed[0]) if len(printed) == 1 else []
     if out.returncode != 0 or len(rows) != args.ranks:
         lines = out.stderr.splitlines()
         error = [line for line in lines if ": error: " in line][:1] or lines[-20:]
@@ -56,7 +59,7 @@ def _device(name: str) -> str:
     return device(name)
 
 
-def _worker(args) -> dict:
+def _worker(args) -> list[dict] | None:
     import deepspeed
     import torch
 
@@ -118,5 +121,7 @@ def _worker(args) -> dict:
             extra, seconds = torch.cuda.max_memory_allocated() - before, time.perf_counter() - start
         else:
             extra, seconds = _cpu_peak(run_call)
-    torch.distributed.barrier()
-    return {"rank": rank, "held": held, "whole": whole, "extra": extra, "seconds": seconds}
+    rows = [None] * world
+    torch.distributed.all_gather_object(rows, {"rank": rank, "held": held, "whole": whole, "extra": extra,
+                                               "seconds": seconds})
+    return rows if rank == 0 else None
