@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tide_ds
 from tide_ds import checkpoint
-from tide_ds.config import ConfigError, load_config
-from tide_ds.engine import merge_ds_config
+from tide_ds.config import Config, ConfigError, load_config
+from tide_ds.engine import settle
 from tide_ds.train import distill
 
 REPO = Path(tide_ds.__file__).resolve().parent.parent
@@ -80,21 +80,35 @@ def assert_same_weights(a, b, atol=1e-5, adam_lr=0.0):
     return worst
 
 
-# -- merge of ds_config and YAML ---------------------------------------------------------------
+# -- the run plan: ds_config and YAML settled before any model is built ---------------------------
 
-def test_auto_values_are_filled_from_the_yaml(tiny_overrides):
+def _json(tmp_path, ds: dict) -> list[str]:
+    """An override pointing engine.ds_config at `ds`, written as a file."""
+    path = tmp_path / "my.json"
+    path.write_text(json.dumps(ds))
+    return [f"engine.ds_config={path}"]
+
+
+def test_auto_values_are_filled_from_the_yaml_and_the_config_is_left_as_given(tiny_overrides):
     cfg = load_config(None, tiny_overrides + ["train.gradient_accumulation_steps=3", "train.grad_clip=0.5"])
-    ds = merge_ds_config(cfg, json.loads(Path(ZERO3).read_text()), world=2)
+    plan, ds = settle(cfg, json.loads(Path(ZERO3).read_text()), world=2)
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 3
-    assert ds["train_batch_size"] == 12 and cfg.train.global_batch_size == 12
+    assert ds["train_batch_size"] == 12 and plan.config.train.global_batch_size == 12
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is False
-    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage"] == 3 and plan.deepspeed and plan.world == 2
+    assert cfg.train.global_batch_size == 0  # settle returns a new config; the given one is unchanged
 
 
 def test_a_json_value_the_yaml_leaves_unset_is_adopted(tiny_overrides):
     cfg = load_config(None, tiny_overrides)
-    ds = merge_ds_config(cfg, {"gradient_clipping": 0.25, "bf16": {"enabled": True}}, world=1)
-    assert cfg.train.grad_clip == 0.25 and cfg.train.precision == "bf16" and ds["bf16"]["enabled"] is True
+    plan, ds = settle(cfg, {"gradient_clipping": 0.25, "bf16": {"enabled": True}}, world=1)
+    assert plan.config.train.grad_clip == 0.25 and plan.config.train.precision == "bf16"
+    assert ds["bf16"]["enabled"] is True and cfg.train.precision == "fp32"
+
+
+def test_one_process_without_a_ds_config_is_plain():
+    plan, ds = settle(Config(), None, world=1)
+    assert ds is None and not plan.deepspeed and plan.config.train.global_batch_size == 8
 
 
 @pytest.mark.parametrize("json_part, message", [
@@ -103,19 +117,40 @@ def test_a_json_value_the_yaml_leaves_unset_is_adopted(tiny_overrides):
     ({"train_batch_size": 6}, r"global batch \(6\) must be a multiple of micro batch \(2\) x ranks \(2\)"),
     ({"scheduler": {"type": "WarmupLR"}}, r"'scheduler' section"),
 ])
-def test_a_ds_config_that_disagrees_with_the_yaml_names_both(tiny_overrides, json_part, message):
-    cfg = load_config(None, tiny_overrides)
+def test_a_ds_config_that_disagrees_with_the_yaml_names_both(tiny_overrides, tmp_path, json_part, message):
+    cfg = load_config(None, tiny_overrides + _json(tmp_path, json_part))
     with pytest.raises(ConfigError, match=message):
-        merge_ds_config(cfg, json_part, world=2, source="my.json")
+        settle(cfg, json_part, world=2)
 
 
-def test_precision_conflict_and_global_batch_conflict(tiny_overrides):
-    cfg = load_config(None, tiny_overrides + ["train.precision=fp32"])
+def test_precision_conflict_and_global_batch_conflict(tiny_overrides, tmp_path):
+    cfg = load_config(None, tiny_overrides + ["train.precision=fp32"] + _json(tmp_path, {"bf16": {"enabled": True}}))
     with pytest.raises(ConfigError, match=r"my\.json selects bf16 .* train\.precision=fp32"):
-        merge_ds_config(cfg, {"bf16": {"enabled": True}}, world=1, source="my.json")
+        settle(cfg, {"bf16": {"enabled": True}}, world=1)
     cfg = load_config(None, tiny_overrides + ["train.global_batch_size=8", "train.gradient_accumulation_steps=1"])
     with pytest.raises(ConfigError, match=r"global batch 8 != micro batch 2 x gradient accumulation 1 x ranks 2"):
-        merge_ds_config(cfg, {}, world=2)
+        settle(cfg, {}, world=2)
+
+
+def test_a_batch_disagreement_stops_distill_in_seconds_before_anything_is_built(tiny_overrides, tmp_path,
+                                                                              monkeypatch):
+    """Whatever the models' size, the plan is settled first: nothing is loaded before the error."""
+    from tide_ds import train
+
+    def never(*args, **kwargs):
+        raise AssertionError("built before the batch sizes were checked")
+
+    for name in ("init_distributed", "student_tokenizer", "build_data", "build_student", "build_teacher"):
+        monkeypatch.setattr(train, name, never)
+    huge = ["student.init={hidden_size: 8192, num_hidden_layers: 64, intermediate_size: 32768}"]
+    cases = [(["train.global_batch_size=7"], {}, r"global batch \(7\) must be a multiple of micro batch \(2\) x ranks \(1\)"),
+             ([], {"train_micro_batch_size_per_gpu": 4}, r"train_micro_batch_size_per_gpu=4 .* train\.micro_batch_size=2")]
+    for extra, ds, message in cases:
+        cfg = load_config(None, tiny_overrides + huge + extra + _json(tmp_path, ds))
+        start = time.perf_counter()
+        with pytest.raises(ConfigError, match=message):
+            train.distill(cfg)
+        assert time.perf_counter() - start < 5.0
 
 
 def test_missing_ds_config(tiny_overrides, tmp_path):
@@ -409,3 +444,14 @@ def test_distill_with_a_tensor_parallel_teacher(launcher, tiny_overrides, tp_tea
     rep = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert [h["loss"] for h in tp["history"]] == pytest.approx([h["loss"] for h in rep["history"]], abs=1e-5)
     print(f"{launcher}: distill with a tensor-parallel teacher, 2 ranks, {seconds:.0f} s")
+
+
+def test_every_teacher_placement_the_config_names_has_one_function():
+    import typing
+
+    from tide_ds.config import EngineConfig
+    from tide_ds.engine.placement import PLACEMENTS
+
+    names = typing.get_args(typing.get_type_hints(EngineConfig)["teacher_placement"])
+    assert list(PLACEMENTS) == list(names)
+    assert all(fn.__name__ == f"place_{name}" for name, fn in PLACEMENTS.items())

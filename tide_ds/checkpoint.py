@@ -2,7 +2,7 @@
 
 Layout under `<output_dir>/checkpoints/`:
   step<N>/                 DeepSpeed checkpoint (model, optimizer and scheduler states per rank) or,
-                           for a plain single-process run, `plain_state.pt`
+                           for a plain single-process run, PLAIN_STATE (`plain_state.pt`)
   step<N>/tide_state.json  the marker, written last: step, ranks, the student's architecture and
                            every file's size (a truncated shard is found before it is read)
   step<N>.partial/         a save in progress, or one that was interrupted: never read, removed later
@@ -31,6 +31,7 @@ import signal
 import torch
 
 from tide_ds.config import Config, ConfigError
+from tide_ds.engine.build import PLAIN_STATE
 
 MARKER = "tide_state.json"
 PARTIAL = ".partial"
@@ -212,7 +213,7 @@ def save(engine, cfg: Config, step: int, tokenizer) -> str:
             _fsync_tree(partial)
             files = {os.path.relpath(os.path.join(d, n), partial): os.path.getsize(os.path.join(d, n))
                      for d, _, names in os.walk(partial) for n in names}
-            marker = {"step": step, "world": dist.world, "deepspeed": engine.ds is not None,
+            marker = {"step": step, "world": dist.world, "deepspeed": engine.deepspeed,
                       "architecture": architecture(engine.student), "files": files}
             _write_atomic(os.path.join(partial, MARKER), json.dumps(marker, indent=1))
             _kill_point("marker", step)
@@ -288,7 +289,7 @@ def load(engine, root: str, tag: str) -> int:
     where = os.path.join(root, tag)
     with open(os.path.join(where, MARKER)) as f:
         marker = json.load(f)
-    if marker["deepspeed"] != (engine.ds is not None):
+    if marker["deepspeed"] != engine.deepspeed:
         kind = "a DeepSpeed" if marker["deepspeed"] else "a single-process"
         raise ConfigError(f"train.resume: {where} is {kind} checkpoint; resume it the same way "
                           f"(engine.ds_config / number of ranks as when it was saved)")
@@ -313,7 +314,7 @@ def load(engine, root: str, tag: str) -> int:
 
 def student_state_dict(root: str, tag: str) -> dict[str, torch.Tensor]:
     """The student's full fp32 weights (transformers names) from a plain or (ZeRO) DeepSpeed checkpoint."""
-    plain = os.path.join(root, tag, "plain_state.pt")
+    plain = os.path.join(root, tag, PLAIN_STATE)
     if os.path.isfile(plain):
         sd, prefix = torch.load(plain, map_location="cpu", weights_only=False)["model"], "model."
     else:

@@ -1,7 +1,9 @@
 """Typed run configuration: YAML file + `key=value` overrides -> nested dataclasses.
 
 Every key is checked against the dataclasses below; an unknown key, a wrong type or a bad value
-stops before any work with one line that names the key and the fix.
+stops before any work with one line that names the key and the fix. Each section checks its own
+values in `__post_init__` (messages name the key within the section; the loader adds the section's
+path); `Config.__post_init__` checks what spans sections, and `validate` what needs the file system.
 """
 from __future__ import annotations
 
@@ -18,6 +20,13 @@ import yaml
 
 class ConfigError(ValueError):
     """A problem with the user's configuration; the message says what to change."""
+
+
+def _require(checks) -> None:
+    """Raises ConfigError with the message of the first (ok, message) pair that is not ok."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 SKIP_NEEDS_ONE_PROCESS = ("train.nonfinite=skip is for single-process runs; a DeepSpeed run uses train.nonfinite=stop "
@@ -38,12 +47,18 @@ class ModelConfig:
     block_size: int | None = None  # wedlm teacher: its block (None: diffusion.block_size)
     block_order: Literal["x0_xt", "xt_x0"] = "x0_xt"  # wedlm teacher: which half comes first
 
+    def __post_init__(self):
+        _require([(self.block_size is None or self.block_size >= 1, "block_size must be >= 1")])
+
 
 @dataclass(kw_only=True)
 class DiffusionConfig:
     block_size: int = 32
     eps: float = 1e-3  # t ~ U[eps, 1)
     mask_token: str = "<|mask|>"
+
+    def __post_init__(self):
+        _require([(self.block_size >= 1, "block_size must be >= 1"), (0.0 < self.eps < 1.0, "eps must be in (0, 1)")])
 
 
 @dataclass(kw_only=True)
@@ -57,6 +72,10 @@ class TidalConfig:
     axis: Literal["both", "training_only", "timestep_only"] = "both"
     timestep_weight: Literal["midrange", "uniform"] = "midrange"
 
+    def __post_init__(self):
+        _require((0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1], got {getattr(self, name)}")
+                 for name in ("lambda_init", "lambda_max"))
+
 
 @dataclass(kw_only=True)
 class TermConfig:
@@ -66,6 +85,10 @@ class TermConfig:
     weight: float = 1.0
     temperature: float | None = None
     tidal: TidalConfig | None = None
+
+    def __post_init__(self):
+        _require([(self.weight >= 0, f"weight must be >= 0, got {self.weight}"),
+                  (self.temperature is None or self.temperature > 0, f"temperature must be > 0, got {self.temperature}")])
 
 
 @dataclass(kw_only=True)
@@ -79,6 +102,11 @@ class ObjectiveConfig:
     shared_vocab_size: int = 0  # ids that KL / TIDAL compare (0: min of both vocabularies)
     kernels: Literal["auto", "twin", "reference"] = "auto"  # fused ops: CUDA/CPU twin, or plain PyTorch
 
+    def __post_init__(self):
+        _require([(self.temperature > 0, "temperature must be > 0"),
+                  (self.shared_vocab_size >= 0, "shared_vocab_size must be >= 0 (0: min of both vocabularies)"),
+                  (0.0 < self.demo_ratio < 1.0, "demo_ratio must be in (0, 1)")])
+
 
 @dataclass(kw_only=True)
 class DataConfig:
@@ -91,6 +119,9 @@ class DataConfig:
     # rows are EOS-padded (batch: the longest row; block: the row's own next block boundary, the paper's)
     supervise: Literal["as_prepared", "last_turn", "all_turns"] = "as_prepared"
     eos_padding: Literal["batch", "block"] = "batch"
+
+    def __post_init__(self):
+        _require([(self.seq_len >= 1, f"seq_len must be >= 1 (got {self.seq_len})")])
 
 
 @dataclass(kw_only=True)
@@ -128,6 +159,24 @@ class TrainConfig:
     epochs: float = 0.0
     warmup_ratio: float = 0.0
 
+    def __post_init__(self):
+        _require([
+            (self.steps >= 1, "steps must be >= 1"),
+            (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
+            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
+            (self.global_batch_size >= 0, "global_batch_size must be >= 0 (0: derived)"),
+            (self.save_every >= 0, "save_every must be >= 0 (0: only at the end)"),
+            (self.keep_last >= 0, "keep_last must be >= 0 (0: keep every checkpoint)"),
+            (self.max_nonfinite >= 0, "max_nonfinite must be >= 0"),
+            (self.teacher_prefetch >= 1, "teacher_prefetch must be >= 1 (teacher calls in flight with scheduler=overlap)"),
+            (self.data_prefetch >= 1, "data_prefetch must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]"),
+            (self.epochs >= 0, "epochs must be >= 0 (0: train.steps sets the length)"),
+            (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1) (0: train.warmup_steps)"),
+        ])
+
 
 @dataclass(kw_only=True)
 class EngineConfig:
@@ -140,6 +189,10 @@ class EngineConfig:
     megatron_checkpoint: str | None = None  # megatron: a dist_checkpointing dir (None: teacher.path's safetensors)
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA, gloo on CPU
     timeout_s: int = 600  # collective timeout: a stuck rank fails the job after this long
+
+    def __post_init__(self):
+        _require([(self.ep_size >= 1, "ep_size must be >= 1"), (self.tp_size >= 1, "tp_size must be >= 1"),
+                  (self.timeout_s >= 1, "timeout_s must be >= 1")])
 
 
 @dataclass(kw_only=True)
@@ -155,6 +208,18 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # Not a config key: the dotted keys that the YAML file and overrides set (load_dataclass fills it),
+    # so that a DeepSpeed JSON value fills only what the user left unset (tide_ds/engine/plan.py).
+    given: frozenset[str] = field(default=frozenset(), repr=False, metadata={"key": False})
+
+    def __post_init__(self):
+        """What spans sections: the recipe and its terms, the sequence length against the block size."""
+        run_terms(self.recipe, self.terms, self.objective)  # names an unknown recipe or term
+        _require([
+            (self.data.seq_len % self.diffusion.block_size == 0,
+             f"data.seq_len ({self.data.seq_len}) must be a multiple of diffusion.block_size ({self.diffusion.block_size})"),
+            (self.train.nonfinite != "skip" or self.engine.ds_config is None, SKIP_NEEDS_ONE_PROCESS),
+        ])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +310,8 @@ def load_dataclass(cls, path: str | None = None, overrides: list[str] | tuple[st
                 raise ConfigError(f"override '{item}': '{p}' is not a section")
         node[parts[-1]] = yaml.safe_load(value)
     obj = _build(cls, raw, prefix="")
-    obj._explicit = frozenset(_dotted_keys(raw))  # what the user set; lets a ds_config fill the rest
+    if "given" in {f.name for f in dataclasses.fields(cls)}:
+        obj = dataclasses.replace(obj, given=frozenset(_dotted_keys(raw)))
     return obj
 
 
@@ -256,16 +322,15 @@ def _dotted_keys(raw: dict[str, Any], prefix: str = ""):
             yield from _dotted_keys(value, f"{prefix}{key}.")
 
 
-def is_set(cfg: Config, key: str) -> bool:
-    """Whether `key` (e.g. "train.lr") was given in the YAML file or an override."""
-    return key in getattr(cfg, "_explicit", frozenset())
+def _keys(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("key", True)]
 
 
 def _build(cls, raw: dict[str, Any], prefix: str):
     if not isinstance(raw, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a section (mapping), got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = _keys(cls)
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
@@ -278,7 +343,10 @@ def _build(cls, raw: dict[str, Any], prefix: str):
     missing = [name for name in required if name not in kwargs]
     if missing:
         raise ConfigError(f"missing config key '{prefix}{missing[0]}' (required: {', '.join(prefix + m for m in missing)})")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # a section's own check: its message names the key within the section
+        raise ConfigError(f"{prefix}{e}") from None
 
 
 def _coerce(tp, value, key: str):
@@ -295,8 +363,8 @@ def _coerce(tp, value, key: str):
                 continue
             try:
                 return _coerce(a, value, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError as e:  # a mapping's error is the section's, not "not a number"
+                errors.insert(0 if isinstance(value, dict) and dataclasses.is_dataclass(a) else len(errors), str(e))
         raise ConfigError(errors[0] if errors else f"config key '{key}' has a bad value {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -335,49 +403,9 @@ def _coerce(tp, value, key: str):
 
 
 def validate(cfg: Config, check_files: bool = True) -> None:
-    """Checks of values that types alone cannot catch (and, with check_files, that paths exist)."""
-    if cfg.objective.temperature <= 0:
-        raise ConfigError("objective.temperature must be > 0")
-    terms = run_terms(cfg.recipe, cfg.terms, cfg.objective)  # raises ConfigError naming an unknown recipe or term
-    for name, term in terms.items():
-        if term.temperature <= 0:
-            raise ConfigError(f"terms.{name}.temperature must be > 0, got {term.temperature}")
-    _check_tidal(cfg.objective.tidal, "objective.tidal")
-    for name, spec in (cfg.terms or {}).items():
-        if isinstance(spec, TermConfig) and spec.tidal is not None:
-            _check_tidal(spec.tidal, f"terms.{name}.tidal")
-    t = cfg.train
-    checks = [
-        (cfg.diffusion.block_size >= 1, "diffusion.block_size must be >= 1"),
-        (0.0 < cfg.diffusion.eps < 1.0, "diffusion.eps must be in (0, 1)"),
-        (cfg.objective.shared_vocab_size >= 0, "objective.shared_vocab_size must be >= 0 (0: min of both vocabularies)"),
-        (0.0 < cfg.objective.demo_ratio < 1.0, "objective.demo_ratio must be in (0, 1)"),
-        (t.steps >= 1, "train.steps must be >= 1"),
-        (t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
-        (t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1"),
-        (t.global_batch_size >= 0, "train.global_batch_size must be >= 0 (0: derived)"),
-        (t.save_every >= 0, "train.save_every must be >= 0 (0: only at the end)"),
-        (t.keep_last >= 0, "train.keep_last must be >= 0 (0: keep every checkpoint)"),
-        (t.max_nonfinite >= 0, "train.max_nonfinite must be >= 0"),
-        (cfg.data.seq_len >= 1, f"data.seq_len must be >= 1 (got {cfg.data.seq_len})"),
-        (t.nonfinite != "skip" or cfg.engine.ds_config is None, SKIP_NEEDS_ONE_PROCESS),
-        (t.teacher_prefetch >= 1, "train.teacher_prefetch must be >= 1 (teacher calls in flight with scheduler=overlap)"),
-        (t.data_prefetch >= 1, "train.data_prefetch must be >= 1"),
-        (cfg.engine.ep_size >= 1, "engine.ep_size must be >= 1"),
-        (cfg.engine.tp_size >= 1, "engine.tp_size must be >= 1"),
-        (cfg.engine.timeout_s >= 1, "engine.timeout_s must be >= 1"),
-        (t.lr > 0, "train.lr must be > 0"),
-        (0 <= t.warmup_steps, "train.warmup_steps must be >= 0"),
-        (0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
-        (t.epochs >= 0, "train.epochs must be >= 0 (0: train.steps sets the length)"),
-        (0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio must be in [0, 1) (0: train.warmup_steps)"),
-        (cfg.teacher.block_size is None or cfg.teacher.block_size >= 1, "teacher.block_size must be >= 1"),
-        (cfg.data.seq_len % cfg.diffusion.block_size == 0,
-         f"data.seq_len ({cfg.data.seq_len}) must be a multiple of diffusion.block_size ({cfg.diffusion.block_size})"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    """What a run needs beyond its sections' own checks: the models it builds and, with check_files,
+    that the paths it reads exist."""
+    terms = run_terms(cfg.recipe, cfg.terms, cfg.objective)
     sides = ("student", "teacher") if needs_teacher(terms) else ("student",)
     for side in sides if check_files else ():
         m: ModelConfig = getattr(cfg, side)
@@ -402,12 +430,6 @@ def epoch_steps(epochs: float, rows: int, global_batch: int) -> int:
 def warmup_steps(t: TrainConfig) -> int:
     """Warm-up length in optimizer steps: train.warmup_ratio of train.steps when set (rounded up)."""
     return math.ceil(t.warmup_ratio * t.steps) if t.warmup_ratio else t.warmup_steps
-
-
-def _check_tidal(tidal: TidalConfig, key: str) -> None:
-    for name in ("lambda_init", "lambda_max"):
-        if not 0.0 <= getattr(tidal, name) <= 1.0:
-            raise ConfigError(f"{key}.{name} must be in [0, 1], got {getattr(tidal, name)}")
 
 
 def resolved(cfg: Config) -> tuple[dict[str, Any], list[str]]:
@@ -435,14 +457,16 @@ def resolved(cfg: Config) -> tuple[dict[str, Any], list[str]]:
     return out, notes
 
 
-def to_dict(cfg: Config) -> dict[str, Any]:
-    """Plain YAML-safe dict (tuples become lists)."""
+def to_dict(cfg) -> dict[str, Any]:
+    """Plain YAML-safe dict of a config's keys (tuples become lists)."""
 
     def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {name: plain(getattr(v, name)) for name in _keys(type(v))}
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         return v
 
-    return plain(dataclasses.asdict(cfg))
+    return plain(cfg)

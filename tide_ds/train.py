@@ -11,6 +11,7 @@ DeepSpeed wiring in `tide_ds.engine`, checkpoints in `tide_ds.checkpoint`, metri
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -25,16 +26,14 @@ import yaml
 from tqdm import tqdm
 
 from tide_ds import checkpoint
-from tide_ds.config import (SKIP_NEEDS_ONE_PROCESS, Config, ConfigError, epoch_steps, load_config, needs_teacher,
-                            resolved, run_terms, to_dict)
+from tide_ds.config import Config, ConfigError, epoch_steps, load_config, needs_teacher, resolved, run_terms, to_dict
 from tide_ds.data.collate import Collator
 from tide_ds.data.corpus import TextWindows, collate_windows, corpus_files, is_holdout
 from tide_ds.data.prepare import REPORT_NAME, load_prepared, vocab_fingerprint
 from tide_ds.data.sampler import Prefetch, RankBatches, batches_per_epoch
-from tide_ds.engine import build_engine, init_distributed, wants_deepspeed
+from tide_ds.engine import RunPlan, build_engine, init_distributed, launched_world, load_ds_config, settle
 from tide_ds.engine.dist import fail_fast
 from tide_ds.engine.guard import StepGuard
-from tide_ds.engine.merge import load_ds_config, merge_ds_config, plain_batch
 from tide_ds.engine.preempt import Preemption, resume_command
 from tide_ds.eval import masked_token_loss
 from tide_ds.metrics import MetricsLog, Phases, overlap_fraction
@@ -165,24 +164,23 @@ def check_teacher_fits(cfg: Config, terms: RunTerms, data: Data, tokenizer) -> N
         check_shared_vocab(cfg, tokenizer, cfg.recipe)
 
 
-def check_batch(cfg: Config, dist, data: Data) -> None:
-    """The batch arithmetic (YAML, ds_config, ranks, data size), before any model is loaded."""
-    if wants_deepspeed(cfg) and cfg.train.nonfinite == "skip":  # several ranks without a ds_config
-        raise ConfigError(SKIP_NEEDS_ONE_PROCESS)
-    if wants_deepspeed(cfg):
-        raw = load_ds_config(cfg.engine.ds_config) if cfg.engine.ds_config else {}
-        merge_ds_config(cfg, raw, dist.world, source=cfg.engine.ds_config or "the default DeepSpeed config")
-    else:
-        plain_batch(cfg)
+def run_length(cfg: Config, data: Data) -> Config:
+    """The config with train.steps worked out from train.epochs, once the data and the global batch
+    are known; a dataset too small for one global batch stops here, before any model is loaded."""
     batches_per_epoch(len(data.train), cfg.train.global_batch_size)
-    if cfg.train.epochs:  # the length in steps, known once the data and the global batch are
-        cfg.train.steps = epoch_steps(cfg.train.epochs, len(data.train), cfg.train.global_batch_size)
+    if not cfg.train.epochs:
+        return cfg
+    steps = epoch_steps(cfg.train.epochs, len(data.train), cfg.train.global_batch_size)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
 
 
 def distill(cfg: Config) -> dict:
-    dist = init_distributed(cfg)
+    # The plan first: every batch / precision disagreement is reported before anything is loaded.
+    ds_json = load_ds_config(cfg.engine.ds_config) if cfg.engine.ds_config else None
+    plan, ds_config = settle(cfg, ds_json, launched_world())
+    dist = init_distributed(plan.config)
     with Preemption() as signals:
-        return fail_fast(lambda: _distill(cfg, dist, signals))
+        return fail_fast(lambda: _distill(plan, ds_config, dist, signals))
 
 
 def preempted(engine, cfg: Config, step: int, tokenizer, signum: int) -> dict:
@@ -194,18 +192,19 @@ def preempted(engine, cfg: Config, step: int, tokenizer, signum: int) -> dict:
     return {"preempted": signum, "checkpoint": path, "steps": step, "world": engine.dist.world}
 
 
-def _distill(cfg: Config, dist, signals: Preemption) -> dict:
-    t = cfg.train
-    torch.manual_seed(t.seed)
-    if t.threads:
-        torch.set_num_threads(t.threads)
+def _distill(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) -> dict:
+    cfg = plan.config
+    torch.manual_seed(cfg.train.seed)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     device = dist.device
     wants_teacher = needs_teacher(run_terms(cfg.recipe, cfg.terms, cfg.objective))
     log = print if dist.is_main else (lambda *a, **k: None)
     resume = checkpoint.resolve_resume(cfg, log)  # a missing or incomplete checkpoint stops here
     tokenizer = student_tokenizer(cfg)
     data = build_data(cfg, tokenizer)
-    check_batch(cfg, dist, data)
+    plan = dataclasses.replace(plan, config=run_length(cfg, data))
+    cfg, t = plan.config, plan.config.train
     terms = resolve_terms(cfg.recipe, cfg.terms, "cross" if data.cross_tokenizer else "shared", cfg.objective)
     teacher = None
     if wants_teacher:
@@ -221,7 +220,7 @@ def _distill(cfg: Config, dist, signals: Preemption) -> dict:
 
     step = DistillStep(student, teacher, terms, kernels=cfg.objective.kernels, eps=cfg.diffusion.eps,
                        shared_vocab_size=cfg.objective.shared_vocab_size)
-    engine = build_engine(cfg, step, dist, use_deepspeed=wants_deepspeed(cfg))  # settles the batch sizes
+    engine = build_engine(plan, ds_config, step, dist)
     accum, micro = t.gradient_accumulation_steps, t.micro_batch_size
     first = 0
     if resume is not None:

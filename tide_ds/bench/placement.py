@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 
 def run(args) -> int:
@@ -59,6 +58,19 @@ def _device(name: str) -> str:
     return device(name)
 
 
+class _CalmStep:
+    """What a placement needs of the distillation step, for the benchmark's one CALM teacher call."""
+
+    def __init__(self, teacher, call):
+        self.teacher, self._call = teacher, call
+
+    def teacher_targets(self, _noised):
+        return self._call(self.teacher)
+
+    def with_teacher(self, teacher) -> "_CalmStep":
+        return _CalmStep(teacher, self._call)
+
+
 def _worker(args) -> list[dict] | None:
     import deepspeed
     import torch
@@ -85,30 +97,26 @@ def _worker(args) -> list[dict] | None:
     cfg.engine.teacher_placement, cfg.engine.tp_size, cfg.engine.ep_size = args.placement, args.tp_size, args.ep_size
     placement.check_placement(cfg, teacher, dist)
 
-    def call(t):
-        return calm_call(t, ids, targets, args.block_rows)
-
+    step = _CalmStep(teacher, lambda t: calm_call(t, ids, targets, args.block_rows))
+    ds = None
     if args.placement == "zero3":
         ds = {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
               "train_batch_size": args.batch * world, "bf16": {"enabled": False}, "fp16": {"enabled": False},
               "steps_per_print": 10**9, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
-        engine = build._zero3_teacher(SimpleNamespace(teacher=teacher, teacher_targets=lambda _: call(teacher)), ds)
-        held, run_call = build.teacher_bytes(teacher), lambda: engine(None)
-    else:
-        if args.placement == "expert_parallel":
-            placement.expert_parallel(teacher, args.ep_size, dist)
-        elif args.placement == "tensor_parallel":
-            teacher = placement.tensor_parallel(teacher, args.tp_size)
-        elif args.placement == "megatron":
-            with tempfile.TemporaryDirectory() as tmp:  # the placement reads its slices from a checkpoint
-                path = [os.path.join(tmp, "teacher")]
-                if rank == 0:
-                    teacher.model.save_pretrained(path[0])
-                torch.distributed.broadcast_object_list(path, src=0)
-                cfg.teacher.path = path[0]
-                teacher = placement.megatron(teacher, cfg)
-                torch.distributed.barrier()  # every rank has read before rank 0 removes the files
-        held, run_call = build.teacher_bytes(teacher), lambda: call(teacher)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.placement == "megatron":  # the placement reads its slices from a checkpoint
+            path = [os.path.join(tmp, "teacher")]
+            if rank == 0:
+                teacher.model.save_pretrained(path[0])
+            torch.distributed.broadcast_object_list(path, src=0)
+            cfg.teacher.path = path[0]
+        placed = placement.PLACEMENTS[args.placement](step, cfg, dist, ds)
+        torch.distributed.barrier()  # every rank has read before rank 0 removes the files
+    held = build.teacher_bytes(placed.module)
+
+    def run_call():
+        return placed.call(None)
+
     with torch.no_grad():
         run_call()  # warm-up: thread pools, lazy buffers
         torch.distributed.barrier()

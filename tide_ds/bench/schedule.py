@@ -37,8 +37,9 @@ def _run(schedule_name: str, args, step, device) -> dict:
     import torch
 
     from tide_ds.data.sampler import Prefetch, RankBatches
-    from tide_ds.engine import Engine
+    from tide_ds.engine import PlainEngine
     from tide_ds.engine.dist import Dist
+    from tide_ds.engine.placement import PlacedTeacher
     from tide_ds.metrics import Phases, overlap_fraction
     from tide_ds.pipeline import build_scheduler
     from tide_ds.train import student_step
@@ -51,8 +52,9 @@ def _run(schedule_name: str, args, step, device) -> dict:
         return {"input_ids": ids, "maskable": torch.ones_like(ids, dtype=torch.bool)}
 
     opt = torch.optim.AdamW(step.student.parameters(), lr=1e-5)
-    engine = Engine(Dist(device=device), step.student, step.teacher_targets, step.loss, optimizer=opt,
-                    scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), accumulation=args.accumulation)
+    engine = PlainEngine(Dist(device=device), step.student, PlacedTeacher(step.teacher_targets, step.teacher),
+                         step.loss, optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
+                         accumulation=args.accumulation)
     total = args.warmup + args.steps
     batches = RankBatches(list(rows), collate, step.noise, global_batch=args.batch * args.accumulation,
                           micro_batch=args.batch, accumulation=args.accumulation, rank=0, seed=0)

@@ -1,11 +1,22 @@
-"""Teacher placements that split the frozen teacher itself: expert parallel (our LLaDA2 MoE),
-tensor parallel (DeepSpeed AutoTP, dense transformers teachers) and megatron (the LLaDA2 MoE
-rebuilt from megatron-core, tensor and expert parallel together). `replicate` and ZeRO-3 need
-nothing here; `check_placement` refuses every impossible combination before anything is placed."""
+"""Teacher placements, one function each, looked up by `engine.teacher_placement` in PLACEMENTS:
+
+  replicate        the whole teacher on every rank
+  zero3            its parameters partitioned over the ranks (ZeRO-3, no optimizer), gathered per call
+  expert_parallel  our LLaDA2 MoE with E / ep_size experts of each layer per rank
+  tensor_parallel  a dense transformers teacher split by DeepSpeed AutoTP
+  megatron         the LLaDA2 MoE rebuilt from megatron-core, tensor and expert parallel together
+
+Each `place_<name>(step, cfg, dist, ds_config)` returns a `PlacedTeacher`: the teacher call the loop
+makes and the module this rank holds. None replaces anything on the step; a placement that wraps the
+teacher returns the call of a copy of the step holding the wrapper. `check_placement` refuses every
+impossible combination before anything is placed.
+"""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -14,15 +25,19 @@ from tide_ds.config import Config, ConfigError
 from tide_ds.engine.dist import Dist
 from tide_ds.models.llada2 import Experts, shard_experts
 
-PLACEMENTS = ("replicate", "zero3", "expert_parallel", "tensor_parallel", "megatron")
+
+@dataclasses.dataclass
+class PlacedTeacher:
+    call: Callable  # noised -> TeacherTargets (no grad)
+    module: nn.Module | None  # the teacher as this rank holds it (None: the recipe needs none)
+    # ZeRO-3: the teacher's parameter coordinator; the overlapped schedule waits for its module trace
+    coordinator: Any = None
 
 
 def check_placement(cfg: Config, teacher, dist: Dist) -> None:
     """Refuses, before anything is placed, a placement the teacher or the ranks cannot take."""
     e = cfg.engine
     placement = e.teacher_placement
-    if placement not in PLACEMENTS:
-        raise ConfigError(f"engine.teacher_placement={placement} is not one of {', '.join(PLACEMENTS)}")
     for key, size, wants in (("ep_size", e.ep_size, "expert_parallel"), ("tp_size", e.tp_size, "tensor_parallel")):
         if size > 1 and placement not in (wants, "megatron"):
             raise ConfigError(f"engine.{key}={size} is read only by engine.teacher_placement={wants} or megatron "
@@ -92,13 +107,6 @@ def consecutive_group(size: int, dist: Dist):
     return mine
 
 
-def expert_parallel(teacher, ep_size: int, dist: Dist):
-    """Each rank keeps E / ep_size experts of every MoE layer; router, shared experts, attention,
-    embeddings, dense layers and head stay whole (replicated)."""
-    shard_experts(teacher, consecutive_group(ep_size, dist))
-    return teacher
-
-
 class TensorParallelTeacher(nn.Module):
     """A teacher split by AutoTP. The ranks of a tensor-parallel group compute one batch together,
     but each holds its own micro-batch: every call gathers the group's micro-batches (equal shapes,
@@ -135,18 +143,25 @@ class TensorParallelTeacher(nn.Module):
         return self.teacher.hidden_states(gather(input_ids), gather(attention_mask), gather(x0))[rank * b:(rank + 1) * b]
 
 
-def megatron(teacher, cfg: Config):
-    """The LLaDA2 teacher rebuilt from megatron-core over tp_size x ep_size groups of the student's
-    ranks, its weights read per rank from teacher.path or engine.megatron_checkpoint."""
-    from megatron.core import parallel_state
+def place_replicate(step, cfg: Config, dist: Dist, ds_config: dict | None) -> PlacedTeacher:
+    return PlacedTeacher(step.teacher_targets, step.teacher)
 
-    from tide_ds.engine.megatron import build_megatron_teacher
 
-    e = cfg.engine
-    placed = build_megatron_teacher(teacher.model.config, teacher.mask_token_id, tp=e.tp_size, ep=e.ep_size,
-                                    dtype=teacher.model.dtype, hf_path=cfg.teacher.path,
-                                    checkpoint=e.megatron_checkpoint)
-    return placed if e.tp_size == 1 else TensorParallelTeacher(placed, parallel_state.get_tensor_model_parallel_group())
+def place_zero3(step, cfg: Config, dist: Dist, ds_config: dict | None) -> PlacedTeacher:
+    engine = zero3_teacher(_TeacherCall(step), ds_config)
+    return PlacedTeacher(engine, step.teacher, engine.optimizer.get_param_coordinator())
+
+
+def place_expert_parallel(step, cfg: Config, dist: Dist, ds_config: dict | None) -> PlacedTeacher:
+    """Each rank keeps E / ep_size experts of every MoE layer; router, shared experts, attention,
+    embeddings, dense layers and head stay whole (replicated). The experts are dropped in place."""
+    shard_experts(step.teacher, consecutive_group(cfg.engine.ep_size, dist))
+    return PlacedTeacher(step.teacher_targets, step.teacher)
+
+
+def place_tensor_parallel(step, cfg: Config, dist: Dist, ds_config: dict | None) -> PlacedTeacher:
+    placed = step.with_teacher(tensor_parallel(step.teacher, cfg.engine.tp_size))
+    return PlacedTeacher(placed.teacher_targets, placed.teacher)
 
 
 def tensor_parallel(teacher, tp_size: int) -> TensorParallelTeacher:
@@ -164,3 +179,88 @@ def tensor_parallel(teacher, tp_size: int) -> TensorParallelTeacher:
     finally:
         setattr(parent, attr, head)
     return TensorParallelTeacher(teacher, engine.mp_group)
+
+
+def place_megatron(step, cfg: Config, dist: Dist, ds_config: dict | None) -> PlacedTeacher:
+    """The LLaDA2 teacher rebuilt from megatron-core over tp_size x ep_size groups of the student's
+    ranks, its weights read per rank from teacher.path or engine.megatron_checkpoint."""
+    from megatron.core import parallel_state
+
+    from tide_ds.engine.megatron import build_megatron_teacher
+
+    e, teacher = cfg.engine, step.teacher
+    built = build_megatron_teacher(teacher.model.config, teacher.mask_token_id, tp=e.tp_size, ep=e.ep_size,
+                                   dtype=teacher.model.dtype, hf_path=cfg.teacher.path,
+                                   checkpoint=e.megatron_checkpoint)
+    if e.tp_size > 1:
+        built = TensorParallelTeacher(built, parallel_state.get_tensor_model_parallel_group())
+    placed = step.with_teacher(built)
+    return PlacedTeacher(placed.teacher_targets, placed.teacher)
+
+
+# engine.teacher_placement -> its function (the config's Literal lists the same names; a test checks)
+PLACEMENTS: dict[str, Callable[..., PlacedTeacher]] = {
+    "replicate": place_replicate,
+    "zero3": place_zero3,
+    "expert_parallel": place_expert_parallel,
+    "tensor_parallel": place_tensor_parallel,
+    "megatron": place_megatron,
+}
+
+
+# -- ZeRO-3: the teacher call as the forward of a partitioned module ----------------------------
+
+
+def register_head(module: nn.Module, model) -> None:
+    """The output head is read outside its Linear's forward: ZeRO-3 must gather it for `module`."""
+    import deepspeed
+
+    for p in (model.output_weight, model.output_bias):
+        if p is not None:
+            deepspeed.zero.register_external_parameter(module, p)
+
+
+class _TeacherCall(nn.Module):
+    """The teacher call as a module forward, for a ZeRO-3 partitioned teacher."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.teacher = step.teacher
+        self._step = step
+        register_head(self, step.teacher)
+
+    def forward(self, noised):
+        # Targets may carry the teacher's head for the student's loss to use later, after this
+        # forward has released the gathered parameters: hand out a whole copy instead.
+        head = [p for p in (self.teacher.output_weight, self.teacher.output_bias) if p is not None]
+        return _replace_params(self._step.teacher_targets(noised), head)
+
+
+def _replace_params(obj, params):
+    if any(obj is p for p in params):
+        return obj.detach().clone()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _replace_params(getattr(obj, f.name), params)
+                                           for f in dataclasses.fields(obj) if f.init})
+    return obj
+
+
+def zero3_teacher(module: nn.Module, student_ds: dict):
+    """`module`'s parameters partitioned over the ranks (ZeRO-3, no optimizer), gathered over a
+    process group of its own, so its gathers never interleave with the student's collectives even
+    when the two run at once (train.scheduler=overlap). Returns the DeepSpeed engine (callable)."""
+    import deepspeed
+
+    zero = dict(student_ds.get("zero_optimization", {}))
+    zero.update(stage=3)
+    for k in ("offload_optimizer", "reduce_scatter", "overlap_comm", "contiguous_gradients", "reduce_bucket_size"):
+        zero.pop(k, None)
+    teacher_ds = {k: student_ds[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                              "train_batch_size", "bf16", "fp16", "steps_per_print")}
+    teacher_ds["zero_optimization"] = zero
+    group = torch.distributed.new_group(list(range(torch.distributed.get_world_size())))
+    deepspeed.zero.Init(module=module, data_parallel_group=group, config_dict_or_path=teacher_ds,
+                        dtype=next(module.parameters()).dtype)
+    engine, _, _, _ = deepspeed.initialize(model=module, config=teacher_ds)
+    engine.eval()
+    return engine

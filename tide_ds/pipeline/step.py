@@ -12,6 +12,7 @@ tiled pass that yields every term's value and gradient (`tide_ds.kernels.fused_h
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from dataclasses import dataclass
@@ -69,6 +70,12 @@ class DistillStep:
         self.eps = eps
         self.shared_vocab_size = shared_vocab_size  # KL / TIDAL compare ids below it (0: all shared ids)
         self.needs = terms.needs
+
+    def with_teacher(self, teacher) -> "DistillStep":
+        """A copy of this step that calls `teacher` (a placed one), sharing everything else."""
+        placed = copy.copy(self)
+        placed.teacher = teacher
+        return placed
 
     # -- 1. noise ------------------------------------------------------------------------------
     def noise(self, batch: dict, generator: torch.Generator | None = None) -> Noised:
