@@ -66,11 +66,11 @@ def _worker(args) -> list[dict] | None:
     from tide_ds.bench.teacher import _cpu_peak, bench_teacher, calm_call
     from tide_ds.config import Config
     from tide_ds.engine import build, placement
-    from tide_ds.engine.dist import Dist, unlink_shm_workspace
+    from tide_ds.engine.dist import Dist, local_size_for_autotp, unlink_shm_workspace
 
     on_cuda = _device(args.device) == "cuda"
     if args.placement == "tensor_parallel":
-        placement.local_size_for_autotp()
+        local_size_for_autotp()
     deepspeed.init_distributed("nccl" if on_cuda else "gloo", verbose=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if on_cuda:
