@@ -8,8 +8,8 @@ import sys
 import deepspeed
 import torch
 
-from tide_ds.engine.dist import unlink_shm_workspace
-from tide_ds.engine.placement import local_size_for_autotp, tensor_parallel
+from tide_ds.engine.dist import local_size_for_autotp, unlink_shm_workspace
+from tide_ds.engine.placement import tensor_parallel
 from tide_ds.models.teacher import HFBidirectionalTeacher, WeDLMTeacher
 from tiny import decoder
 

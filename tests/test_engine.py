@@ -217,7 +217,7 @@ def test_tensor_parallel_on_cpu_needs_every_rank_on_one_machine(tiny_overrides, 
 
 @pytest.mark.parametrize("tasks, local", [("2", "2"), ("4(x2)", "4"), ("3,1", None)])
 def test_local_size_for_autotp_under_srun(monkeypatch, tasks, local):
-    from tide_ds.engine.placement import local_size_for_autotp
+    from tide_ds.engine.dist import local_size_for_autotp
 
     for key in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
         monkeypatch.delenv(key, raising=False)

@@ -19,11 +19,11 @@ import json
 import os
 import shutil
 import time
-from importlib import resources
 
 import torch
 
 from tide_ds.config import ConfigError, load_config, load_dataclass
+from tide_ds.mainjob.config import MainJobConfig, config_path
 
 STAGES = ("data", "teacher", "init", "distill", "eval", "report")
 
@@ -38,13 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="overrides of configs/demo.yaml, e.g. seed=1 student_steps=400 eval.humaneval_problems=20")
 
 
-def config_path(name: str) -> str:
-    return str(resources.files("tide_ds") / "configs" / name)
-
-
 def load_job(args):
-    from tide_ds.mainjob.config import MainJobConfig
-
     cfg = load_dataclass(MainJobConfig, config_path("demo.yaml"), list(args.overrides))
     if args.long:
         cfg.teacher.train.steps, cfg.student_steps = cfg.long.teacher_steps, cfg.long.student_steps

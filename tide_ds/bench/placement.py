@@ -16,6 +16,9 @@ import sys
 import tempfile
 import time
 
+from tide_ds.bench.measure import resolve_device
+from tide_ds.bench.teacher_call import bench_teacher, calm_call, cpu_peak
+
 
 def run(args) -> int:
     if os.environ.get("TIDE_BENCH_RANK_WORKER"):
@@ -34,7 +37,7 @@ def run(args) -> int:
         if value is not None:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
     env = dict(os.environ, TIDE_BENCH_RANK_WORKER="1", MALLOC_MMAP_THRESHOLD_="1048576", OMP_NUM_THREADS="1")
-    env.setdefault("DS_ACCELERATOR", "cpu" if _device(args.device) == "cpu" else "cuda")
+    env.setdefault("DS_ACCELERATOR", "cpu" if resolve_device(args.device) == "cpu" else "cuda")
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     printed = [line.split("BENCH ", 1)[1] for line in out.stdout.splitlines() if line.startswith("BENCH [")]
     rows = json.loads(printed[0]) if len(printed) == 1 else []
@@ -45,17 +48,11 @@ def run(args) -> int:
         return 1
     worst = {k: max(r[k] for r in rows) for k in ("held", "extra", "seconds")}
     print(f"placement {args.placement} (tp {args.tp_size}, ep {args.ep_size}) on {args.ranks} ranks, "
-          f"b={args.batch} per rank, l={args.length}, V={args.vocab:,}, device {_device(args.device)}")
+          f"b={args.batch} per rank, l={args.length}, V={args.vocab:,}, device {resolve_device(args.device)}")
     print(f"{'teacher MiB/rank':>17} {'of whole':>9} {'peak extra MiB':>15} {'seconds':>8}  (worst rank)")
     print(f"{worst['held'] / 2**20:>17,.1f} {rows[0]['whole'] / 2**20:>9,.1f} {worst['extra'] / 2**20:>15,.1f} "
           f"{worst['seconds']:>8.2f}")
     return 0
-
-
-def _device(name: str) -> str:
-    from tide_ds.bench.teacher import _device as device
-
-    return device(name)
 
 
 class _CalmStep:
@@ -75,14 +72,13 @@ def _worker(args) -> list[dict] | None:
     import deepspeed
     import torch
 
-    from tide_ds.bench.teacher import _cpu_peak, bench_teacher, calm_call
     from tide_ds.config import Config
     from tide_ds.engine import build, placement
-    from tide_ds.engine.dist import Dist, unlink_shm_workspace
+    from tide_ds.engine.dist import Dist, local_size_for_autotp, unlink_shm_workspace
 
-    on_cuda = _device(args.device) == "cuda"
+    on_cuda = resolve_device(args.device) == "cuda"
     if args.placement == "tensor_parallel":
-        placement.local_size_for_autotp()
+        local_size_for_autotp()
     deepspeed.init_distributed("nccl" if on_cuda else "gloo", verbose=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if on_cuda:
@@ -128,7 +124,7 @@ def _worker(args) -> list[dict] | None:
             torch.cuda.synchronize()
             extra, seconds = torch.cuda.max_memory_allocated() - before, time.perf_counter() - start
         else:
-            extra, seconds = _cpu_peak(run_call)
+            extra, seconds = cpu_peak(run_call)
     rows = [None] * world
     torch.distributed.all_gather_object(rows, {"rank": rank, "held": held, "whole": whole, "extra": extra,
                                                "seconds": seconds})

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 import sys
 import traceback
@@ -69,6 +70,19 @@ def slurm_port() -> int:
     return 15000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 10000
 
 
+def local_size_for_autotp() -> None:
+    """DeepSpeed's CPU all-reduce (used by AutoTP) reads LOCAL_SIZE, which only its own launcher sets;
+    torchrun, mpirun and srun say the same thing under another name. Called before the process group starts."""
+    for key in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        if "LOCAL_SIZE" not in os.environ and key in os.environ:
+            os.environ["LOCAL_SIZE"] = os.environ[key]
+    if "LOCAL_SIZE" not in os.environ and "SLURM_STEP_ID" in os.environ:
+        # srun: tasks per node of this step, "2" or "2(x3)"; left unset when nodes differ ("3,1")
+        m = re.fullmatch(r"(\d+)(\(x\d+\))?", os.environ.get("SLURM_STEP_TASKS_PER_NODE", ""))
+        if m:
+            os.environ["LOCAL_SIZE"] = m.group(1)
+
+
 def init_distributed(cfg: Config) -> Dist:
     """Starts the process group when DeepSpeed is wanted; a plain process otherwise."""
     want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
@@ -80,8 +94,6 @@ def init_distributed(cfg: Config) -> Dist:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     if cfg.engine.teacher_placement == "tensor_parallel":
-        from tide_ds.engine.placement import local_size_for_autotp
-
         local_size_for_autotp()
     import deepspeed
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from typing import Any, Callable
 
 import torch
@@ -82,19 +81,6 @@ def check_placement(cfg: Config, teacher, dist: Dist) -> None:
                 f"every rank and works only with all ranks on one machine, so engine.tp_size ({e.tp_size}) must "
                 f"equal the number of ranks ({dist.world}) and the ranks on this machine (LOCAL_SIZE="
                 f"{os.environ.get('LOCAL_SIZE', 'unset')}); launch with deepspeed, torchrun or srun on one machine")
-
-
-def local_size_for_autotp() -> None:
-    """DeepSpeed's CPU all-reduce (used by AutoTP) reads LOCAL_SIZE, which only its own launcher sets;
-    torchrun, mpirun and srun say the same thing under another name. Called before the process group starts."""
-    for key in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
-        if "LOCAL_SIZE" not in os.environ and key in os.environ:
-            os.environ["LOCAL_SIZE"] = os.environ[key]
-    if "LOCAL_SIZE" not in os.environ and "SLURM_STEP_ID" in os.environ:
-        # srun: tasks per node of this step, "2" or "2(x3)"; left unset when nodes differ ("3,1")
-        m = re.fullmatch(r"(\d+)(\(x\d+\))?", os.environ.get("SLURM_STEP_TASKS_PER_NODE", ""))
-        if m:
-            os.environ["LOCAL_SIZE"] = m.group(1)
 
 
 def consecutive_group(size: int, dist: Dist):

@@ -3,7 +3,13 @@ normal run config (configs/demo_student.yaml) read by `tide_ds.config.load_confi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
+
+
+def config_path(name: str) -> str:
+    """A config shipped in the package (tide_ds/configs/NAME)."""
+    return str(resources.files("tide_ds") / "configs" / name)
 
 
 @dataclass(kw_only=True)

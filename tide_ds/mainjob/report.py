@@ -198,7 +198,7 @@ def write(cfg, out: str, timings: dict) -> dict:
     import yaml
 
     from tide_ds.config import Config, load_dataclass
-    from tide_ds.demo import config_path
+    from tide_ds.mainjob.config import config_path
 
     results = collect(cfg, out)
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:

@@ -1,4 +1,4 @@
-"""One distillation step, in three parts that can overlap:
+"""One distillation step, in three parts that the schedulers (`pipeline/schedule.py`) can overlap:
 
   noise(batch)            -> Noised: x_t for student and teacher, the masked set, chunks, CompDemo split
   teacher_targets(noised) -> TeacherTargets: only what the recipe needs (no grad)
@@ -21,7 +21,7 @@ import torch
 
 from tide_ds import kernels
 from tide_ds.diffusion import chunk_masked, noise_batch, tokens_of_chunks
-from tide_ds.objectives import chunk_logprobs, comp_demo_merge, comp_demo_split
+from tide_ds.objectives import chunk_logprobs, comp_demo_inputs, comp_demo_merge, comp_demo_split
 from tide_ds.pipeline.terms import CHUNKS, LOGPROB, ROWS, TEACHER_ROWS, Rows, RunTerms, TermInputs
 
 
@@ -104,16 +104,13 @@ class DistillStep:
         """The teacher sees the student's masked chunks masked; CompDemo splits them over two passes."""
         if self.teacher is None:
             return [], None
-        mask_id = self.teacher.mask_token_id
-
-        def masked_input(chunks):
-            return torch.where(tokens_of_chunks(chunks, teacher_chunk_ids), mask_id, teacher_x0)
-
+        x_t = torch.where(tokens_of_chunks(active, teacher_chunk_ids), self.teacher.mask_token_id, teacher_x0)
         if not self.terms.comp_demo:
-            return [masked_input(active)], None
+            return [x_t], None
         c_a, c_b = comp_demo_split(active, self.terms.demo_ratio, generator=generator)
+        m_a, m_b = tokens_of_chunks(c_a, teacher_chunk_ids), tokens_of_chunks(c_b, teacher_chunk_ids)
         # pass 1 masks M_B (M_A revealed), pass 2 masks M_A (M_B revealed)
-        return [masked_input(c_b), masked_input(c_a)], tokens_of_chunks(c_b, teacher_chunk_ids)
+        return list(comp_demo_inputs(x_t, teacher_x0, m_a, m_b)), m_b
 
     # -- 2. teacher ----------------------------------------------------------------------------
     @torch.no_grad()
