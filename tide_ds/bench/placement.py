@@ -6,6 +6,7 @@ The parent starts `--ranks` ranks with torchrun; every rank builds the same teac
 holds, the peak extra memory of the call (as `tide-ds bench teacher` measures it) and the call's
 seconds (the second of two calls: the first pays one-off set-up such as gathering buffers).
 """
+
 from __future__ import annotations
 
 import json
@@ -25,14 +26,36 @@ def run(args) -> int:
         rows = _worker(args)
         if rows is not None:  # rank 0 prints every rank's row on one line: ranks' prints would interleave
             print("BENCH " + json.dumps(rows), flush=True)
-        return 0
+        # Everything is printed: skip interpreter teardown, where the process groups' threads can abort.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", str(args.ranks),
-           "--master_port", str(port), "-m", "tide_ds.cli", "bench", "teacher"]
-    for key in ("batch", "length", "vocab", "hidden", "layers", "block_rows", "device", "placement", "tp_size",
-                "ep_size"):
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "torchrun"),
+        "--nproc_per_node",
+        str(args.ranks),
+        "--master_port",
+        str(port),
+        "-m",
+        "tide_ds.cli",
+        "bench",
+        "teacher",
+    ]
+    for key in (
+        "batch",
+        "length",
+        "vocab",
+        "hidden",
+        "layers",
+        "block_rows",
+        "device",
+        "placement",
+        "tp_size",
+        "ep_size",
+    ):
         value = getattr(args, key)
         if value is not None:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
@@ -47,11 +70,15 @@ def run(args) -> int:
         print(f"{args.placement}: failed: " + "\n".join(error))
         return 1
     worst = {k: max(r[k] for r in rows) for k in ("held", "extra", "seconds")}
-    print(f"placement {args.placement} (tp {args.tp_size}, ep {args.ep_size}) on {args.ranks} ranks, "
-          f"b={args.batch} per rank, l={args.length}, V={args.vocab:,}, device {resolve_device(args.device)}")
+    print(
+        f"placement {args.placement} (tp {args.tp_size}, ep {args.ep_size}) on {args.ranks} ranks, "
+        f"b={args.batch} per rank, l={args.length}, V={args.vocab:,}, device {resolve_device(args.device)}"
+    )
     print(f"{'teacher MiB/rank':>17} {'of whole':>9} {'peak extra MiB':>15} {'seconds':>8}  (worst rank)")
-    print(f"{worst['held'] / 2**20:>17,.1f} {rows[0]['whole'] / 2**20:>9,.1f} {worst['extra'] / 2**20:>15,.1f} "
-          f"{worst['seconds']:>8.2f}")
+    print(
+        f"{worst['held'] / 2**20:>17,.1f} {rows[0]['whole'] / 2**20:>9,.1f} {worst['extra'] / 2**20:>15,.1f} "
+        f"{worst['seconds']:>8.2f}"
+    )
     return 0
 
 
@@ -64,7 +91,7 @@ class _CalmStep:
     def teacher_targets(self, _noised):
         return self._call(self.teacher)
 
-    def with_teacher(self, teacher) -> "_CalmStep":
+    def with_teacher(self, teacher) -> _CalmStep:
         return _CalmStep(teacher, self._call)
 
 
@@ -96,9 +123,15 @@ def _worker(args) -> list[dict] | None:
     step = _CalmStep(teacher, lambda t: calm_call(t, ids, targets, args.block_rows))
     ds = None
     if args.placement == "zero3":
-        ds = {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
-              "train_batch_size": args.batch * world, "bf16": {"enabled": False}, "fp16": {"enabled": False},
-              "steps_per_print": 10**9, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+        ds = {
+            "train_micro_batch_size_per_gpu": args.batch,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": args.batch * world,
+            "bf16": {"enabled": False},
+            "fp16": {"enabled": False},
+            "steps_per_print": 10**9,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        }
     with tempfile.TemporaryDirectory() as tmp:
         if args.placement == "megatron":  # the placement reads its slices from a checkpoint
             path = [os.path.join(tmp, "teacher")]
@@ -126,6 +159,7 @@ def _worker(args) -> list[dict] | None:
         else:
             extra, seconds = cpu_peak(run_call)
     rows = [None] * world
-    torch.distributed.all_gather_object(rows, {"rank": rank, "held": held, "whole": whole, "extra": extra,
-                                               "seconds": seconds})
+    torch.distributed.all_gather_object(
+        rows, {"rank": rank, "held": held, "whole": whole, "extra": extra, "seconds": seconds}
+    )
     return rows if rank == 0 else None
