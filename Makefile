@@ -10,7 +10,7 @@ comma := ,
 # one stamp per set of extras, so that asking for more extras installs them into an existing venv
 STAMP := $(VENV)/.tide_ds-installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: demo test install clean docker-cpu docker-cuda docker-lint
+.PHONY: demo test lint install clean docker-cpu docker-cuda docker-lint
 
 $(STAMP): setup.py tests/assets.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(ARGS)
+
+# ruff lint and format check (settings in ruff.toml); `ruff format .` fixes the formatting
+RUFF ?= ruff==0.17.6
+lint: $(STAMP)
+	$(PY) -m pip install -q "$(RUFF)"
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) runs

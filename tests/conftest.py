@@ -41,24 +41,42 @@ def tiny_assets(tmp_path_factory):
     files = corpus_files("stdlib", 30)
     tok = train_tokenizer(files, 400, str(root / "tokenizer"))
     torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)
+    cfg = Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        tie_word_embeddings=True,
+    )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "teacher")
     tok.save_pretrained(root / "teacher")
     return {"root": root, "tokenizer": str(root / "tokenizer"), "teacher": str(root / "teacher"), "files": files}
 
 
-TINY_STUDENT = ("{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, "
-                "num_key_value_heads: 1, head_dim: 16, tie_word_embeddings: true}")
+TINY_STUDENT = (
+    "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, "
+    "num_key_value_heads: 1, head_dim: 16, tie_word_embeddings: true}"
+)
 
 
 @pytest.fixture
 def tiny_overrides(tiny_assets, tmp_path):
     """Overrides for a seconds-long distillation run on the tiny assets."""
     return [
-        f"student.init={TINY_STUDENT}", f"student.tokenizer={tiny_assets['tokenizer']}",
-        f"teacher.path={tiny_assets['teacher']}", f"output_dir={tmp_path / 'run'}",
-        "data.max_files=30", "data.seq_len=32", "diffusion.block_size=8", "train.steps=4",
-        "train.micro_batch_size=2", "train.warmup_steps=1", "train.eval_batches=2", "train.log_every=1",
+        f"student.init={TINY_STUDENT}",
+        f"student.tokenizer={tiny_assets['tokenizer']}",
+        f"teacher.path={tiny_assets['teacher']}",
+        f"output_dir={tmp_path / 'run'}",
+        "data.max_files=30",
+        "data.seq_len=32",
+        "diffusion.block_size=8",
+        "train.steps=4",
+        "train.micro_batch_size=2",
+        "train.warmup_steps=1",
+        "train.eval_batches=2",
+        "train.log_every=1",
         "train.lr=1e-3",
     ]

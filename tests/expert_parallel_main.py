@@ -1,16 +1,17 @@
 """Entry used by tests/test_engine.py: on each of 2 ranks, a tiny LLaDA2 teacher with its experts
 split over the ranks (ep_size=2) against this rank's own unsharded copy, on this rank's own inputs."""
+
 import copy
 import json
 import sys
 
 import torch
+from tiny import llada2
 
-from tide_ds.engine.placement import consecutive_group
 from tide_ds.engine.dist import Dist
+from tide_ds.engine.placement import consecutive_group
 from tide_ds.models.llada2 import Experts, shard_experts
 from tide_ds.models.teacher import LLaDA2Teacher
-from tiny import llada2
 
 torch.distributed.init_process_group("gloo")
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -24,11 +25,20 @@ pad[0, 12:] = 0
 with torch.no_grad():
     expected = whole.hidden_states(ids, pad)
     got = teacher.hidden_states(ids, pad)
-numel = {name: sum(m.numel() for m in model.modules() if isinstance(m, Experts) for m in m.parameters())
-         for name, model in (("sharded", teacher), ("whole", whole))}
-result = {"rank": rank, "layers": sharded, "max_diff": (got - expected).abs().max().item(),
-          "expert_numel": numel, "param_numel": {"sharded": sum(p.numel() for p in teacher.parameters()),
-                                                 "whole": sum(p.numel() for p in whole.parameters())}}
+numel = {
+    name: sum(m.numel() for m in model.modules() if isinstance(m, Experts) for m in m.parameters())
+    for name, model in (("sharded", teacher), ("whole", whole))
+}
+result = {
+    "rank": rank,
+    "layers": sharded,
+    "max_diff": (got - expected).abs().max().item(),
+    "expert_numel": numel,
+    "param_numel": {
+        "sharded": sum(p.numel() for p in teacher.parameters()),
+        "whole": sum(p.numel() for p in whole.parameters()),
+    },
+}
 with open(f"{sys.argv[-1]}.rank{rank}.json", "w") as f:
     json.dump(result, f)
 torch.distributed.barrier()

@@ -1,15 +1,16 @@
 """Entry used by tests/test_megatron.py: on each of 2 ranks, the megatron-core LLaDA2 teacher
 (tp=2, then ep=2, then tp=1 from a dist_checkpointing checkpoint written at tp=2) against this
 rank's own unsharded teacher, on this rank's own inputs. Writes <prefix>.rank<r>.json."""
+
 import json
 import sys
 
 import torch
+from tiny import llada2
 
 from tide_ds.engine import megatron
 from tide_ds.engine.placement import TensorParallelTeacher
 from tide_ds.models.teacher import LLaDA2Teacher
-from tiny import llada2
 
 
 def main(prefix: str, hf_dir: str, ckpt_dir: str) -> None:
@@ -32,9 +33,12 @@ def main(prefix: str, hf_dir: str, ckpt_dir: str) -> None:
         with torch.no_grad():
             got = call.hidden_states(ids, pad)
         numel = {n: p.numel() for n, p in t.model.named_parameters()}
-        return t, {"max_diff": (got - expected).abs().max().item(),
-                   "head_diff": (t.output_weight - whole.output_weight).abs().max().item(),
-                   "numel": sum(numel.values()), "hidden": got.tolist()}
+        return t, {
+            "max_diff": (got - expected).abs().max().item(),
+            "head_diff": (t.output_weight - whole.output_weight).abs().max().item(),
+            "numel": sum(numel.values()),
+            "hidden": got.tolist(),
+        }
 
     result = {"whole_numel": {n: p.numel() for n, p in hf.named_parameters()}}
     t, result["tp2"] = run(2, 1, hf_path=hf_dir)

@@ -2,6 +2,7 @@
 RUNS ([{"name", "overrides", "output_dir"}]) distills twice, with scheduler=sequential and
 scheduler=overlap; rank 0 writes each run's histories and student directories to OUT.
 Arguments: distill RUNS OUT (the launcher may add --local_rank)."""
+
 import json
 import sys
 
@@ -18,9 +19,11 @@ for run in runs:
     for scheduler in ("sequential", "overlap"):
         over = run["overrides"] + [f"output_dir={run['output_dir']}/{scheduler}", f"train.scheduler={scheduler}"]
         result = distill(load_config(None, over))
-        results.setdefault(run["name"], {})[scheduler] = {"history": result["history"],
-                                                         "student_dir": result["student_dir"],
-                                                         "teacher_calls": result["teacher_calls"]}
+        results.setdefault(run["name"], {})[scheduler] = {
+            "history": result["history"],
+            "student_dir": result["student_dir"],
+            "teacher_calls": result["teacher_calls"],
+        }
 if torch.distributed.get_rank() == 0:
     with open(out, "w") as f:
         json.dump(results, f)

@@ -1,5 +1,6 @@
 """Entry used by tests/test_faults.py: the distillation CLI, with a signal sent to one rank in the
 middle of a chosen optimizer step, as a cluster scheduler would (TIDE_TEST_SIGNAL=NAME@STEP@RANK)."""
+
 import os
 import signal
 import sys

@@ -1,4 +1,5 @@
 """Entry used by tests/test_engine.py: the distillation CLI with a loss that raises on rank 1."""
+
 import sys
 
 import torch

@@ -1,5 +1,6 @@
 """Entry used by tests/test_schedule.py: the distillation CLI with a teacher call that raises on
 rank 1 (at its fifth call: with train.scheduler=overlap, on the worker thread, under the student's work)."""
+
 import sys
 
 import torch

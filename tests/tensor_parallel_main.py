@@ -1,17 +1,18 @@
 """Entry used by tests/test_engine.py: on each of 2 ranks, a tiny Qwen3 teacher split by AutoTP
 (tp_size=2) against this rank's own unsharded copy, on this rank's own inputs (the tensor-parallel
 teacher gathers the group's micro-batches and hands each rank its rows)."""
+
 import copy
 import json
 import sys
 
 import deepspeed
 import torch
+from tiny import decoder
 
 from tide_ds.engine.dist import local_size_for_autotp, unlink_shm_workspace
 from tide_ds.engine.placement import tensor_parallel
 from tide_ds.models.teacher import HFBidirectionalTeacher, WeDLMTeacher
-from tiny import decoder
 
 local_size_for_autotp()  # under torchrun
 deepspeed.init_distributed("gloo")
@@ -28,9 +29,11 @@ for name, cls, kw in (("bidirectional", HFBidirectionalTeacher, {}), ("wedlm", W
     pad[rank, 10:] = 0
     with torch.no_grad():
         expected, got = whole.hidden_states(ids, pad, x0=x0), split.hidden_states(ids, pad, x0=x0)
-    result[name] = {"max_diff": (got - expected).abs().max().item(),
-                    "head_diff": (split.output_weight - whole.output_weight).abs().max().item(),
-                    "params": [sum(p.numel() for p in m.parameters()) for m in (split, whole)]}
+    result[name] = {
+        "max_diff": (got - expected).abs().max().item(),
+        "head_diff": (split.output_weight - whole.output_weight).abs().max().item(),
+        "params": [sum(p.numel() for p in m.parameters()) for m in (split, whole)],
+    }
 with open(f"{sys.argv[-1]}.rank{rank}.json", "w") as f:
     json.dump(result, f)
 torch.distributed.barrier()

@@ -1,12 +1,13 @@
 """Exact token bytes and chunk alignment, on real pretrained tokenizers and trained ones."""
+
 import functools
 
 import numpy as np
 import pytest
+import tokenizer_assets as assets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import tokenizer_assets as assets
 from tide_ds.align import Placement, TokenBytes, align_chunks, align_spans, place_tokens, token_byte_table
 
 
@@ -30,22 +31,60 @@ def reference_chunks(a: list[bytes], b: list[bytes]) -> list[tuple[int, int, int
 # Text strategies: the kinds of text the issue names
 
 unicode_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=120)
-code_text = st.lists(st.sampled_from(["def", " f", "(x", "):", "\n", "\t", "\t\t", "    ", "  ", " ", "return", "#",
-                                      "x_1", "=", "==", "'s'", "\r\n", "{", "}", "0x1F", "  # note"]),
-                     min_size=1, max_size=40).map("".join)
-cjk_text = st.text(st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF) | st.sampled_from(" ，。\n"),
-                   min_size=1, max_size=60)
-emoji_text = st.text(st.characters(min_codepoint=0x1F300, max_codepoint=0x1FAFF) | st.sampled_from(" ab\u200d\ufe0f"),
-                     min_size=1, max_size=40)
-accented_text = st.lists(st.sampled_from(list("aeiouAEIOU éèêëçñøåßÉÀ") + ["e\u0301", "a\u0308", "\u00c5"]),
-                         min_size=1, max_size=80).map("".join)  # precomposed and combining accents
-any_text = st.one_of(unicode_text, code_text, cjk_text, emoji_text, accented_text,
-                     st.lists(st.one_of(code_text, cjk_text, emoji_text, accented_text), min_size=2, max_size=4).map(" ".join))
+code_text = st.lists(
+    st.sampled_from(
+        [
+            "def",
+            " f",
+            "(x",
+            "):",
+            "\n",
+            "\t",
+            "\t\t",
+            "    ",
+            "  ",
+            " ",
+            "return",
+            "#",
+            "x_1",
+            "=",
+            "==",
+            "'s'",
+            "\r\n",
+            "{",
+            "}",
+            "0x1F",
+            "  # note",
+        ]
+    ),
+    min_size=1,
+    max_size=40,
+).map("".join)
+cjk_text = st.text(
+    st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF) | st.sampled_from(" ，。\n"), min_size=1, max_size=60
+)
+emoji_text = st.text(
+    st.characters(min_codepoint=0x1F300, max_codepoint=0x1FAFF) | st.sampled_from(" ab\u200d\ufe0f"),
+    min_size=1,
+    max_size=40,
+)
+accented_text = st.lists(
+    st.sampled_from(list("aeiouAEIOU éèêëçñøåßÉÀ") + ["e\u0301", "a\u0308", "\u00c5"]), min_size=1, max_size=80
+).map("".join)  # precomposed and combining accents
+any_text = st.one_of(
+    unicode_text,
+    code_text,
+    cjk_text,
+    emoji_text,
+    accented_text,
+    st.lists(st.one_of(code_text, cjk_text, emoji_text, accented_text), min_size=2, max_size=4).map(" ".join),
+)
 PROPERTY = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def lossless_tokenizers():
     """name -> (encode(text) -> ids, TokenBytes), for tokenizers that can spell any text."""
+
     def hf(path):
         tok = assets.load(path)
         return (lambda text: tok(text, add_special_tokens=False)["input_ids"]), cached_token_bytes(path)
@@ -67,7 +106,7 @@ def lossless():
     return lossless_tokenizers()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cached_token_bytes(path: str) -> TokenBytes:
     return TokenBytes(assets.load(path))
 
@@ -141,8 +180,9 @@ def test_wordpiece_placement_uses_offsets_and_marks_lossy_tokens():
     text = "Hello,  wörld 你 unbelievably x"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     place = tb.place(text, ids)  # no offsets given: it asks the tokenizer for them
-    got = dict(zip(tok.convert_ids_to_tokens(ids), zip(place.token_bytes(text.encode(), tb.pieces(ids)),
-                                                      place.exact.tolist())))
+    got = dict(
+        zip(tok.convert_ids_to_tokens(ids), zip(place.token_bytes(text.encode(), tb.pieces(ids)), place.exact.tolist()))
+    )
     assert got["hello"] == (b"hello", False)  # lowercased: not the text
     assert got["world"][1] is False  # accent stripped
     assert got[","] == (b",", True)
@@ -191,8 +231,12 @@ def test_align_chunks_matches_the_reference_walk(pieces, data):
 # Properties over real tokenizers
 
 
-PAIRS = [("qwen", "mistral"), ("llama3_tiktoken", "mistral_sentencepiece"), ("trained_bpe", "trained_sp"),
-         ("qwen_tiktoken", "llama3_tiktoken")]
+PAIRS = [
+    ("qwen", "mistral"),
+    ("llama3_tiktoken", "mistral_sentencepiece"),
+    ("trained_bpe", "trained_sp"),
+    ("qwen_tiktoken", "llama3_tiktoken"),
+]
 
 
 @pytest.mark.parametrize("teacher,student", PAIRS)

@@ -1,5 +1,6 @@
 """The DeepSpeed engine: config merge, ZeRO-3 student + ZeRO-3 teacher on 2 CPU ranks (gloo),
 checkpoints, resume, export, and bad input."""
+
 import importlib.util
 import json
 import math
@@ -36,8 +37,14 @@ def _port() -> int:
 def launch(launcher: str, args: list[str], entry: str = "tide_ds.cli", timeout: int = 600, env: dict | None = None):
     """Starts 2 CPU ranks with `launcher` running `python -m entry distill args` (extra `env` variables)."""
     path = os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "DS_ACCELERATOR": "cpu", **(env or {}),
-           "OMP_NUM_THREADS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": path,
+        "DS_ACCELERATOR": "cpu",
+        **(env or {}),
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     port = str(_port())
@@ -48,8 +55,12 @@ def launch(launcher: str, args: list[str], entry: str = "tide_ds.cli", timeout: 
     elif launcher == "mpirun":
         env["MASTER_PORT"] = port
         root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-        forward = [a for k in ("PYTHONPATH", "DS_ACCELERATOR", "OMP_NUM_THREADS", "MASTER_PORT", "PATH",
-                               "TORCH_EXTENSIONS_DIR") if k in env for a in ("-x", k)]
+        forward = [
+            a
+            for k in ("PYTHONPATH", "DS_ACCELERATOR", "OMP_NUM_THREADS", "MASTER_PORT", "PATH", "TORCH_EXTENSIONS_DIR")
+            if k in env
+            for a in ("-x", k)
+        ]
         cmd = ["mpirun", *root, "--oversubscribe", "-n", "2", *forward, sys.executable, "-m", entry]
     elif launcher == "srun":  # ranks from SLURM_PROCID / SLURM_NTASKS (tide_ds/engine/dist.py)
         env["MASTER_PORT"] = port
@@ -82,6 +93,7 @@ def assert_same_weights(a, b, atol=1e-5, adam_lr=0.0):
 
 # -- the run plan: ds_config and YAML settled before any model is built ---------------------------
 
+
 def _json(tmp_path, ds: dict) -> list[str]:
     """An override pointing engine.ds_config at `ds`, written as a file."""
     path = tmp_path / "my.json"
@@ -111,12 +123,15 @@ def test_one_process_without_a_ds_config_is_plain():
     assert ds is None and not plan.deepspeed and plan.config.train.global_batch_size == 8
 
 
-@pytest.mark.parametrize("json_part, message", [
-    ({"train_micro_batch_size_per_gpu": 4}, r"train_micro_batch_size_per_gpu=4 .* train\.micro_batch_size=2"),
-    ({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}, r"optimizer\.params\.lr=0\.1 .* train\.lr=0\.001"),
-    ({"train_batch_size": 6}, r"global batch \(6\) must be a multiple of micro batch \(2\) x ranks \(2\)"),
-    ({"scheduler": {"type": "WarmupLR"}}, r"'scheduler' section"),
-])
+@pytest.mark.parametrize(
+    "json_part, message",
+    [
+        ({"train_micro_batch_size_per_gpu": 4}, r"train_micro_batch_size_per_gpu=4 .* train\.micro_batch_size=2"),
+        ({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}, r"optimizer\.params\.lr=0\.1 .* train\.lr=0\.001"),
+        ({"train_batch_size": 6}, r"global batch \(6\) must be a multiple of micro batch \(2\) x ranks \(2\)"),
+        ({"scheduler": {"type": "WarmupLR"}}, r"'scheduler' section"),
+    ],
+)
 def test_a_ds_config_that_disagrees_with_the_yaml_names_both(tiny_overrides, tmp_path, json_part, message):
     cfg = load_config(None, tiny_overrides + _json(tmp_path, json_part))
     with pytest.raises(ConfigError, match=message):
@@ -132,8 +147,7 @@ def test_precision_conflict_and_global_batch_conflict(tiny_overrides, tmp_path):
         settle(cfg, {}, world=2)
 
 
-def test_a_batch_disagreement_stops_distill_in_seconds_before_anything_is_built(tiny_overrides, tmp_path,
-                                                                              monkeypatch):
+def test_a_batch_disagreement_stops_distill_in_seconds_before_anything_is_built(tiny_overrides, tmp_path, monkeypatch):
     """Whatever the models' size, the plan is settled first: nothing is loaded before the error."""
     from tide_ds import train
 
@@ -143,8 +157,14 @@ def test_a_batch_disagreement_stops_distill_in_seconds_before_anything_is_built(
     for name in ("init_distributed", "student_tokenizer", "build_data", "build_student", "build_teacher"):
         monkeypatch.setattr(train, name, never)
     huge = ["student.init={hidden_size: 8192, num_hidden_layers: 64, intermediate_size: 32768}"]
-    cases = [(["train.global_batch_size=7"], {}, r"global batch \(7\) must be a multiple of micro batch \(2\) x ranks \(1\)"),
-             ([], {"train_micro_batch_size_per_gpu": 4}, r"train_micro_batch_size_per_gpu=4 .* train\.micro_batch_size=2")]
+    cases = [
+        (
+            ["train.global_batch_size=7"],
+            {},
+            r"global batch \(7\) must be a multiple of micro batch \(2\) x ranks \(1\)",
+        ),
+        ([], {"train_micro_batch_size_per_gpu": 4}, r"train_micro_batch_size_per_gpu=4 .* train\.micro_batch_size=2"),
+    ]
     for extra, ds, message in cases:
         cfg = load_config(None, tiny_overrides + huge + extra + _json(tmp_path, ds))
         start = time.perf_counter()
@@ -170,27 +190,37 @@ def llada2_teacher(tiny_assets, tmp_path):
     return str(path)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["engine.ep_size=3"], r"engine.ep_size=3 does not divide the teacher's 8 experts per layer"),
-    (["engine.ep_size=2"], r"engine.ep_size=2 does not divide the number of ranks \(1\)"),
-    (["engine.ep_size=2", "engine.teacher_placement=zero3"], r"engine.ep_size=2 is read only by .*expert_parallel"),
-    (["teacher.path=DENSE"], r"expert_parallel needs an MoE teacher .* Qwen3ForCausalLM has no routed experts"),
-])
-def test_bad_expert_parallel_settings_stop_before_training(tiny_overrides, tiny_assets, llada2_teacher, tmp_path,
-                                                           extra, message):
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["engine.ep_size=3"], r"engine.ep_size=3 does not divide the teacher's 8 experts per layer"),
+        (["engine.ep_size=2"], r"engine.ep_size=2 does not divide the number of ranks \(1\)"),
+        (["engine.ep_size=2", "engine.teacher_placement=zero3"], r"engine.ep_size=2 is read only by .*expert_parallel"),
+        (["teacher.path=DENSE"], r"expert_parallel needs an MoE teacher .* Qwen3ForCausalLM has no routed experts"),
+    ],
+)
+def test_bad_expert_parallel_settings_stop_before_training(
+    tiny_overrides, tiny_assets, llada2_teacher, tmp_path, extra, message
+):
     extra = [x.replace("DENSE", tiny_assets["teacher"]) for x in extra]
-    cfg = load_config(None, tiny_overrides + ["recipe=tide_shared", f"teacher.path={llada2_teacher}",
-                                              "engine.teacher_placement=expert_parallel", *extra])
+    cfg = load_config(
+        None,
+        tiny_overrides
+        + ["recipe=tide_shared", f"teacher.path={llada2_teacher}", "engine.teacher_placement=expert_parallel", *extra],
+    )
     with pytest.raises(ConfigError, match=message):
         distill(cfg)
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["teacher.path=MOE"], r"tensor_parallel \(AutoTP\) is for dense teachers; LLaDA2MoeModelLM is an MoE"),
-    (["engine.tp_size=2"], r"engine.tp_size=2 does not divide the number of ranks \(1\)"),
-    ([], r"teacher_placement=tensor_parallel needs DeepSpeed"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["teacher.path=MOE"], r"tensor_parallel \(AutoTP\) is for dense teachers; LLaDA2MoeModelLM is an MoE"),
+        (["engine.tp_size=2"], r"engine.tp_size=2 does not divide the number of ranks \(1\)"),
+        ([], r"teacher_placement=tensor_parallel needs DeepSpeed"),
+    ],
+)
 def test_bad_tensor_parallel_settings_stop_before_training(tiny_overrides, llada2_teacher, tmp_path, extra, message):
     extra = [x.replace("MOE", llada2_teacher) for x in extra]
     cfg = load_config(None, tiny_overrides + ["recipe=tide_shared", "engine.teacher_placement=tensor_parallel", *extra])
@@ -199,9 +229,10 @@ def test_bad_tensor_parallel_settings_stop_before_training(tiny_overrides, llada
 
 
 def test_tensor_parallel_on_cpu_needs_every_rank_on_one_machine(tiny_overrides, monkeypatch):
+    from tiny import decoder
+
     from tide_ds.engine.dist import Dist
     from tide_ds.engine.placement import check_placement
-    from tiny import decoder
     from tide_ds.models.teacher import HFBidirectionalTeacher
 
     teacher = HFBidirectionalTeacher(decoder(), mask_token_id=63)
@@ -229,9 +260,14 @@ def test_local_size_for_autotp_under_srun(monkeypatch, tasks, local):
 
 # -- checkpoints (single process) ----------------------------------------------------------------
 
+
 def test_resume_reproduces_the_uninterrupted_run(tiny_overrides, tmp_path):
-    over = tiny_overrides + ["recipe=tide_shared", "train.steps=6", "train.save_every=3",
-                             "train.gradient_accumulation_steps=2"]
+    over = tiny_overrides + [
+        "recipe=tide_shared",
+        "train.steps=6",
+        "train.save_every=3",
+        "train.gradient_accumulation_steps=2",
+    ]
     full = distill(load_config(None, over + [f"output_dir={tmp_path / 'full'}"]))
     ckpt = tmp_path / "full" / "checkpoints" / "step3"
     assert (ckpt / checkpoint.MARKER).is_file()
@@ -258,6 +294,7 @@ def test_export_of_a_plain_checkpoint_loads_and_generates(tiny_overrides, tmp_pa
 
 # -- 2 ranks (gloo) ------------------------------------------------------------------------------
 
+
 def _args(tiny_overrides, out, *extra):
     return [o for o in tiny_overrides if not o.startswith("output_dir=")] + [f"output_dir={out}", *extra]
 
@@ -276,9 +313,12 @@ def _slurm_answers() -> bool:
 HAVE_MPI = shutil.which("mpirun") is not None and importlib.util.find_spec("mpi4py") is not None
 HAVE_SLURM = _slurm_answers()
 NEEDS_SLURM = pytest.mark.skipif(not HAVE_SLURM, reason="needs srun and a SLURM controller (scontrol ping)")
-LAUNCHERS = ["deepspeed", "torchrun",
-             pytest.param("mpirun", marks=pytest.mark.skipif(not HAVE_MPI, reason="needs mpirun and mpi4py")),
-             pytest.param("srun", marks=NEEDS_SLURM)]
+LAUNCHERS = [
+    "deepspeed",
+    "torchrun",
+    pytest.param("mpirun", marks=pytest.mark.skipif(not HAVE_MPI, reason="needs mpirun and mpi4py")),
+    pytest.param("srun", marks=NEEDS_SLURM),
+]
 
 
 @pytest.mark.multirank
@@ -290,15 +330,24 @@ def test_zero3_student_and_teacher_on_2_ranks_match_one_process(launcher, recipe
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even the tiny tensors
     (tmp_path / "zero3.json").write_text(json.dumps(ds))
     common = [f"recipe={recipe}", "train.steps=5", "train.warmup_steps=0", "train.lr=3e-3"]
-    out, seconds = launch(launcher, _args(tiny_overrides, tmp_path / "dist", *common,
-                                          f"engine.ds_config={tmp_path / 'zero3.json'}", "engine.teacher_placement=zero3"))
+    out, seconds = launch(
+        launcher,
+        _args(
+            tiny_overrides,
+            tmp_path / "dist",
+            *common,
+            f"engine.ds_config={tmp_path / 'zero3.json'}",
+            "engine.teacher_placement=zero3",
+        ),
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "[rank 1] teacher (zero3): 0.04 MiB of parameters on this rank (of 0.08 MiB)" in out.stdout + out.stderr
     dist = json.loads((tmp_path / "dist" / "metrics.json").read_text())
     assert dist["world"] == 2 and dist["history"][-1]["loss"] < dist["history"][0]["loss"]
     # one process, plain PyTorch, the same global batch of 4 as 2 accumulation steps of 2
-    single = distill(load_config(None, _args(tiny_overrides, tmp_path / "one", *common,
-                                             "train.gradient_accumulation_steps=2")))
+    single = distill(
+        load_config(None, _args(tiny_overrides, tmp_path / "one", *common, "train.gradient_accumulation_steps=2"))
+    )
     assert [h["loss"] for h in dist["history"]] == pytest.approx([h["loss"] for h in single["history"]], abs=1e-5)
     worst = assert_same_weights(dist["student_dir"], single["student_dir"], atol=1e-5, adam_lr=3e-3)
     print(f"{launcher} {recipe}: {seconds:.0f} s for 2 ranks; max |w_2rank - w_1proc| = {worst:.2e}")
@@ -311,8 +360,17 @@ def test_srun_distill_on_2_ranks(tiny_overrides, tmp_path):
     ds = json.loads(Path(ZERO3).read_text())
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even the tiny tensors
     (tmp_path / "zero3.json").write_text(json.dumps(ds))
-    out, seconds = launch("srun", _args(tiny_overrides, tmp_path / "srun", "recipe=tide_cross", "train.steps=3",
-                                        f"engine.ds_config={tmp_path / 'zero3.json'}", "engine.teacher_placement=zero3"))
+    out, seconds = launch(
+        "srun",
+        _args(
+            tiny_overrides,
+            tmp_path / "srun",
+            "recipe=tide_cross",
+            "train.steps=3",
+            f"engine.ds_config={tmp_path / 'zero3.json'}",
+            "engine.teacher_placement=zero3",
+        ),
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]  # srun: 0 only when every task exits 0
     log = out.stdout + out.stderr
     for rank in (0, 1):
@@ -330,8 +388,13 @@ def test_srun_distill_on_2_ranks(tiny_overrides, tmp_path):
 @pytest.mark.multirank
 @pytest.mark.slow
 def test_zero3_resume_and_export_on_2_ranks(tiny_overrides, tmp_path):
-    common = ["recipe=tide_cross", "train.steps=4", "train.save_every=2", f"engine.ds_config={ZERO3}",
-              "engine.teacher_placement=zero3"]
+    common = [
+        "recipe=tide_cross",
+        "train.steps=4",
+        "train.save_every=2",
+        f"engine.ds_config={ZERO3}",
+        "engine.teacher_placement=zero3",
+    ]
     out, _ = launch("torchrun", _args(tiny_overrides, tmp_path / "full", *common))
     assert out.returncode == 0, out.stderr[-3000:]
     ckpt = tmp_path / "full" / "checkpoints" / "step2"
@@ -356,9 +419,12 @@ def test_zero3_resume_and_export_on_2_ranks(tiny_overrides, tmp_path):
 @pytest.mark.multirank
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_a_failure_on_one_rank_stops_every_rank(launcher, tiny_overrides, tmp_path):
-    out, seconds = launch(launcher, _args(tiny_overrides, tmp_path / "fail", "recipe=ce",
-                                            f"engine.ds_config={ZERO3}", "engine.timeout_s=60"),
-                          entry="rank_failure_main", timeout=300)
+    out, seconds = launch(
+        launcher,
+        _args(tiny_overrides, tmp_path / "fail", "recipe=ce", f"engine.ds_config={ZERO3}", "engine.timeout_s=60"),
+        entry="rank_failure_main",
+        timeout=300,
+    )
     assert out.returncode != 0
     assert "[rank 1] error: RuntimeError: injected failure on this rank" in out.stderr, out.stderr[-3000:]
     assert seconds < 120, seconds
@@ -382,8 +448,17 @@ def test_expert_parallel_teacher_equals_the_unsharded_teacher(tmp_path):
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
 def test_distill_with_an_expert_parallel_teacher(launcher, tiny_overrides, llada2_teacher, tmp_path):
     common = ["recipe=tide_shared", f"teacher.path={llada2_teacher}", "train.steps=3", "train.warmup_steps=0"]
-    out, seconds = launch(launcher, _args(tiny_overrides, tmp_path / "ep", *common, f"engine.ds_config={ZERO3}",
-                                          "engine.teacher_placement=expert_parallel", "engine.ep_size=2"))
+    out, seconds = launch(
+        launcher,
+        _args(
+            tiny_overrides,
+            tmp_path / "ep",
+            *common,
+            f"engine.ds_config={ZERO3}",
+            "engine.teacher_placement=expert_parallel",
+            "engine.ep_size=2",
+        ),
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     log = out.stdout + out.stderr
     for rank in (0, 1):
@@ -429,10 +504,17 @@ def tp_teacher(tiny_assets, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["deepspeed", pytest.param("srun", marks=NEEDS_SLURM)])
 def test_distill_with_a_tensor_parallel_teacher(launcher, tiny_overrides, tp_teacher, tmp_path):
-    common = ["recipe=tide_shared", f"teacher.path={tp_teacher}", "train.steps=3", "train.warmup_steps=0",
-              f"engine.ds_config={ZERO3}"]
-    out, seconds = launch(launcher, _args(tiny_overrides, tmp_path / "tp", *common,
-                                             "engine.teacher_placement=tensor_parallel", "engine.tp_size=2"))
+    common = [
+        "recipe=tide_shared",
+        f"teacher.path={tp_teacher}",
+        "train.steps=3",
+        "train.warmup_steps=0",
+        f"engine.ds_config={ZERO3}",
+    ]
+    out, seconds = launch(
+        launcher,
+        _args(tiny_overrides, tmp_path / "tp", *common, "engine.teacher_placement=tensor_parallel", "engine.tp_size=2"),
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     log = out.stdout + out.stderr
     for rank in (0, 1):

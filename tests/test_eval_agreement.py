@@ -1,4 +1,5 @@
 """Chunk agreement against a direct computation on a tiny student and MoE teacher."""
+
 import pytest
 import torch
 
@@ -7,8 +8,15 @@ from tide_ds.config import ModelConfig
 from tide_ds.eval.agreement import chunk_agreement
 from tide_ds.models import LLaDA2Teacher, build_student
 
-INIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=8, max_position_embeddings=256)
+INIT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=256,
+)
 
 
 def test_chunk_agreement_with_everything_masked():
@@ -20,8 +28,14 @@ def test_chunk_agreement_with_everything_masked():
     # chunk c: student token c (c < 6); teacher tokens 0..3 are chunks 0,0,1,1, then 2..5 one each
     chunk = torch.tensor([0, 1, 2, 3, 4, 5, -1, -1]).expand(2, 8)
     t_chunk = torch.tensor([0, 0, 1, 1, 2, 3, 4, 5, -1, -1]).expand(2, 10)
-    batch = {"input_ids": x0, "maskable": torch.ones_like(x0, dtype=torch.bool), "chunk_ids": chunk,
-             "teacher_input_ids": t_x0, "teacher_chunk_ids": t_chunk, "num_chunks": 6}
+    batch = {
+        "input_ids": x0,
+        "maskable": torch.ones_like(x0, dtype=torch.bool),
+        "chunk_ids": chunk,
+        "teacher_input_ids": t_x0,
+        "teacher_chunk_ids": t_chunk,
+        "num_chunks": 6,
+    }
     got = chunk_agreement(student, teacher, [batch], ratio=1.0)
 
     with torch.no_grad():
@@ -37,5 +51,6 @@ def test_chunk_agreement_with_everything_masked():
     assert got["chunks"] == 12
     assert got["chunk_gap"] == pytest.approx((s_lp - t_lp).abs().mean().item(), rel=1e-5)
     assert got["chunk_agreement"] == pytest.approx((s_ok == t_ok).float().mean().item())
-    assert got["chunk_corr"] == pytest.approx(torch.corrcoef(torch.stack([s_lp.flatten(), t_lp.flatten()]))[0, 1].item(),
-                                              rel=1e-4)
+    assert got["chunk_corr"] == pytest.approx(
+        torch.corrcoef(torch.stack([s_lp.flatten(), t_lp.flatten()]))[0, 1].item(), rel=1e-4
+    )

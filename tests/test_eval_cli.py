@@ -1,4 +1,5 @@
 """`tide-ds eval`: bad input stops with one line naming the fix; held-out NLL on a tiny student."""
+
 import pytest
 import torch
 
@@ -27,16 +28,31 @@ def test_missing_model_dir(capsys, tmp_path):
 
 
 def test_unknown_task(capsys, student_dir):
-    one_error_line(capsys, ["eval", "--model", student_dir[0], "--tasks", "nll,mmlu"], "unknown task 'mmlu'",
-                   "humaneval")
+    one_error_line(
+        capsys, ["eval", "--model", student_dir[0], "--tasks", "nll,mmlu"], "unknown task 'mmlu'", "humaneval"
+    )
 
 
 def test_tokenizer_that_does_not_match(capsys, student_dir, tmp_path):
     other = word_tokenizer()
     other.add_tokens([f"w{i}" for i in range(50)])
     other.save_pretrained(tmp_path)
-    one_error_line(capsys, ["eval", "--model", student_dir[0], "--tokenizer", str(tmp_path), "--tasks", "humaneval",
-                            "--humaneval-problems", "1"], "does not match the model", "--tokenizer")
+    one_error_line(
+        capsys,
+        [
+            "eval",
+            "--model",
+            student_dir[0],
+            "--tokenizer",
+            str(tmp_path),
+            "--tasks",
+            "humaneval",
+            "--humaneval-problems",
+            "1",
+        ],
+        "does not match the model",
+        "--tokenizer",
+    )
 
 
 def test_nll_task_needs_data(capsys, student_dir):

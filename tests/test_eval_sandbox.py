@@ -1,12 +1,17 @@
 """HumanEval execution: bad completions are stopped, counted failed, and the run goes on."""
+
 import socket
 import threading
 
 from tide_ds.eval.humaneval import execute, truncate
 from tide_ds.eval.sandbox import Limits, run_program
 
-PROBLEM = {"task_id": "t/0", "prompt": "def add(a, b):\n", "entry_point": "add",
-           "test": "def check(f):\n    assert f(2, 3) == 5\n"}
+PROBLEM = {
+    "task_id": "t/0",
+    "prompt": "def add(a, b):\n",
+    "entry_point": "add",
+    "test": "def check(f):\n    assert f(2, 3) == 5\n",
+}
 LIMITS = Limits(cpu_s=2, memory_mb=256, wall_s=6.0)
 
 
@@ -25,7 +30,7 @@ def test_bad_completions_fail_and_the_run_continues():
         for _ in range(40):
             try:
                 accepted.append(server.accept())
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 pass
 
     watcher = threading.Thread(target=accept)
@@ -34,9 +39,9 @@ def test_bad_completions_fail_and_the_run_continues():
         "    return a + b\n",  # passes
         "    while True:\n        pass\n",  # loops forever: stopped by the CPU limit
         "    x = []\n    while True:\n        x.append(' ' * 10_000_000)\n",  # unbounded allocation
-        "    import socket\n    s = socket.create_connection(('127.0.0.1', %d))\n    s.sendall(b'hi')\n"
-        "    return a + b\n" % port,  # network
-        "    import _socket\n    s = _socket.socket()\n    s.connect(('127.0.0.1', %d))\n    return a + b\n" % port,
+        f"    import socket\n    s = socket.create_connection(('127.0.0.1', {port}))\n    s.sendall(b'hi')\n"
+        "    return a + b\n",  # network
+        f"    import _socket\n    s = _socket.socket()\n    s.connect(('127.0.0.1', {port}))\n    return a + b\n",
         "    return a + b\n",  # still evaluated after all that
     ]
     result = execute([PROBLEM] * len(completions), completions, limits=LIMITS, workers=2)

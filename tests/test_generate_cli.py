@@ -1,9 +1,11 @@
 """`tide-ds a2d`, `tide-ds generate` and `tide-ds bench teacher` end to end on tiny models."""
+
 from __future__ import annotations
 
 import json
 
 from tiny import decoder, word_tokenizer
+
 from tide_ds.cli import main
 
 
@@ -20,8 +22,23 @@ def test_a2d_then_generate(tmp_path, capsys):
     with open(f"{student}/config.json") as f:
         assert json.load(f)["bd3lm"] == {"block_size": 4, "mask_token_id": 28}
     capsys.readouterr()
-    assert main(["generate", "--model", student, "--prompt", "a b c", "--prompt", "d", "--max-new-tokens", "6",
-                 "--no-stop-at-eos"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                student,
+                "--prompt",
+                "a b c",
+                "--prompt",
+                "d",
+                "--max-new-tokens",
+                "6",
+                "--no-stop-at-eos",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and all(len(line.split()) <= 6 for line in lines)
 

@@ -1,5 +1,6 @@
 """Fused chunk-likelihood / shared-vocabulary ops (tide_ds.kernels) against the plain references
 in tide_ds.objectives: values and gradients for hidden, weight and bias."""
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tide_ds.kernels import (FusedCALMLoss, FusedKLLoss, cuda_extension, fused_calm, fused_head_loss, fused_kl,
-                             fused_tidal, kl_rows, target_logprobs, twin)
+from tide_ds.kernels import (
+    FusedCALMLoss,
+    FusedKLLoss,
+    cuda_extension,
+    fused_calm,
+    fused_head_loss,
+    fused_kl,
+    fused_tidal,
+    kl_rows,
+    target_logprobs,
+    twin,
+)
 from tide_ds.objectives import bd3lm_ce, calm, chunk_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,8 +152,18 @@ def run_calm_case(case, dtype=torch.float32):
     teacher = -6 * torch.rand(b, num_chunks, generator=g)
 
     def fn(impl):
-        return fused_calm(hidden, weight, targets, ids, teacher, mask, reverse=case["reverse"], bias=bias,
-                          impl=impl, block_rows=case["block_rows"])
+        return fused_calm(
+            hidden,
+            weight,
+            targets,
+            ids,
+            teacher,
+            mask,
+            reverse=case["reverse"],
+            bias=bias,
+            impl=impl,
+            block_rows=case["block_rows"],
+        )
 
     return compare(fn, [hidden, weight] + ([bias] if bias is not None else []), dtype)
 
@@ -156,16 +177,28 @@ def test_fused_calm_matches_reference_on_random_shapes(case):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reverse", [True, False])
 def test_fused_calm_half_precision(dtype, reverse):
-    case = dict(seed=3, b=2, l=23, h=16, v=517, max_len=4, contiguous=True, block_rows=4, mask="random",
-                reverse=reverse, bias=True)
+    case = dict(
+        seed=3,
+        b=2,
+        l=23,
+        h=16,
+        v=517,
+        max_len=4,
+        contiguous=True,
+        block_rows=4,
+        mask="random",
+        reverse=reverse,
+        bias=True,
+    )
     value, *grads = run_calm_case(case, dtype)
     assert value > 0 and all(gr.abs().max() > 0 for gr in grads)
 
 
 @pytest.mark.parametrize("mask", ["all", "none"])
 def test_fused_calm_all_and_nothing_masked(mask):
-    case = dict(seed=5, b=2, l=20, h=8, v=301, max_len=5, contiguous=True, block_rows=3, mask=mask,
-                reverse=True, bias=False)
+    case = dict(
+        seed=5, b=2, l=20, h=8, v=301, max_len=5, contiguous=True, block_rows=3, mask=mask, reverse=True, bias=False
+    )
     value, dh, dw = run_calm_case(case)
     if mask == "none":
         assert value == 0 and not dh.any() and not dw.any()
@@ -182,8 +215,13 @@ def test_fused_calm_chunk_longer_than_several_blocks():
     mask = torch.tensor([[True, True, True, True]])  # chunks 1 and 3 are empty
     teacher = torch.tensor([[-1.0, -2.0, -0.5, -3.0]])
     for reverse in (True, False):
-        compare(lambda impl: fused_calm(hidden, weight, targets, ids, teacher, mask, reverse=reverse,
-                                        temperature=4.0, impl=impl, block_rows=2), [hidden, weight], torch.float32)
+        compare(
+            lambda impl, reverse=reverse: fused_calm(
+                hidden, weight, targets, ids, teacher, mask, reverse=reverse, temperature=4.0, impl=impl, block_rows=2
+            ),
+            [hidden, weight],
+            torch.float32,
+        )
 
 
 def test_fused_chunk_loss_takes_chunk_tidal():
@@ -197,8 +235,11 @@ def test_fused_chunk_loss_takes_chunk_tidal():
     mask, teacher = chunk_mask(g, 3, num_chunks, "random"), -4 * torch.rand(3, num_chunks, generator=g)
     lam, w = torch.rand(3, generator=g), torch.rand(3, generator=g)
     loss = lambda lS: chunk_tidal(lS, teacher, mask, lam, weight=w)  # noqa: E731
-    compare(lambda impl: fused_chunk_loss(hidden, weight, targets, ids, mask, loss, impl=impl, block_rows=4),
-            [hidden, weight], torch.float32)
+    compare(
+        lambda impl: fused_chunk_loss(hidden, weight, targets, ids, mask, loss, impl=impl, block_rows=4),
+        [hidden, weight],
+        torch.float32,
+    )
 
 
 def test_fused_calm_takes_flattened_hidden():
@@ -241,10 +282,15 @@ def test_fused_kl_matches_reference(dtype, reverse, mask, vocab):
     hs, ws, bs = projection(g, (3, 11), 16, vocab[0], dtype, bias=True)  # different vocab sizes, shared ids
     ht, wt, bt = projection(g, (3, 11), 24, vocab[1], dtype, bias=True)
     masked = chunk_mask(g, 3, 11, mask)
-    value, dh, dw, db = compare(lambda impl: fused_kl(hs, ws, ht, wt, masked, reverse=reverse, student_bias=bs,
-                                                      teacher_bias=bt, impl=impl, block_rows=4), [hs, ws, bs], dtype)
+    value, dh, dw, db = compare(
+        lambda impl: fused_kl(
+            hs, ws, ht, wt, masked, reverse=reverse, student_bias=bs, teacher_bias=bt, impl=impl, block_rows=4
+        ),
+        [hs, ws, bs],
+        dtype,
+    )
     assert ht.grad is None and wt.grad is None and bt.grad is None
-    assert not dw[min(vocab):].any() and not db[min(vocab):].any()  # ids outside the shared range
+    assert not dw[min(vocab) :].any() and not db[min(vocab) :].any()  # ids outside the shared range
     assert (value > 0 and dh.abs().max() > 0) if mask != "none" else (value == 0 and not dh.any())
 
 
@@ -283,13 +329,34 @@ def head_case(g, dtype, vocab, kind, mask_mode="random", bias=True):
         ce = bd3lm_ce(token_lp, w_ce.view(b, l).bool(), torch.ones(b, l, dtype=torch.bool), t.view(b, l)[:, 0])
         return ce + 0.5 * calm(chunk_logprobs(token_lp, ids, num_chunks), teacher_lp, active)
 
-    kl = None if kind is None else kl_rows(
-        ht, wt, masked.reshape(-1), temperature=1.5, reverse=kind == "reverse", teacher_bias=bt,
-        lam=0.8 * t if kind == "tidal" else None, row_weight=t + 0.5 if kind == "tidal" else None)
+    kl = (
+        None
+        if kind is None
+        else kl_rows(
+            ht,
+            wt,
+            masked.reshape(-1),
+            temperature=1.5,
+            reverse=kind == "reverse",
+            teacher_bias=bt,
+            lam=0.8 * t if kind == "tidal" else None,
+            row_weight=t + 0.5 if kind == "tidal" else None,
+        )
+    )
 
     def fn(impl):
-        return fused_head_loss(hs, ws, targets, logprob_loss, groups=groups, num_groups=b * num_chunks, kl=kl,
-                               bias=bs, impl=impl, block_rows=4)
+        return fused_head_loss(
+            hs,
+            ws,
+            targets,
+            logprob_loss,
+            groups=groups,
+            num_groups=b * num_chunks,
+            kl=kl,
+            bias=bs,
+            impl=impl,
+            block_rows=4,
+        )
 
     return fn, [hs, ws, bs]
 
@@ -325,8 +392,13 @@ def test_fused_head_loss_all_and_nothing_active(mask_mode):
 
 def test_fused_head_loss_with_no_rows():
     hidden, weight, _ = projection(torch.Generator().manual_seed(0), (0,), 8, 50, torch.float32)
-    loss, logp, kl_vals = fused_head_loss(hidden, weight, torch.zeros(0, dtype=torch.long), lambda lp: lp.sum(),
-                                          kl=kl_rows(torch.zeros(0, 8), weight.detach()))
+    loss, logp, kl_vals = fused_head_loss(
+        hidden,
+        weight,
+        torch.zeros(0, dtype=torch.long),
+        lambda lp: lp.sum(),
+        kl=kl_rows(torch.zeros(0, 8), weight.detach()),
+    )
     loss.backward()
     assert loss.item() == 0 and logp.shape == (0,) and kl_vals.shape == (0,)
     assert not weight.grad.any()
@@ -342,8 +414,11 @@ def test_modules_match_functional():
     ids, num_chunks = chunk_layout(g, 2, 8, 3)
     mask, teacher = chunk_mask(g, 2, num_chunks, "all"), -3 * torch.rand(2, num_chunks, generator=g)
     module = FusedCALMLoss(temperature=3.0, reverse=False)
-    assert_rel(module(hidden, weight, targets, ids, teacher, mask),
-               fused_calm(hidden, weight, targets, ids, teacher, mask, temperature=3.0, reverse=False), 0)
+    assert_rel(
+        module(hidden, weight, targets, ids, teacher, mask),
+        fused_calm(hidden, weight, targets, ids, teacher, mask, temperature=3.0, reverse=False),
+        0,
+    )
     ht, wt, _ = projection(g, (2, 8), 8, 70, torch.float32)
     assert_rel(FusedKLLoss(reverse=True)(hidden, weight, ht, wt), fused_kl(hidden, weight, ht, wt, reverse=True), 0)
 
@@ -389,18 +464,34 @@ def test_ops_call_the_row_kernels_as_the_cuda_binding_accepts(monkeypatch, dtype
     ht, wt, _ = projection(g, (2, 15), 12, 200, dtype)
     masked, t = chunk_mask(g, 2, 15, "random"), torch.rand(2, generator=g)
     params = [hidden, weight, bias]
-    compare(lambda impl: fused_calm(hidden, weight, targets, ids, teacher, mask, bias=bias, impl=impl,
-                                    block_rows=4), params, dtype)
-    compare(lambda impl: target_logprobs(hidden, weight, targets, bias=bias, temperature=2.0, impl=impl,
-                                         block_rows=4)[0].sum(), params, dtype)
+    compare(
+        lambda impl: fused_calm(hidden, weight, targets, ids, teacher, mask, bias=bias, impl=impl, block_rows=4),
+        params,
+        dtype,
+    )
+    compare(
+        lambda impl: target_logprobs(hidden, weight, targets, bias=bias, temperature=2.0, impl=impl, block_rows=4)[
+            0
+        ].sum(),
+        params,
+        dtype,
+    )
     for reverse in (False, True):
-        compare(lambda impl: fused_kl(hidden, weight, ht, wt, masked, reverse=reverse, student_bias=bias, impl=impl,
-                                      block_rows=4), params, dtype)
-    compare(lambda impl: fused_tidal(hidden, weight, ht, wt, masked, t, 0.7, student_bias=bias, impl=impl,
-                                     block_rows=4), params, dtype)
+        compare(
+            lambda impl, reverse=reverse: fused_kl(
+                hidden, weight, ht, wt, masked, reverse=reverse, student_bias=bias, impl=impl, block_rows=4
+            ),
+            params,
+            dtype,
+        )
+    compare(
+        lambda impl: fused_tidal(hidden, weight, ht, wt, masked, t, 0.7, student_bias=bias, impl=impl, block_rows=4),
+        params,
+        dtype,
+    )
     for kind in ("forward", "reverse", "tidal"):
         fn, params = head_case(g, dtype, (211, 200), kind)
-        compare(lambda impl: fn(impl)[0], params, dtype)
+        compare(lambda impl, fn=fn: fn(impl)[0], params, dtype)
 
 
 def test_unknown_impl_is_refused():
@@ -467,11 +558,22 @@ def test_cuda_binding_compiles(tmp_path):
     stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"  # generated only in CUDA builds
     stub.parent.mkdir(parents=True)
     stub.write_text("#pragma once\n")
-    py_include = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['include'])"],
-                                capture_output=True, text=True).stdout.strip()
-    cmd = ["g++", "-std=c++17", "-fsyntax-only", f"-I{tmp_path}", *(f"-I{p}" for p in include_paths()),
-           f"-I{_cuda_include()}", f"-I{py_include}", "-DTORCH_EXTENSION_NAME=tide_ds_kernels",
-           str(ROOT / "kernels" / "binding.cpp")]
+    py_include = subprocess.run(
+        [sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['include'])"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    cmd = [
+        "g++",
+        "-std=c++17",
+        "-fsyntax-only",
+        f"-I{tmp_path}",
+        *(f"-I{p}" for p in include_paths()),
+        f"-I{_cuda_include()}",
+        f"-I{py_include}",
+        "-DTORCH_EXTENSION_NAME=tide_ds_kernels",
+        str(ROOT / "kernels" / "binding.cpp"),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
 
@@ -479,8 +581,19 @@ def test_cuda_binding_compiles(tmp_path):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_cuda_source_compiles(tmp_path):
     """The pure CUDA source (no torch headers) compiles for Hopper."""
-    out = subprocess.run(["nvcc", "-c", "-arch=sm_90", str(ROOT / "kernels" / "tide_kernels.cu"),
-                          "-o", str(tmp_path / "tide_kernels.o")], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            "nvcc",
+            "-c",
+            "-arch=sm_90",
+            str(ROOT / "kernels" / "tide_kernels.cu"),
+            "-o",
+            str(tmp_path / "tide_kernels.o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
 
 
@@ -527,9 +640,15 @@ def test_cuda_row_kernels_match_twin(dtype):
             what = f"kl reverse={reverse} tidal={mix is not None} width={width} logp={logp_term}"
             extra = (want_lse, y, coef_t) if logp_term else (None, None, None)
             zs_gpu = z.cuda()
-            kl = ext.kl_grad_(zs_gpu, zt[:, :width].contiguous().cuda(), coef.cuda(), 2.0,
-                              None if mix is None else mix.cuda(), reverse,
-                              *(None if x is None else x.cuda() for x in extra))
+            kl = ext.kl_grad_(
+                zs_gpu,
+                zt[:, :width].contiguous().cuda(),
+                coef.cuda(),
+                2.0,
+                None if mix is None else mix.cuda(),
+                reverse,
+                *(None if x is None else x.cuda() for x in extra),
+            )
             zs_cpu = z.clone()
             want = twin.kl_grad_(zs_cpu, zt[:, :width].contiguous(), coef, 2.0, mix, reverse, *extra)
             assert_rel(kl.cpu(), want, 1e-4, what)
@@ -551,22 +670,40 @@ def test_fused_ops_on_gpu_match_cpu_reference(dtype):
     masked = chunk_mask(g, b, l, "random")
     t = torch.rand(b, generator=g)
     cases = {
-        "calm": lambda x, impl: fused_calm(x[0], x[1], targets.to(x[0].device), ids.to(x[0].device),
-                                           teacher.to(x[0].device), mask.to(x[0].device), bias=x[2], impl=impl),
+        "calm": lambda x, impl: fused_calm(
+            x[0],
+            x[1],
+            targets.to(x[0].device),
+            ids.to(x[0].device),
+            teacher.to(x[0].device),
+            mask.to(x[0].device),
+            bias=x[2],
+            impl=impl,
+        ),
         "logprobs": lambda x, impl: target_logprobs(x[0], x[1], targets.to(x[0].device), bias=x[2], impl=impl)[0].sum(),
-        "kl": lambda x, impl: fused_kl(x[0], x[1], ht.to(x[0].device), wt.to(x[0].device), masked.to(x[0].device),
-                                       student_bias=x[2], impl=impl),
-        "tidal": lambda x, impl: fused_tidal(x[0], x[1], ht.to(x[0].device), wt.to(x[0].device),
-                                             masked.to(x[0].device), t.to(x[0].device), 0.5, student_bias=x[2],
-                                             impl=impl),
+        "kl": lambda x, impl: fused_kl(
+            x[0], x[1], ht.to(x[0].device), wt.to(x[0].device), masked.to(x[0].device), student_bias=x[2], impl=impl
+        ),
+        "tidal": lambda x, impl: fused_tidal(
+            x[0],
+            x[1],
+            ht.to(x[0].device),
+            wt.to(x[0].device),
+            masked.to(x[0].device),
+            t.to(x[0].device),
+            0.5,
+            student_bias=x[2],
+            impl=impl,
+        ),
     }
     rows_t = targets.reshape(-1)
 
     def head(x, impl):  # CE-like log-prob term without groups plus a KL term, as the step's pass-B call
         dev = x[0].device
         kl = kl_rows(ht.reshape(b * l, -1).to(dev), wt.to(dev), masked.reshape(-1).to(dev), temperature=1.5)
-        return fused_head_loss(x[0].reshape(b * l, -1), x[1], rows_t.to(dev), lambda lp: -lp.mean(), kl=kl,
-                               bias=x[2], impl=impl)[0]
+        return fused_head_loss(
+            x[0].reshape(b * l, -1), x[1], rows_t.to(dev), lambda lp: -lp.mean(), kl=kl, bias=x[2], impl=impl
+        )[0]
 
     cases["head"] = head
     for name, fn in cases.items():

@@ -2,6 +2,7 @@
 
 Walks every import statement of every module of `tide_ds` (including those inside functions) and
 checks the graph against the layer order written in README.md's "## Architecture" section."""
+
 import ast
 import pathlib
 
@@ -22,7 +23,7 @@ def layer_order(readme: str) -> list[str]:
     lines = [line for line in body.splitlines() if line.startswith(LAYERS_PREFIX)]
     if len(lines) != 1:
         raise ValueError(f"README.md's architecture section needs exactly one line starting {LAYERS_PREFIX!r}")
-    names = [part.strip().strip("`") for part in lines[0][len(LAYERS_PREFIX):].rstrip(" .").split("→")]
+    names = [part.strip().strip("`") for part in lines[0][len(LAYERS_PREFIX) :].rstrip(" .").split("→")]
     if not all(names) or len(set(names)) != len(names):
         raise ValueError(f"the layer line names each part once, separated by →: {names}")
     return names
@@ -43,8 +44,13 @@ def extension_modules() -> set[str]:
     """Compiled extensions that setup.py declares (no .py file; they import nothing of ours)."""
     names = set()
     for node in ast.walk(ast.parse((ROOT / "setup.py").read_text())):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", "").endswith("Extension") and node.args \
-                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+        if (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "id", "").endswith("Extension")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             names.add(node.args[0].value)
     return names
 
@@ -61,7 +67,7 @@ def imports_of(module: str, path: pathlib.Path, modules: dict, extensions: set) 
             base = node.module or ""
             if node.level:  # relative: from the package `level - 1` steps above this module's own
                 anchor = package.split(".")
-                anchor = anchor[:len(anchor) - (node.level - 1)]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
             for alias in node.names:
                 name = f"{base}.{alias.name}"
@@ -179,8 +185,12 @@ def test_the_layer_line_is_required():
 
 
 def test_circles_are_found_and_reported_as_chains():
-    graph = {"tide_ds.a": {"tide_ds.b"}, "tide_ds.b": {"tide_ds.c"}, "tide_ds.c": {"tide_ds.a"},
-             "tide_ds.d": {"tide_ds.a"}}
+    graph = {
+        "tide_ds.a": {"tide_ds.b"},
+        "tide_ds.b": {"tide_ds.c"},
+        "tide_ds.c": {"tide_ds.a"},
+        "tide_ds.d": {"tide_ds.a"},
+    }
     assert cycles(graph) == [["tide_ds.a", "tide_ds.b", "tide_ds.c"]]
     assert chain(graph, ["tide_ds.a", "tide_ds.b", "tide_ds.c"]) == "tide_ds.a -> tide_ds.b -> tide_ds.c -> tide_ds.a"
     assert "tide_ds.kernels._cuda" in extension_modules()
@@ -188,12 +198,19 @@ def test_circles_are_found_and_reported_as_chains():
 
 def test_imports_are_resolved_to_modules(tmp_path):
     path = tmp_path / "fake.py"
-    path.write_text("import os\n\ndef f():\n    from tide_ds.engine import dist\n"
-                    "    from tide_ds.kernels import _cuda, fused_kl\n    from . import step\n"
-                    "    import tide_ds.diffusion.noise\n"
-                    "    importlib.import_module({'x': 'tide_ds.train'}['x'])\n")
+    path.write_text(
+        "import os\n\ndef f():\n    from tide_ds.engine import dist\n"
+        "    from tide_ds.kernels import _cuda, fused_kl\n    from . import step\n"
+        "    import tide_ds.diffusion.noise\n"
+        "    importlib.import_module({'x': 'tide_ds.train'}['x'])\n"
+    )
     found = imports_of("tide_ds.pipeline.fake", path, package_modules(), {"tide_ds.kernels._cuda"})
     # a submodule by its own name, a plain name by its package, the compiled extension not at all,
     # a module named in a file that imports by name
-    assert found == {"tide_ds.engine.dist", "tide_ds.kernels", "tide_ds.pipeline.step", "tide_ds.diffusion.noise",
-                     "tide_ds.train"}
+    assert found == {
+        "tide_ds.engine.dist",
+        "tide_ds.kernels",
+        "tide_ds.pipeline.step",
+        "tide_ds.diffusion.noise",
+        "tide_ds.train",
+    }

@@ -1,4 +1,5 @@
 """The lm-evaluation-harness adapter on small local tasks (skipped without the lmeval extra)."""
+
 import json
 
 import pytest
@@ -68,13 +69,25 @@ def test_harness_runs_loglikelihood_and_generate_until(model_dir, tmp_path):
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         (tmp_path / f"{name}.yaml").write_text(spec.format(data=data))
     lm = TideDSLM(pretrained=model_dir, mc_samples=4, steps_per_block=2)
-    out = lm_eval.simple_evaluate(model=lm, tasks=["tide_tiny_mc", "tide_tiny_gen"],
-                                  task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True)
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=["tide_tiny_mc", "tide_tiny_gen"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=True,
+    )
     # the harness's accuracy is the adapter's own ranking of the choices
     want = 0
     for row in mc_rows:
-        scores = [continuation_elbo(lm.student, lm._encode(row["question"]), lm._encode(row["question"] + c)[2:],
-                                    samples=4, pad_id=lm.pad_id)[0] for c in row["choices"]]
+        scores = [
+            continuation_elbo(
+                lm.student,
+                lm._encode(row["question"]),
+                lm._encode(row["question"] + c)[2:],
+                samples=4,
+                pad_id=lm.pad_id,
+            )[0]
+            for c in row["choices"]
+        ]
         want += int(max(range(3), key=lambda i: scores[i]) == row["answer"])
     assert out["results"]["tide_tiny_mc"]["acc,none"] == pytest.approx(want / len(mc_rows))
     assert "exact_match,none" in out["results"]["tide_tiny_gen"]

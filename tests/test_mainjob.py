@@ -1,4 +1,5 @@
 """The main job on a miniature setting: same seed -> identical results.json; finished stages reused."""
+
 import argparse
 import os
 
@@ -7,11 +8,15 @@ import pytest
 from tide_ds import demo
 
 MINI = [
-    "corpus.max_files=16", "corpus.vocab_size=600", "corpus.holdout_fraction=0.25", "corpus.tokenizer_chars=200000",
+    "corpus.max_files=16",
+    "corpus.vocab_size=600",
+    "corpus.holdout_fraction=0.25",
+    "corpus.tokenizer_chars=200000",
     "teacher.model={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
     "num_key_value_heads: 1, head_dim: 16, num_experts: 4, num_experts_per_tok: 2, num_shared_experts: 1, "
     "moe_intermediate_size: 32, first_k_dense_replace: 1, n_group: 2, topk_group: 1, tie_word_embeddings: true}",
-    "teacher.train={steps: 3, ar_steps: 1, batch_size: 4, seq_len: 64, log_every: 1}", "student_steps=2",
+    "teacher.train={steps: 3, ar_steps: 1, batch_size: 4, seq_len: 64, log_every: 1}",
+    "student_steps=2",
     "eval={ratios: [0.3, 0.7], batches: 1, humaneval_problems: 2, max_new_tokens: 8, samples: 1, sample_new_tokens: 8}",
 ]
 

@@ -1,6 +1,7 @@
 """The megatron-core teacher placement: equal to the unsharded LLaDA2 teacher at tp=2 and ep=2 on 2
 CPU ranks, dist_checkpointing resharding, distillation losses equal to a replicated teacher's, and
 bad settings refused before anything is built."""
+
 import importlib.util
 import json
 import math
@@ -9,19 +10,19 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoTokenizer
-
 from megatron_main import MOE
 from test_engine import ZERO3, _args, launch
+from tiny import decoder, llada2
+from transformers import AutoTokenizer
+
 from tide_ds.config import ConfigError, load_config
 from tide_ds.engine.dist import Dist
 from tide_ds.engine.placement import check_placement
 from tide_ds.models.teacher import HFBidirectionalTeacher, LLaDA2Teacher
-from tide_ds.train import distill
-from tiny import decoder, llada2
 
-NEEDS_MEGATRON = pytest.mark.skipif(importlib.util.find_spec("megatron") is None,
-                                    reason="needs megatron-core (pip install 'tide_ds[megatron]')")
+NEEDS_MEGATRON = pytest.mark.skipif(
+    importlib.util.find_spec("megatron") is None, reason="needs megatron-core (pip install 'tide_ds[megatron]')"
+)
 
 
 def split_numel(whole: dict[str, int], tp: int, ep: int) -> int:
@@ -38,8 +39,12 @@ def test_megatron_teacher_on_2_ranks_equals_the_unsharded_teacher(tmp_path):
     """tp=2 and ep=2 against the unsharded teacher (each rank with its own inputs and padding), and a
     dist_checkpointing checkpoint written at tp=2 read back at ep=2 and at tp=1."""
     llada2(seed=0, **MOE).save_pretrained(tmp_path / "hf")
-    out, seconds = launch("torchrun", [str(tmp_path / "mg"), str(tmp_path / "hf"), str(tmp_path / "ckpt")],
-                          entry="megatron_main", timeout=300)
+    out, seconds = launch(
+        "torchrun",
+        [str(tmp_path / "mg"), str(tmp_path / "hf"), str(tmp_path / "ckpt")],
+        entry="megatron_main",
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for rank in (0, 1):
         r = json.loads((tmp_path / f"mg.rank{rank}.json").read_text())
@@ -69,11 +74,19 @@ def moe_teacher(tiny_assets, tmp_path):
 @NEEDS_MEGATRON
 def test_distill_with_a_megatron_teacher_matches_a_replicated_one(tiny_overrides, moe_teacher, tmp_path):
     """ZeRO-3 student, tide_cross, 5 steps: tp=2 and ep=2 give the losses of a replicated teacher."""
-    common = ["recipe=tide_cross", f"teacher.path={moe_teacher}", "train.steps=5", "train.warmup_steps=0",
-              f"engine.ds_config={ZERO3}"]
+    common = [
+        "recipe=tide_cross",
+        f"teacher.path={moe_teacher}",
+        "train.steps=5",
+        "train.warmup_steps=0",
+        f"engine.ds_config={ZERO3}",
+    ]
     losses = {}
-    for name, extra in (("replicate", []), ("tp2", ["engine.teacher_placement=megatron", "engine.tp_size=2"]),
-                        ("ep2", ["engine.teacher_placement=megatron", "engine.ep_size=2"])):
+    for name, extra in (
+        ("replicate", []),
+        ("tp2", ["engine.teacher_placement=megatron", "engine.tp_size=2"]),
+        ("ep2", ["engine.teacher_placement=megatron", "engine.ep_size=2"]),
+    ):
         out, seconds = launch("torchrun", _args(tiny_overrides, tmp_path / name, *common, *extra))
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         if extra:
@@ -93,20 +106,29 @@ def test_a_missing_megatron_core_names_the_extra(tiny_overrides, monkeypatch):
 
 
 @NEEDS_MEGATRON
-@pytest.mark.parametrize("extra, model, message", [
-    (["engine.tp_size=2"], "dense", r"builds the LLaDA2-style MoE teacher .* Qwen3ForCausalLM is not one"),
-    (["engine.tp_size=3"], "moe", r"tp_size=3 and engine.ep_size=1 must each divide the number of ranks \(2\)"),
-    (["engine.ep_size=2"], "odd_vocab", None),  # ep does not split the vocabulary
-    (["engine.tp_size=2"], "odd_vocab", r"tp_size=2 does not divide the teacher's vocab_size \(65\)"),
-    (["engine.ep_size=2"], "llada2_groups", r"num_experts_per_tok / topk_group = 3 / 2 must be 2"),
-    (["engine.megatron_checkpoint=/nowhere"], "moe", r"engine.megatron_checkpoint=/nowhere not found"),
-    (["engine.teacher_placement=zero3", "engine.megatron_checkpoint=/x"], "moe",
-     r"megatron_checkpoint is read only by engine.teacher_placement=megatron \(here zero3\)"),
-])
+@pytest.mark.parametrize(
+    "extra, model, message",
+    [
+        (["engine.tp_size=2"], "dense", r"builds the LLaDA2-style MoE teacher .* Qwen3ForCausalLM is not one"),
+        (["engine.tp_size=3"], "moe", r"tp_size=3 and engine.ep_size=1 must each divide the number of ranks \(2\)"),
+        (["engine.ep_size=2"], "odd_vocab", None),  # ep does not split the vocabulary
+        (["engine.tp_size=2"], "odd_vocab", r"tp_size=2 does not divide the teacher's vocab_size \(65\)"),
+        (["engine.ep_size=2"], "llada2_groups", r"num_experts_per_tok / topk_group = 3 / 2 must be 2"),
+        (["engine.megatron_checkpoint=/nowhere"], "moe", r"engine.megatron_checkpoint=/nowhere not found"),
+        (
+            ["engine.teacher_placement=zero3", "engine.megatron_checkpoint=/x"],
+            "moe",
+            r"megatron_checkpoint is read only by engine.teacher_placement=megatron \(here zero3\)",
+        ),
+    ],
+)
 def test_bad_megatron_settings_are_refused_before_building(tiny_overrides, extra, model, message):
-    models = {"dense": lambda: HFBidirectionalTeacher(decoder(), 63), "moe": lambda: LLaDA2Teacher(llada2(**MOE), 63),
-              "odd_vocab": lambda: LLaDA2Teacher(llada2(vocab_size=65, **MOE), 63),
-              "llada2_groups": lambda: LLaDA2Teacher(llada2(), 63)}  # top 3 of 2 groups: LLaDA2 only
+    models = {
+        "dense": lambda: HFBidirectionalTeacher(decoder(), 63),
+        "moe": lambda: LLaDA2Teacher(llada2(**MOE), 63),
+        "odd_vocab": lambda: LLaDA2Teacher(llada2(vocab_size=65, **MOE), 63),
+        "llada2_groups": lambda: LLaDA2Teacher(llada2(), 63),
+    }  # top 3 of 2 groups: LLaDA2 only
     cfg = load_config(None, tiny_overrides + ["engine.teacher_placement=megatron", *extra])
     if message is None:
         check_placement(cfg, models[model](), Dist(rank=0, world=2))

@@ -1,4 +1,5 @@
 """Student (BD3LM over Qwen3 / Llama), teachers (LLaDA2-style MoE, WeDLM-style, generic HF), builders."""
+
 from __future__ import annotations
 
 import copy
@@ -10,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from tiny import decoder, llada2, llada2_config, word_tokenizer
 from transformers import AutoModelForCausalLM
 
-from tiny import decoder, llada2, llada2_config, word_tokenizer
 from tide_ds.config import ConfigError, ModelConfig
 from tide_ds.diffusion import Pattern, additive, attention_mask, bd3lm_attention_mask
 from tide_ds.models import (
@@ -92,8 +93,9 @@ def test_student_sdpa_equals_eager_reference(family, length):
     ref.set_attn_implementation("eager")
     pos = torch.arange(length).expand(2, length)
     mask = additive(spec_mask(length, 8))[None, None]
-    want = ref.get_decoder()(input_ids=torch.cat([x_t, x0], 1), position_ids=torch.cat([pos, pos], 1),
-                             attention_mask=mask).last_hidden_state[:, :length]
+    want = ref.get_decoder()(
+        input_ids=torch.cat([x_t, x0], 1), position_ids=torch.cat([pos, pos], 1), attention_mask=mask
+    ).last_hidden_state[:, :length]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(student(x_t, x0), ref.lm_head(want), atol=1e-5, rtol=1e-5)
 
@@ -182,7 +184,7 @@ def reference_moe(mlp, x):
         biased = scores + mlp.gate.expert_bias.double()
         group_scores = []
         for g in range(cfg_groups):
-            members = sorted(biased[g * per_group:(g + 1) * per_group].tolist(), reverse=True)
+            members = sorted(biased[g * per_group : (g + 1) * per_group].tolist(), reverse=True)
             group_scores.append(sum(members[:2]))
         groups = sorted(range(cfg_groups), key=lambda g: -group_scores[g])[:topk_group]
         candidates = [e for g in groups for e in range(g * per_group, (g + 1) * per_group)]
@@ -190,11 +192,14 @@ def reference_moe(mlp, x):
         weights = scores[experts] / scores[experts].sum() * mlp.gate.scale
         out = torch.zeros_like(token, dtype=torch.float64)
         for w, e in zip(weights, experts):
-            gate, up, down = (p[e].double() for p in (mlp.experts.gate_proj, mlp.experts.up_proj, mlp.experts.down_proj))
+            gate, up, down = (
+                p[e].double() for p in (mlp.experts.gate_proj, mlp.experts.up_proj, mlp.experts.down_proj)
+            )
             out += w * (down @ (F.silu(gate @ token.double()) * (up @ token.double())))
         se = mlp.shared_experts
-        out += se.down_proj.weight.double() @ (F.silu(se.gate_proj.weight.double() @ token.double())
-                                               * (se.up_proj.weight.double() @ token.double()))
+        out += se.down_proj.weight.double() @ (
+            F.silu(se.gate_proj.weight.double() @ token.double()) * (se.up_proj.weight.double() @ token.double())
+        )
         chosen.append(sorted(experts))
         outs.append(out)
     return chosen, torch.stack(outs)
@@ -241,11 +246,15 @@ def reference_llada2(model: LLaDA2MoeModelLM, ids: torch.Tensor) -> torch.Tensor
         q, k = rope(q), rope(k)
         rep = c.num_attention_heads // c.num_key_value_heads
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        att = ((q @ k.transpose(-1, -2)) * c.head_dim ** -0.5).softmax(-1) @ v
+        att = ((q @ k.transpose(-1, -2)) * c.head_dim**-0.5).softmax(-1) @ v
         h = h + att.transpose(1, 2).flatten(-2) @ sd[p + "attention.dense.weight"].T
         x = norm(h, sd[p + "post_attention_layernorm.weight"])
         if i < c.first_k_dense_replace:
-            h = h + (F.silu(x @ sd[p + "mlp.gate_proj.weight"].T) * (x @ sd[p + "mlp.up_proj.weight"].T)) @ sd[p + "mlp.down_proj.weight"].T
+            h = (
+                h
+                + (F.silu(x @ sd[p + "mlp.gate_proj.weight"].T) * (x @ sd[p + "mlp.up_proj.weight"].T))
+                @ sd[p + "mlp.down_proj.weight"].T
+            )
         else:
             _, out = reference_moe(model.model.layers[i].mlp, x.flatten(0, 1).float())
             h = h + out.view_as(h)
@@ -288,20 +297,45 @@ def published_checkpoint(model: LLaDA2MoeModelLM, path) -> None:
     (rope_theta / rope_scaling, remote-code auto_map, keys inference ignores) and per-expert names."""
     c = model.config
     config = {
-        "architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe",
-        "auto_map": {"AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
-                     "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM"},
-        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim, "num_experts": c.num_experts,
-        "num_experts_per_tok": c.num_experts_per_tok, "num_shared_experts": c.num_shared_experts,
-        "moe_intermediate_size": c.moe_intermediate_size, "first_k_dense_replace": c.first_k_dense_replace,
-        "n_group": c.n_group, "topk_group": c.topk_group, "routed_scaling_factor": c.routed_scaling_factor,
-        "partial_rotary_factor": 0.5, "rope_theta": 600000, "rope_scaling": None, "rms_norm_eps": c.rms_norm_eps,
-        "use_qkv_bias": False, "use_bias": False, "use_qk_norm": True, "norm_head": False,
-        "tie_word_embeddings": False, "max_position_embeddings": 4096, "pad_token_id": 0,
-        "embedding_dropout": 0.0, "attention_dropout": 0.0, "output_dropout": 0.0, "use_sliding_window": False,
-        "sliding_window": 4096, "torch_dtype": "float32", "hidden_act": "silu",
+        "architectures": ["LLaDA2MoeModelLM"],
+        "model_type": "llada2_moe",
+        "auto_map": {
+            "AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
+            "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM",
+        },
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "num_experts": c.num_experts,
+        "num_experts_per_tok": c.num_experts_per_tok,
+        "num_shared_experts": c.num_shared_experts,
+        "moe_intermediate_size": c.moe_intermediate_size,
+        "first_k_dense_replace": c.first_k_dense_replace,
+        "n_group": c.n_group,
+        "topk_group": c.topk_group,
+        "routed_scaling_factor": c.routed_scaling_factor,
+        "partial_rotary_factor": 0.5,
+        "rope_theta": 600000,
+        "rope_scaling": None,
+        "rms_norm_eps": c.rms_norm_eps,
+        "use_qkv_bias": False,
+        "use_bias": False,
+        "use_qk_norm": True,
+        "norm_head": False,
+        "tie_word_embeddings": False,
+        "max_position_embeddings": 4096,
+        "pad_token_id": 0,
+        "embedding_dropout": 0.0,
+        "attention_dropout": 0.0,
+        "output_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": 4096,
+        "torch_dtype": "float32",
+        "hidden_act": "silu",
     }
     tensors = {}
     for name, t in model.state_dict().items():
@@ -353,8 +387,12 @@ def test_llada2_config_refuses_what_it_cannot_compute():
 
 def test_teachers_forward_and_output_interface():
     ids, x0 = noised(length=16)
-    teachers = [LLaDA2Teacher(llada2(), 63), HFBidirectionalTeacher(decoder(), 63),
-                WeDLMTeacher(decoder(), 63, block_size=4), WeDLMTeacher(decoder(), 63, block_size=4, order="xt_x0")]
+    teachers = [
+        LLaDA2Teacher(llada2(), 63),
+        HFBidirectionalTeacher(decoder(), 63),
+        WeDLMTeacher(decoder(), 63, block_size=4),
+        WeDLMTeacher(decoder(), 63, block_size=4, order="xt_x0"),
+    ]
     for teacher in teachers:
         h = teacher.hidden_states(ids, x0=x0)
         assert h.shape == (2, 16, teacher.output_weight.shape[1]) and teacher.vocab_size == 64
@@ -368,8 +406,11 @@ def test_wedlm_teacher_reads_the_block_diffusion_layout():
     ref = copy.deepcopy(model)
     ref.set_attn_implementation("eager")
     pos = torch.arange(16).expand(2, 16)
-    want = ref.get_decoder()(input_ids=torch.cat([x0, ids], 1), position_ids=torch.cat([pos, pos], 1),
-                             attention_mask=additive(spec_mask(16, 4, "x0_xt"))[None, None]).last_hidden_state[:, 16:]
+    want = ref.get_decoder()(
+        input_ids=torch.cat([x0, ids], 1),
+        position_ids=torch.cat([pos, pos], 1),
+        attention_mask=additive(spec_mask(16, 4, "x0_xt"))[None, None],
+    ).last_hidden_state[:, 16:]
     with torch.no_grad():
         torch.testing.assert_close(teacher.hidden_states(ids, x0=x0), want, atol=1e-5, rtol=1e-5)
         same_as_student = BD3LMStudent(copy.deepcopy(model), 4, 63).hidden_states(ids, x0)
@@ -395,8 +436,15 @@ def test_masked_lm_teacher_returns_the_head_input():
     from transformers import ModernBertConfig, ModernBertForMaskedLM
 
     torch.manual_seed(0)
-    config = ModernBertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, max_position_embeddings=64, pad_token_id=0)
+    config = ModernBertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     model = ModernBertForMaskedLM(config).eval()
     teacher = HFBidirectionalTeacher(model, 63)
     ids = torch.randint(1, 63, (2, 10))
@@ -425,10 +473,12 @@ def save_llada2(path, tokenizer=None, **kw):
 
 
 def test_build_teacher_picks_the_class_from_the_checkpoint(tmp_path):
-    cases = [(save_llada2(tmp_path / "l2", mask_token_id=31), "auto", LLaDA2Teacher),
-             (save_decoder(tmp_path / "q3"), "auto", HFBidirectionalTeacher),
-             (str(tmp_path / "q3"), "wedlm", WeDLMTeacher),
-             (save_decoder(tmp_path / "ll", "llama"), "llama", HFBidirectionalTeacher)]
+    cases = [
+        (save_llada2(tmp_path / "l2", mask_token_id=31), "auto", LLaDA2Teacher),
+        (save_decoder(tmp_path / "q3"), "auto", HFBidirectionalTeacher),
+        (str(tmp_path / "q3"), "wedlm", WeDLMTeacher),
+        (save_decoder(tmp_path / "ll", "llama"), "llama", HFBidirectionalTeacher),
+    ]
     for path, kind, cls in cases:
         teacher = build_teacher(ModelConfig(path=path, kind=kind), "<|mask|>", block_size=4)
         assert type(teacher) is cls
@@ -501,8 +551,9 @@ def test_distill_step_runs_with_a_wedlm_teacher():
     student = BD3LMStudent(decoder(seed=1), 4, 63).train()
     step = DistillStep(student, teacher, resolve_terms("tide_shared"))
     x0 = torch.randint(0, 60, (2, 16))
-    n = step.noise({"input_ids": x0, "maskable": torch.ones_like(x0, dtype=torch.bool)},
-                   generator=torch.Generator().manual_seed(0))
+    n = step.noise(
+        {"input_ids": x0, "maskable": torch.ones_like(x0, dtype=torch.bool)}, generator=torch.Generator().manual_seed(0)
+    )
     loss, terms = step.loss(n, step.teacher_targets(n), progress=0.5)
     loss.backward()
     assert torch.isfinite(loss) and set(terms) == {"ce", "tidal"}
@@ -551,8 +602,9 @@ def test_llada2_boolean_causal_mask_matches_the_prefix_alone():
         one_full = one(ids, attention_mask=causal).logits
         for cut in (1, 5, 12):
             torch.testing.assert_close(one_full[:, cut - 1], one(ids[:, :cut]).logits[:, -1], rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(full[:, :cut], model(ids[:, :cut], attention_mask=causal[..., :cut, :cut]).logits,
-                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                full[:, :cut], model(ids[:, :cut], attention_mask=causal[..., :cut, :cut]).logits, rtol=1e-4, atol=1e-5
+            )
         changed = ids.clone()
         changed[:, 8:] = (changed[:, 8:] + 1) % (model.config.vocab_size - 1)
         torch.testing.assert_close(model(changed, attention_mask=causal).logits[:, :8], full[:, :8])

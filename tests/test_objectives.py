@@ -178,7 +178,9 @@ def test_gradcheck_every_term_float64():
     for name in names:
         zs = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
         ls = (-torch.rand(2, 3, generator=gen, dtype=torch.float64) * 3).requires_grad_()
-        assert torch.autograd.gradcheck(lambda a, b: _all_terms(a, zt, b, lt, masked, t)[name], (zs, ls)), name
+        assert torch.autograd.gradcheck(lambda a, b, name=name: _all_terms(a, zt, b, lt, masked, t)[name], (zs, ls)), (
+            name
+        )
     # chunk sums
     lp = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
     ids = torch.tensor([[0, 0, 1, -1, 2, 2], [1, 1, 1, 0, -1, -1]])

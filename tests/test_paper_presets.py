@@ -1,6 +1,7 @@
 """The paper presets: each passes `tide-ds distill --dry-run` without loading a model or data, and
 its resolved values are the official scripts' (scripts/distill_llada2.sh, scripts/distill_wedlm.sh
 of the paper's code, with the paper's 10 epochs)."""
+
 import pathlib
 
 import pytest
@@ -12,23 +13,53 @@ from tide_ds.cli import main
 PAPER = pathlib.Path(tide_ds.__file__).parent / "configs" / "paper"
 
 # The official runs, written out by hand from the scripts and their trainer's defaults.
-A = {"student.path": "dllm-collection/Qwen3-0.6B-diffusion-bd3lm-v0.1", "teacher.path": "inclusionAI/LLaDA2.0-mini",
-     "teacher.mask_token_id": 156895, "train.micro_batch_size": 8, "train.global_batch_size": 64}
-B = {"student.path": "dllm-collection/Qwen3-0.6B-diffusion-bd3lm-v0.1", "teacher.path": "tencent/WeDLM-8B-Instruct",
-     "teacher.mask_token_id": 151665, "teacher.block_order": "x0_xt", "objective.shared_vocab_size": 151646,
-     "train.micro_batch_size": 10, "train.global_batch_size": 80}
-BOTH = {"train.lr": 5e-5, "train.epochs": 10, "train.warmup_ratio": 0.1, "train.min_lr_ratio": 0.0,
-        "train.precision": "bf16", "train.seed": 42, "diffusion.block_size": 32, "data.supervise": "last_turn",
-        "data.eos_padding": "block", "objective.demo_ratio": 0.5}
+A = {
+    "student.path": "dllm-collection/Qwen3-0.6B-diffusion-bd3lm-v0.1",
+    "teacher.path": "inclusionAI/LLaDA2.0-mini",
+    "teacher.mask_token_id": 156895,
+    "train.micro_batch_size": 8,
+    "train.global_batch_size": 64,
+}
+B = {
+    "student.path": "dllm-collection/Qwen3-0.6B-diffusion-bd3lm-v0.1",
+    "teacher.path": "tencent/WeDLM-8B-Instruct",
+    "teacher.mask_token_id": 151665,
+    "teacher.block_order": "x0_xt",
+    "objective.shared_vocab_size": 151646,
+    "train.micro_batch_size": 10,
+    "train.global_batch_size": 80,
+}
+BOTH = {
+    "train.lr": 5e-5,
+    "train.epochs": 10,
+    "train.warmup_ratio": 0.1,
+    "train.min_lr_ratio": 0.0,
+    "train.precision": "bf16",
+    "train.seed": 42,
+    "diffusion.block_size": 32,
+    "data.supervise": "last_turn",
+    "data.eos_padding": "block",
+    "objective.demo_ratio": 0.5,
+}
 TIDAL = {"lambda_init": 0.1, "lambda_max": 0.9, "schedule": "cosine", "axis": "both"}
 EXPECTED = {
     "a_calm": (A, {"ce": {"weight": 1.0}, "calm": {"weight": 1.0, "temperature": 5.0}}),
     "a_tide_cross": (A, {"ce": {"weight": 1.0}, "reverse_calm": {"weight": 1.0, "temperature": 5.0}}),
-    "a_tide_shared": (A, {"ce": {"weight": 1.0}, "tidal": {"weight": 1.0, "temperature": 5.0,
-                                                          "tidal": {**TIDAL, "timestep_weight": "uniform"}}}),
+    "a_tide_shared": (
+        A,
+        {
+            "ce": {"weight": 1.0},
+            "tidal": {"weight": 1.0, "temperature": 5.0, "tidal": {**TIDAL, "timestep_weight": "uniform"}},
+        },
+    ),
     "b_kl": (B, {"ce": {"weight": 1.0}, "kl": {"weight": 1.0, "temperature": 2.0}}),
-    "b_tide_shared": (B, {"ce": {"weight": 1.0}, "tidal": {"weight": 1.0, "temperature": 2.0,
-                                                          "tidal": {**TIDAL, "timestep_weight": "midrange"}}}),
+    "b_tide_shared": (
+        B,
+        {
+            "ce": {"weight": 1.0},
+            "tidal": {"weight": 1.0, "temperature": 2.0, "tidal": {**TIDAL, "timestep_weight": "midrange"}},
+        },
+    ),
     "b_tide_cross": (B, {"ce": {"weight": 1.0}, "reverse_kl": {"weight": 1.0, "temperature": 2.0}}),
 }
 COMP_DEMO = {"a_tide_shared", "b_tide_shared"}

@@ -1,12 +1,13 @@
 """`tide-ds prepare`: chat rendering, alignment inside message contents, truncation, sources, bad input."""
+
 import json
 import os
 
 import numpy as np
 import pytest
+import tokenizer_assets as assets
 import torch
 
-import tokenizer_assets as assets
 from tide_ds.align import token_byte_table
 from tide_ds.cli import main
 from tide_ds.config import ConfigError, load_dataclass
@@ -16,13 +17,17 @@ from tide_ds.data.prepare import REPORT_NAME, PrepareConfig, load_prepared, prep
 from tide_ds.diffusion import chunk_masked, noise_batch, tokens_of_chunks
 
 CONVERSATIONS = [
-    [{"role": "user", "content": "Write a function that adds two numbers. 你好!"},
-     {"role": "assistant", "content": "def add(a, b):\n\treturn a + b  # café 😀\n\n\nprint(add(1,  2))"}],
-    [{"role": "system", "content": "You are terse."},
-     {"role": "user", "content": "Yes or no?"},
-     {"role": "assistant", "content": "Yes"},
-     {"role": "user", "content": "Why?"},
-     {"role": "assistant", "content": "Because  the   spaces\tand tabs are kept. Ünïcödé ✓"}],
+    [
+        {"role": "user", "content": "Write a function that adds two numbers. 你好!"},
+        {"role": "assistant", "content": "def add(a, b):\n\treturn a + b  # café 😀\n\n\nprint(add(1,  2))"},
+    ],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Yes or no?"},
+        {"role": "assistant", "content": "Yes"},
+        {"role": "user", "content": "Why?"},
+        {"role": "assistant", "content": "Because  the   spaces\tand tabs are kept. Ünïcödé ✓"},
+    ],
 ]
 
 
@@ -41,8 +46,10 @@ def make_config(raw: dict) -> PrepareConfig:
 
 
 def sides(student=None, teacher=None, student_max=512, teacher_max=1024) -> dict:
-    return {"student": {"tokenizer": student or assets.qwen_dir(), "max_length": student_max},
-            "teacher": {"tokenizer": teacher or assets.mistral_dir(), "max_length": teacher_max}}
+    return {
+        "student": {"tokenizer": student or assets.qwen_dir(), "max_length": student_max},
+        "teacher": {"tokenizer": teacher or assets.mistral_dir(), "max_length": teacher_max},
+    }
 
 
 def check_rows(data, student_path, teacher_path, teacher_drops_whitespace=False):
@@ -85,8 +92,10 @@ def test_render_pair_finds_contents_and_response_turns():
     student, teacher = render_pair(CONVERSATIONS[1], (qwen, qwen.chat_template), (mistral, assets.INST))
     data = student.text.encode()
     assert [data[a:b].decode() for a, b in student.contents] == ["Yes", CONVERSATIONS[1][4]["content"]]
-    assert [data[a:b].decode() for a, b in student.responses] == ["Yes<|im_end|>\n",
-                                                                   CONVERSATIONS[1][4]["content"] + "<|im_end|>\n"]
+    assert [data[a:b].decode() for a, b in student.responses] == [
+        "Yes<|im_end|>\n",
+        CONVERSATIONS[1][4]["content"] + "<|im_end|>\n",
+    ]
     t_data = teacher.text.encode()
     assert [t_data[a:b].decode() for a, b in teacher.contents] == ["Yes", CONVERSATIONS[1][4]["content"]]
 
@@ -99,16 +108,22 @@ def test_a_user_content_equal_to_template_text_is_found_in_its_own_turn():
     assert student.text.encode()[:a].endswith(b"<|im_start|>assistant\n")
 
 
-@pytest.mark.parametrize("row,reason", [
-    ({"other": 1}, "missing_column"),
-    ({"messages": "not a list"}, "bad_messages"),
-    ({"messages": [{"role": "user"}]}, "bad_messages"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}, "empty_content"),
-    ({"messages": [{"role": "user", "content": "q \ud800"}, {"role": "assistant", "content": "a"}]}, "invalid_utf8"),
-    ({"messages": [{"role": "user", "content": "q"}]}, "no_response"),
-    ({"text": b"\xff\xfe"}, "invalid_utf8"),
-    ({"text": ""}, "empty_content"),
-])
+@pytest.mark.parametrize(
+    "row,reason",
+    [
+        ({"other": 1}, "missing_column"),
+        ({"messages": "not a list"}, "bad_messages"),
+        ({"messages": [{"role": "user"}]}, "bad_messages"),
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}, "empty_content"),
+        (
+            {"messages": [{"role": "user", "content": "q \ud800"}, {"role": "assistant", "content": "a"}]},
+            "invalid_utf8",
+        ),
+        ({"messages": [{"role": "user", "content": "q"}]}, "no_response"),
+        ({"text": b"\xff\xfe"}, "invalid_utf8"),
+        ({"text": ""}, "empty_content"),
+    ],
+)
 def test_bad_rows_are_refused_with_a_reason(row, reason):
     with pytest.raises(SkipRow) as e:
         conversation_of(row)
@@ -143,8 +158,14 @@ def test_prepare_cross_tokenizer_jsonl_with_bad_rows(tmp_path):
     assert on_disk["kept"] == 3 and on_disk["config"]["student"]["max_length"] == 512
 
     data = load_prepared(str(tmp_path / "out"))
-    assert data.column_names == ["input_ids", "labels", "chunk_ids", "teacher_input_ids", "teacher_chunk_ids",
-                                 "num_chunks"]
+    assert data.column_names == [
+        "input_ids",
+        "labels",
+        "chunk_ids",
+        "teacher_input_ids",
+        "teacher_chunk_ids",
+        "num_chunks",
+    ]
     check_rows(data, assets.qwen_dir(), assets.mistral_dir())
     qwen = assets.load(assets.qwen_dir())
     first = data[0]
@@ -157,8 +178,14 @@ def test_prepare_cross_tokenizer_jsonl_with_bad_rows(tmp_path):
     batch = Collator(report["student_eos_id"], 32, report["teacher_pad_id"])([data[i] for i in range(3)])
     assert batch["input_ids"].shape[1] % 32 == 0 and batch["num_chunks"] == max(data["num_chunks"])
     # the training step's chunk-consistent masking reads the batch as it is
-    noised = noise_batch(batch["input_ids"], batch["maskable"], mask_id=0, t=torch.full((3,), 0.5),
-                         chunk_ids=batch["chunk_ids"], generator=torch.Generator().manual_seed(0))
+    noised = noise_batch(
+        batch["input_ids"],
+        batch["maskable"],
+        mask_id=0,
+        t=torch.full((3,), 0.5),
+        chunk_ids=batch["chunk_ids"],
+        generator=torch.Generator().manual_seed(0),
+    )
     active = chunk_masked(noised.masked, batch["chunk_ids"], batch["num_chunks"])
     assert active.any()
     assert torch.equal(tokens_of_chunks(active, batch["chunk_ids"]), noised.masked & (batch["chunk_ids"] >= 0))
@@ -177,18 +204,24 @@ def test_content_a_template_changes_is_skipped(tmp_path):
     rows = [{"messages": c} for c in CONVERSATIONS]
     rows.append({"messages": [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]})
     path = write_jsonl(tmp_path / "c.jsonl", rows)
-    report = prepare(make_config({"data_files": [path], "output_dir": str(tmp_path / "out"),
-                                  **sides(teacher=teacher_dir)}))
+    report = prepare(
+        make_config({"data_files": [path], "output_dir": str(tmp_path / "out"), **sides(teacher=teacher_dir)})
+    )
     assert report["dropped"] == {"content_not_found": 2} and report["kept"] == 1  # digits upper-case to themselves
 
 
 def test_truncation_keeps_sides_consistent(tmp_path):
     long_answer = " ".join(f"word{i} 词{i}" for i in range(200))
-    rows = [{"messages": [{"role": "user", "content": "Count."}, {"role": "assistant", "content": long_answer}]},
-            {"messages": [{"role": "user", "content": "long prompt " * 100}, {"role": "assistant", "content": "ok"}]}]
+    rows = [
+        {"messages": [{"role": "user", "content": "Count."}, {"role": "assistant", "content": long_answer}]},
+        {"messages": [{"role": "user", "content": "long prompt " * 100}, {"role": "assistant", "content": "ok"}]},
+    ]
     path = write_jsonl(tmp_path / "t.jsonl", rows)
-    report = prepare(make_config({"data_files": [path], "output_dir": str(tmp_path / "out"),
-                             **sides(student_max=96, teacher_max=512)}))
+    report = prepare(
+        make_config(
+            {"data_files": [path], "output_dir": str(tmp_path / "out"), **sides(student_max=96, teacher_max=512)}
+        )
+    )
     assert report["kept"] == 1 and report["dropped"] == {"student_prompt_too_long": 1} and report["truncated"] == 1
     data = load_prepared(str(tmp_path / "out"))
     check_rows(data, assets.qwen_dir(), assets.mistral_dir())
@@ -204,8 +237,15 @@ def test_truncation_keeps_sides_consistent(tmp_path):
 def test_teacher_prompt_too_long_is_dropped(tmp_path):
     rows = [{"messages": [{"role": "user", "content": "prompt " * 50}, {"role": "assistant", "content": "ok"}]}]
     with pytest.raises(ConfigError, match=r"prepare kept 0 of 1 rows \(teacher_prompt_too_long 1\); nothing written"):
-        prepare(make_config({"data_files": [write_jsonl(tmp_path / "p.jsonl", rows)], "output_dir": str(tmp_path / "out"),
-                             **sides(teacher_max=20)}))
+        prepare(
+            make_config(
+                {
+                    "data_files": [write_jsonl(tmp_path / "p.jsonl", rows)],
+                    "output_dir": str(tmp_path / "out"),
+                    **sides(teacher_max=20),
+                }
+            )
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -213,13 +253,24 @@ def test_parquet_dataset_dir_and_wordpiece_teacher(tmp_path):
     import datasets
 
     datasets.Dataset.from_list([{"messages": c, "source": "x"} for c in CONVERSATIONS]).to_parquet(
-        str(tmp_path / "chat.parquet"))
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(
-        [{"text": "some plain text, lower case and simple."}, {"text": "Another One With Capitals."}])}
+        str(tmp_path / "chat.parquet")
+    )
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(
+                [{"text": "some plain text, lower case and simple."}, {"text": "Another One With Capitals."}]
+            )
+        }
     ).save_to_disk(str(tmp_path / "textdir"))
-    report = prepare(make_config({"data_files": [str(tmp_path / "chat.parquet"), str(tmp_path / "textdir")],
-                             "output_dir": str(tmp_path / "out"),
-                             **sides(teacher=assets.bert_dir(), teacher_max=512)}))
+    report = prepare(
+        make_config(
+            {
+                "data_files": [str(tmp_path / "chat.parquet"), str(tmp_path / "textdir")],
+                "output_dir": str(tmp_path / "out"),
+                **sides(teacher=assets.bert_dir(), teacher_max=512),
+            }
+        )
+    )
     assert report["kept"] == 4 and report["dropped"] == {}
     data = load_prepared(str(tmp_path / "out"))
     check_rows(data, assets.qwen_dir(), assets.bert_dir(), teacher_drops_whitespace=True)
@@ -231,8 +282,9 @@ def test_json_list_file_with_a_bad_byte(tmp_path):
     good = json.dumps([{"messages": CONVERSATIONS[0]}, {"text": "second row"}, {"text": "BAD"}, {"text": "not read"}])
     path = tmp_path / "rows.json"
     path.write_bytes(b"\xef\xbb\xbf" + good.encode().replace(b"BAD", b"bad \xff"))  # a BOM, then one bad byte
-    report = prepare(make_config({"data_files": [str(path)], "output_dir": str(tmp_path / "out"), "max_samples": 3,
-                                  **sides()}))
+    report = prepare(
+        make_config({"data_files": [str(path)], "output_dir": str(tmp_path / "out"), "max_samples": 3, **sides()})
+    )
     assert report["rows"] == 3 and report["kept"] == 2 and report["dropped"] == {"invalid_utf8": 1}
 
 
@@ -241,8 +293,9 @@ def test_shared_vocabulary_pipeline_pairs_single_tokens(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [{"messages": c} for c in CONVERSATIONS])
     shared = sides(teacher=assets.qwen_dir())
     shared["teacher"]["chat_template"] = "plain"
-    report = prepare(make_config({"data_files": [path], "output_dir": str(tmp_path / "out"), "pipeline": "shared",
-                                  **shared}))
+    report = prepare(
+        make_config({"data_files": [path], "output_dir": str(tmp_path / "out"), "pipeline": "shared", **shared})
+    )
     assert report["kept"] == 2 and report["response_bytes_covered"] > 0.85  # a first word may merge with ": "
     data = load_prepared(str(tmp_path / "out"))
     check_rows(data, assets.qwen_dir(), assets.qwen_dir())
@@ -253,17 +306,27 @@ def test_shared_vocabulary_pipeline_pairs_single_tokens(tmp_path):
         assert (s_ids[s_chunks >= 0] == t_ids[t_chunks >= 0]).all()  # the same token on both sides
 
     with pytest.raises(ConfigError, match="one vocabulary"):
-        prepare(make_config({"data_files": [path], "output_dir": str(tmp_path / "out2"), "pipeline": "shared",
-                             **sides()}))
+        prepare(
+            make_config({"data_files": [path], "output_dir": str(tmp_path / "out2"), "pipeline": "shared", **sides()})
+        )
 
 
 def test_worker_processes(tmp_path):
     student, teacher = assets.trained_dirs()
     rows = [{"messages": CONVERSATIONS[i % 2]} for i in range(24)]
     path = write_jsonl(tmp_path / "c.jsonl", rows)
-    report = prepare(make_config({"data_files": [path], "output_dir": str(tmp_path / "out"),
-                                  "num_proc": 2, "batch_size": 4, "max_samples": 20,
-                                  **sides(student=student, teacher=teacher)}))
+    report = prepare(
+        make_config(
+            {
+                "data_files": [path],
+                "output_dir": str(tmp_path / "out"),
+                "num_proc": 2,
+                "batch_size": 4,
+                "max_samples": 20,
+                **sides(student=student, teacher=teacher),
+            }
+        )
+    )
     assert report["rows"] == 20 and report["kept"] == 20
     check_rows(load_prepared(str(tmp_path / "out")), student, teacher)
 
@@ -297,9 +360,11 @@ def test_missing_file_and_unknown_column_stop_at_once(tmp_path, capsys):
 def test_cli_runs_prepare(tmp_path, capsys):
     path = write_jsonl(tmp_path / "c.jsonl", [{"messages": c} for c in CONVERSATIONS])
     yaml_file = tmp_path / "prepare.yaml"
-    yaml_file.write_text(f"data_files: [{path}]\noutput_dir: {tmp_path / 'out'}\n"
-                         f"student: {{tokenizer: {assets.qwen_dir()}, max_length: 512}}\n"
-                         f"teacher: {{tokenizer: {assets.mistral_dir()}, max_length: 1024}}\n")
+    yaml_file.write_text(
+        f"data_files: [{path}]\noutput_dir: {tmp_path / 'out'}\n"
+        f"student: {{tokenizer: {assets.qwen_dir()}, max_length: 512}}\n"
+        f"teacher: {{tokenizer: {assets.mistral_dir()}, max_length: 1024}}\n"
+    )
     assert main(["prepare", "--config", str(yaml_file), "batch_size=1"]) == 0
     assert "kept 2 of 2 rows" in capsys.readouterr().out
     assert main(["prepare", "--config", str(yaml_file)]) == 2  # output exists
@@ -315,9 +380,14 @@ def test_bench_align_runs(capsys):
 def test_last_turn_supervision_marks_only_the_last_answer(tmp_path):
     """supervise=last_turn (the paper's): on a 3-turn chat only the last assistant message (and its
     end-of-turn marker) is maskable; every earlier message, answers included, is prompt."""
-    chat = [{"role": "user", "content": "One?"}, {"role": "assistant", "content": "First answer."},
-            {"role": "user", "content": "Two?"}, {"role": "assistant", "content": "Second answer."},
-            {"role": "user", "content": "Three?"}, {"role": "assistant", "content": "Third and last answer."}]
+    chat = [
+        {"role": "user", "content": "One?"},
+        {"role": "assistant", "content": "First answer."},
+        {"role": "user", "content": "Two?"},
+        {"role": "assistant", "content": "Second answer."},
+        {"role": "user", "content": "Three?"},
+        {"role": "assistant", "content": "Third and last answer."},
+    ]
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat}])
     qwen = assets.load(assets.qwen_dir())
     labelled = {}

@@ -1,4 +1,5 @@
 """Block-diffusion sampling: fills every mask, keeps the prompt, reuses cached context correctly."""
+
 from __future__ import annotations
 
 import contextlib
@@ -6,8 +7,8 @@ import itertools
 
 import pytest
 import torch
-
 from tiny import decoder, word_tokenizer
+
 from tide_ds.config import ConfigError, ModelConfig
 from tide_ds.diffusion.sampler import fill_most_confident, generate, unmask_schedule
 from tide_ds.models import BD3LMStudent, build_student
@@ -106,8 +107,17 @@ def test_student_trained_on_a_repetitive_pattern_reproduces_it():
     seconds on one CPU thread. Sampling then continues the cycle from any phase."""
     torch.manual_seed(0)
     tokenizer = word_tokenizer()
-    cfg = ModelConfig(init=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=2, head_dim=8, max_position_embeddings=64))
+    cfg = ModelConfig(
+        init=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=64,
+        )
+    )
     s = build_student(cfg, tokenizer, block_size=4, mask_token="<|mask|>")
     cycle = torch.tensor(tokenizer("a b c d e f", add_special_tokens=False)["input_ids"])
     step = DistillStep(s, None, resolve_terms("ce"))
@@ -122,8 +132,10 @@ def test_student_trained_on_a_repetitive_pattern_reproduces_it():
             opt.step()
             opt.zero_grad()
         s.eval()
-        for prompt, want in [("c d e f a", "c d e f a b c d e f a b c d e f a b c d"),
-                             ("e f a b c d e", "e f a b c d e f a b c d e f a b c d e f a b")]:
+        for prompt, want in [
+            ("c d e f a", "c d e f a b c d e f a b c d e f a b c d"),
+            ("e f a b c d e", "e f a b c d e f a b c d e f a b c d e f a b"),
+        ]:
             ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
             assert tokenizer.decode(generate(s, ids, 15, steps_per_block=2)[0]) == want
 
@@ -135,8 +147,15 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @needs_cuda
 def test_flex_generates_like_sdpa_on_cuda():
     prompt = torch.randint(0, 60, (2, 7), device="cuda")
-    outs = [generate(BD3LMStudent(decoder(max_position_embeddings=64).cuda(), 4, MASK, attn_backend=backend),
-                     prompt, 13, steps_per_block=2) for backend in ("sdpa", "flex")]
+    outs = [
+        generate(
+            BD3LMStudent(decoder(max_position_embeddings=64).cuda(), 4, MASK, attn_backend=backend),
+            prompt,
+            13,
+            steps_per_block=2,
+        )
+        for backend in ("sdpa", "flex")
+    ]
     assert torch.equal(outs[0], outs[1])
 
 
@@ -175,8 +194,9 @@ def reference_aligned(s, prompt, new, steps, pad_id):
     for start in range(p + pad, total, block):
         end = min(start + block, total)
         for count in unmask_schedule(end - start, steps):
-            hidden = run_decoder(s.model, "sdpa", x[:, :end], pos[:, :end], clean_prefix(end, block),
-                                 key_padding=real[:, :end])[:, start:end]
+            hidden = run_decoder(
+                s.model, "sdpa", x[:, :end], pos[:, :end], clean_prefix(end, block), key_padding=real[:, :end]
+            )[:, start:end]
             x[:, start:end] = fill_most_confident(s, hidden, x[:, start:end], count, 0.0, None)
     return x[:, pad:]
 

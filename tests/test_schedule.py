@@ -1,4 +1,5 @@
 """Schedulers (sequential / overlap), the per-rank data path and the metrics log."""
+
 import importlib.util
 import json
 import signal
@@ -8,6 +9,7 @@ import time
 
 import pytest
 import torch
+from test_engine import ZERO3, _args, assert_same_weights, launch, tp_teacher  # noqa: F401 (a fixture)
 from transformers import AutoModelForCausalLM
 
 from tide_ds.config import ConfigError, load_config
@@ -15,7 +17,6 @@ from tide_ds.data.sampler import Prefetch, RankBatches
 from tide_ds.diffusion import RowStreams, noise_batch
 from tide_ds.objectives import comp_demo_split
 from tide_ds.train import distill
-from test_engine import ZERO3, _args, assert_same_weights, launch, tp_teacher  # noqa: F401 (a fixture)
 
 KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "time", "overlap_fraction"}
 PHASES = {"data", "teacher", "student_fwd", "backward", "optimizer"}
@@ -30,13 +31,19 @@ def test_overlap_gives_the_losses_and_weights_of_sequential_bitwise(recipe, pref
     """CompDemo (tide_shared) and chunk log-probs (tide_cross), gradient accumulation 2, steps
     and accumulation boundaries crossed by the teacher's prefetch."""
     over = [o for o in tiny_overrides if not o.startswith("output_dir=")] + [
-        f"recipe={recipe}", "train.steps=3", "train.gradient_accumulation_steps=2", f"train.teacher_prefetch={prefetch}"]
+        f"recipe={recipe}",
+        "train.steps=3",
+        "train.gradient_accumulation_steps=2",
+        f"train.teacher_prefetch={prefetch}",
+    ]
     seq = distill(load_config(None, over + [f"output_dir={tmp_path / 'seq'}", "train.scheduler=sequential"]))
     ovl = distill(load_config(None, over + [f"output_dir={tmp_path / 'ovl'}", "train.scheduler=overlap"]))
     terms = [k for k in seq["history"][0] if k not in KEYS]
     assert "loss" not in terms and len(terms) >= 2
     for a, b in zip(seq["history"], ovl["history"], strict=True):
-        assert [a[k] for k in ["loss", *terms, "grad_norm", "lr"]] == [b[k] for k in ["loss", *terms, "grad_norm", "lr"]]
+        assert [a[k] for k in ["loss", *terms, "grad_norm", "lr"]] == [
+            b[k] for k in ["loss", *terms, "grad_norm", "lr"]
+        ]
     assert seq["teacher_calls"]["overlapped"] == 0 and ovl["teacher_calls"] == {"total": 6, "overlapped": 5}
     wa, wb = _weights(seq["student_dir"]), _weights(ovl["student_dir"])
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -46,7 +53,11 @@ def test_overlap_gives_the_losses_and_weights_of_sequential_bitwise(recipe, pref
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_overlap_on_its_own_cuda_stream_gives_the_losses_and_weights_of_sequential(tiny_overrides, tmp_path):
     over = [o for o in tiny_overrides if not o.startswith("output_dir=")] + [
-        "recipe=tide_shared", "train.steps=3", "train.gradient_accumulation_steps=2", "train.device=cuda"]
+        "recipe=tide_shared",
+        "train.steps=3",
+        "train.gradient_accumulation_steps=2",
+        "train.device=cuda",
+    ]
     seq = distill(load_config(None, over + [f"output_dir={tmp_path / 'seq'}", "train.scheduler=sequential"]))
     ovl = distill(load_config(None, over + [f"output_dir={tmp_path / 'ovl'}", "train.scheduler=overlap"]))
     assert ovl["teacher_calls"]["overlapped"] == 5
@@ -56,13 +67,12 @@ def test_overlap_on_its_own_cuda_stream_gives_the_losses_and_weights_of_sequenti
 
 
 def test_tensors_of_finds_cached_rows_and_nested_targets():
-    from tide_ds.pipeline.terms import Rows
-    from tide_ds.pipeline import TeacherTargets
-    from tide_ds.tree import tensors_of
+    from tiny import decoder
 
     from tide_ds.models import BD3LMStudent
-    from tide_ds.pipeline import DistillStep, resolve_terms
-    from tiny import decoder
+    from tide_ds.pipeline import DistillStep, TeacherTargets, resolve_terms
+    from tide_ds.pipeline.terms import Rows
+    from tide_ds.tree import tensors_of
 
     step = DistillStep(BD3LMStudent(decoder(vocab_size=64), 4, 63), None, resolve_terms("ce"))
     g = torch.Generator().manual_seed(0)
@@ -104,8 +114,9 @@ def test_overlap_runs_in_turn_until_ready_then_ahead_on_its_worker():
         events.append(("teacher", int(noised)))
         return int(noised) * 10
 
-    schedule = Overlap(teacher, torch.device("cpu"), Phases(torch.device("cpu")), prefetch=1,
-                       ready=lambda: len(events) >= 3)
+    schedule = Overlap(
+        teacher, torch.device("cpu"), Phases(torch.device("cpu")), prefetch=1, ready=lambda: len(events) >= 3
+    )
     got = []
     for noised, targets in schedule(torch.arange(6)):
         events.append(("student", int(noised)))
@@ -136,8 +147,16 @@ def _ranks(dataset, rank, world=4, micro=2, accum=3, noise=None, seed=5):
     def identity(batch, generator):
         return batch
 
-    return RankBatches(dataset, collate, noise or identity, global_batch=world * micro * accum, micro_batch=micro,
-                       accumulation=accum, rank=rank, seed=seed)
+    return RankBatches(
+        dataset,
+        collate,
+        noise or identity,
+        global_batch=world * micro * accum,
+        micro_batch=micro,
+        accumulation=accum,
+        rank=rank,
+        seed=seed,
+    )
 
 
 def test_a_rank_builds_only_its_own_rows():
@@ -155,8 +174,8 @@ def test_a_rank_builds_only_its_own_rows():
     for step in range(steps):
         epoch, k = divmod(step, per_epoch)
         order = torch.randperm(100, generator=torch.Generator().manual_seed(5 + 7919 * epoch))
-        got = [i for rank in range(world) for i in fetched[rank][step * 6:(step + 1) * 6]]
-        assert got == order[k * 24:(k + 1) * 24].tolist()
+        got = [i for rank in range(world) for i in fetched[rank][step * 6 : (step + 1) * 6]]
+        assert got == order[k * 24 : (k + 1) * 24].tolist()
 
 
 def test_the_epoch_permutation_is_computed_once_per_epoch(monkeypatch):
@@ -215,8 +234,12 @@ def test_bad_schedule_settings_stop_with_one_line(tiny_overrides):
 
 
 def test_metrics_jsonl_has_a_line_per_log_step_with_every_key(tiny_overrides, tmp_path):
-    result = distill(load_config(None, tiny_overrides + ["recipe=tide_cross", "train.steps=5", "train.log_every=2",
-                                                         "train.scheduler=overlap"]))
+    result = distill(
+        load_config(
+            None,
+            tiny_overrides + ["recipe=tide_cross", "train.steps=5", "train.log_every=2", "train.scheduler=overlap"],
+        )
+    )
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(x) for x in lines]
     assert [r["step"] for r in records] == [0, 2, 4] == [h["step"] for h in result["history"]]
@@ -231,7 +254,8 @@ def test_metrics_jsonl_has_a_line_per_log_step_with_every_key(tiny_overrides, tm
     tb = EventAccumulator(str(tmp_path / "run" / "tb"))
     tb.Reload()
     assert {"loss", "reverse_calm", "lr", "grad_norm", "tokens_per_s", "time/teacher", "overlap_fraction"} <= set(
-        tb.Tags()["scalars"])
+        tb.Tags()["scalars"]
+    )
     assert [e.step for e in tb.Scalars("loss")] == [0, 2, 4]
     assert [e.value for e in tb.Scalars("loss")] == pytest.approx([r["loss"] for r in records], rel=1e-6)
 
@@ -239,9 +263,14 @@ def test_metrics_jsonl_has_a_line_per_log_step_with_every_key(tiny_overrides, tm
 def test_a_killed_run_keeps_every_logged_line(tiny_overrides, tmp_path):
     out = tmp_path / "killed"
     args = [o for o in tiny_overrides if not o.startswith("output_dir=")] + [
-        f"output_dir={out}", "recipe=ce", "train.steps=100000", "train.log_every=1"]
-    proc = subprocess.Popen([sys.executable, "-m", "tide_ds.cli", "distill", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        f"output_dir={out}",
+        "recipe=ce",
+        "train.steps=100000",
+        "train.log_every=1",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tide_ds.cli", "distill", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     path = out / "metrics.jsonl"
     try:
         deadline = time.time() + 240
@@ -259,6 +288,7 @@ def test_a_killed_run_keeps_every_logged_line(tiny_overrides, tmp_path):
 
 # -- 2 ranks (gloo, deepspeed launcher) ----------------------------------------------------------
 
+
 @pytest.mark.multirank
 @pytest.mark.slow
 def test_overlap_matches_sequential_on_2_ranks_for_each_teacher_placement(tiny_overrides, tp_teacher, tmp_path):
@@ -273,18 +303,31 @@ def test_overlap_matches_sequential_on_2_ranks_for_each_teacher_placement(tiny_o
     llada2(vocab_size=len(tok), num_experts=8, mask_token_id=len(tok) - 1).save_pretrained(moe)
     tok.save_pretrained(moe)
     base = [o for o in tiny_overrides if not o.startswith("output_dir=")] + [
-        "recipe=tide_shared", "train.steps=3", "train.warmup_steps=0", "train.lr=3e-3",
-        "train.gradient_accumulation_steps=2", f"engine.ds_config={ZERO3}"]
-    placements = {"replicate": [], "zero3": ["engine.teacher_placement=zero3"],
-                  "expert_parallel": [f"teacher.path={moe}", "engine.teacher_placement=expert_parallel",
-                                      "engine.ep_size=2"],
-                  "tensor_parallel": [f"teacher.path={tp_teacher}", "engine.teacher_placement=tensor_parallel",
-                                      "engine.tp_size=2"]}
-    runs = [{"name": name, "overrides": base + extra, "output_dir": str(tmp_path / name)}
-            for name, extra in placements.items()]
+        "recipe=tide_shared",
+        "train.steps=3",
+        "train.warmup_steps=0",
+        "train.lr=3e-3",
+        "train.gradient_accumulation_steps=2",
+        f"engine.ds_config={ZERO3}",
+    ]
+    placements = {
+        "replicate": [],
+        "zero3": ["engine.teacher_placement=zero3"],
+        "expert_parallel": [f"teacher.path={moe}", "engine.teacher_placement=expert_parallel", "engine.ep_size=2"],
+        "tensor_parallel": [
+            f"teacher.path={tp_teacher}",
+            "engine.teacher_placement=tensor_parallel",
+            "engine.tp_size=2",
+        ],
+    }
+    runs = [
+        {"name": name, "overrides": base + extra, "output_dir": str(tmp_path / name)}
+        for name, extra in placements.items()
+    ]
     (tmp_path / "runs.json").write_text(json.dumps(runs))
-    out, seconds = launch("deepspeed", [str(tmp_path / "runs.json"), str(tmp_path / "results.json")],
-                          entry="overlap_main", timeout=900)
+    out, seconds = launch(
+        "deepspeed", [str(tmp_path / "runs.json"), str(tmp_path / "results.json")], entry="overlap_main", timeout=900
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == set(placements)
@@ -304,10 +347,21 @@ def test_overlap_matches_sequential_on_2_ranks_for_each_teacher_placement(tiny_o
 
 @pytest.mark.multirank
 def test_a_teacher_failure_in_an_overlapped_step_stops_every_rank(tiny_overrides, tmp_path):
-    out, seconds = launch("deepspeed", _args(tiny_overrides, tmp_path / "fail", "recipe=tide_shared",
-                                             "train.scheduler=overlap", "train.steps=8", "engine.teacher_placement=zero3",
-                                             f"engine.ds_config={ZERO3}", "engine.timeout_s=60"),
-                          entry="teacher_failure_main", timeout=300)
+    out, seconds = launch(
+        "deepspeed",
+        _args(
+            tiny_overrides,
+            tmp_path / "fail",
+            "recipe=tide_shared",
+            "train.scheduler=overlap",
+            "train.steps=8",
+            "engine.teacher_placement=zero3",
+            f"engine.ds_config={ZERO3}",
+            "engine.timeout_s=60",
+        ),
+        entry="teacher_failure_main",
+        timeout=300,
+    )
     assert out.returncode != 0
     assert "[rank 1] error: RuntimeError: injected teacher failure on this rank" in out.stderr, out.stderr[-3000:]
     assert "in _teacher" in out.stderr  # raised on the worker thread
@@ -315,9 +369,34 @@ def test_a_teacher_failure_in_an_overlapped_step_stops_every_rank(tiny_overrides
 
 
 def test_bench_schedule_prints_both_schedules():
-    out = subprocess.run([sys.executable, "-m", "tide_ds.cli", "bench", "schedule", "--length", "32", "--hidden", "32",
-                          "--vocab", "256", "--batch", "2", "--block-size", "8", "--steps", "1", "--student-layers", "1",
-                          "--teacher-layers", "1"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tide_ds.cli",
+            "bench",
+            "schedule",
+            "--length",
+            "32",
+            "--hidden",
+            "32",
+            "--vocab",
+            "256",
+            "--batch",
+            "2",
+            "--block-size",
+            "8",
+            "--steps",
+            "1",
+            "--student-layers",
+            "1",
+            "--teacher-layers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     header = next(x for x in lines if x.startswith("schedule"))

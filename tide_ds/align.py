@@ -14,12 +14,13 @@ Three layers:
 - `align_chunks(teacher_bytes, student_bytes)` and `align_spans(teacher, student)`: the two-pointer
   alignment over byte offsets, done with sorted-array operations instead of a Python loop.
 """
+
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -49,7 +50,8 @@ def token_byte_table(tokenizer) -> list[bytes]:
         return _sentencepiece_table(tokenizer)
     raise TypeError(
         f"cannot read token bytes from a {type(tokenizer).__name__}: give a transformers fast tokenizer, "
-        "a tokenizers.Tokenizer, a tiktoken-style encoding or a sentencepiece.SentencePieceProcessor")
+        "a tokenizers.Tokenizer, a tiktoken-style encoding or a sentencepiece.SentencePieceProcessor"
+    )
 
 
 def _tiktoken_table(enc) -> list[bytes]:
@@ -106,11 +108,16 @@ def _hf_table(backend) -> list[bytes]:
         for token, i in vocab.items():
             # "##ing" continues a word; a word-initial token is preceded by whitespace the
             # pre-tokenizer dropped, which place_tokens gives back from the text.
-            table[i] = (token[len(prefix):] if token.startswith(prefix) else token).encode("utf-8")
+            table[i] = (token[len(prefix) :] if token.startswith(prefix) else token).encode("utf-8")
     else:  # SentencePiece-style: a space marker, maybe byte-fallback pieces
         marker = next((d.get("replacement") for d in steps if d["type"] == "Metaspace"), None)
-        marker = marker or next((d["pattern"].get("String") for d in steps
-                                 if d["type"] == "Replace" and d.get("content") == " "), None) or "\u2581"
+        marker = (
+            marker
+            or next(
+                (d["pattern"].get("String") for d in steps if d["type"] == "Replace" and d.get("content") == " "), None
+            )
+            or "\u2581"
+        )
         byte_fallback = bool(model.get("byte_fallback")) or "ByteFallback" in types
         for token, i in vocab.items():
             match = _BYTE_PIECE.match(token) if byte_fallback else None
@@ -122,7 +129,9 @@ def _hf_table(backend) -> list[bytes]:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map used by byte-level BPE vocabularies."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = list(keep)
     n = 0
     for b in range(256):
@@ -151,8 +160,10 @@ class Placement:
 
     def token_bytes(self, data: bytes, pieces: Sequence[bytes]) -> list[bytes]:
         """Each token's exact bytes: its text span where exact, its own spelling otherwise."""
-        return [data[s:e] if ok else p for s, e, ok, p in zip(self.start.tolist(), self.end.tolist(),
-                                                                self.exact.tolist(), pieces)]
+        return [
+            data[s:e] if ok else p
+            for s, e, ok, p in zip(self.start.tolist(), self.end.tolist(), self.exact.tolist(), pieces)
+        ]
 
 
 def place_tokens(text: str, pieces: Sequence[bytes], offsets: Sequence[tuple[int, int]] | None = None) -> Placement:
@@ -259,7 +270,9 @@ class TokenBytes:
 # Alignment
 
 
-def align_chunks(teacher_token_bytes: Sequence[bytes], student_token_bytes: Sequence[bytes]) -> list[tuple[int, int, int, int]]:
+def align_chunks(
+    teacher_token_bytes: Sequence[bytes], student_token_bytes: Sequence[bytes]
+) -> list[tuple[int, int, int, int]]:
     """Chunks (t_start, t_end, s_start, s_end) of two tokenizations, in order, non-overlapping.
 
     Each side's tokens are laid end to end from byte 0. A chunk closes wherever both sides have a

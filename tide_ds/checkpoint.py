@@ -18,6 +18,7 @@ what a resume needs besides the engine states; the torch RNG states are saved to
 
 `tide-ds export CKPT OUT` writes a model directory that `from_pretrained` loads.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,8 +87,15 @@ def _steps(root: str) -> list[tuple[int, str]]:
 
 def newest_complete(root: str) -> tuple[str | None, list[str]]:
     """The complete step<N> with the highest N, and what was skipped on the way, and why."""
-    skipped = [f"{name} (an interrupted save)" for name in sorted(os.listdir(root))
-               if _TAG.match(name[:-len(PARTIAL)]) and name.endswith(PARTIAL)] if os.path.isdir(root) else []
+    skipped = (
+        [
+            f"{name} (an interrupted save)"
+            for name in sorted(os.listdir(root))
+            if _TAG.match(name[: -len(PARTIAL)]) and name.endswith(PARTIAL)
+        ]
+        if os.path.isdir(root)
+        else []
+    )
     for _, tag in _steps(root):
         reason = why_incomplete(root, tag)
         if reason is None:
@@ -112,11 +120,15 @@ def resolve_resume(cfg: Config, log=print) -> tuple[str, str] | None:
         if how == "auto":
             log(f"resume: no complete checkpoint in {root}; starting fresh")
             return None
-        raise ConfigError(f"train.resume=latest: no complete checkpoint in {root} "
-                          f"({'; '.join(skipped) or 'none saved'}); start without --resume, or use --resume auto")
+        raise ConfigError(
+            f"train.resume=latest: no complete checkpoint in {root} "
+            f"({'; '.join(skipped) or 'none saved'}); start without --resume, or use --resume auto"
+        )
     if not os.path.isdir(how):
-        raise ConfigError(f"train.resume: checkpoint {how} not found (give a directory under "
-                          f"{root_of(cfg)}, 'latest' or 'auto' with the run's output_dir)")
+        raise ConfigError(
+            f"train.resume: checkpoint {how} not found (give a directory under "
+            f"{root_of(cfg)}, 'latest' or 'auto' with the run's output_dir)"
+        )
     root, tag = _split(how)
     reason = why_incomplete(root, tag)
     if reason is not None:
@@ -197,8 +209,10 @@ def save(engine, cfg: Config, step: int, tokenizer) -> str:
     final, partial = os.path.join(root, tag), os.path.join(root, tag + PARTIAL)
     dist = engine.dist
     if not _weights_finite(engine):
-        raise ConfigError(f"the student's weights are not finite at step {step}; nothing was saved, the "
-                          f"checkpoints in {root} are unchanged (lower train.lr or set train.nonfinite=stop)")
+        raise ConfigError(
+            f"the student's weights are not finite at step {step}; nothing was saved, the "
+            f"checkpoints in {root} are unchanged (lower train.lr or set train.nonfinite=stop)"
+        )
     state = {"step": step, "torch_rng": torch.get_rng_state()}
     try:
         if dist.is_main:
@@ -211,10 +225,18 @@ def save(engine, cfg: Config, step: int, tokenizer) -> str:
         if dist.is_main:
             _save_hf(root, engine, tokenizer)
             _fsync_tree(partial)
-            files = {os.path.relpath(os.path.join(d, n), partial): os.path.getsize(os.path.join(d, n))
-                     for d, _, names in os.walk(partial) for n in names}
-            marker = {"step": step, "world": dist.world, "deepspeed": engine.deepspeed,
-                      "architecture": architecture(engine.student), "files": files}
+            files = {
+                os.path.relpath(os.path.join(d, n), partial): os.path.getsize(os.path.join(d, n))
+                for d, _, names in os.walk(partial)
+                for n in names
+            }
+            marker = {
+                "step": step,
+                "world": dist.world,
+                "deepspeed": engine.deepspeed,
+                "architecture": architecture(engine.student),
+                "files": files,
+            }
             _write_atomic(os.path.join(partial, MARKER), json.dumps(marker, indent=1))
             _kill_point("marker", step)
             if os.path.isdir(final):  # the same step saved before (a run that stopped there): replace it
@@ -264,9 +286,15 @@ def _save_failed(e: Exception, root: str, tag: str) -> str:
     else:
         reason = str(e).strip().splitlines()[0]
     previous, _ = newest_complete(root)
-    kept = f"the previous checkpoint {os.path.join(root, previous)} is intact" if previous else "no earlier checkpoint exists"
-    return (f"saving checkpoint {tag} in {root} failed: {reason} ({free} there); {kept}; free space there, "
-            f"lower train.keep_last, or set output_dir to a larger disk")
+    kept = (
+        f"the previous checkpoint {os.path.join(root, previous)} is intact"
+        if previous
+        else "no earlier checkpoint exists"
+    )
+    return (
+        f"saving checkpoint {tag} in {root} failed: {reason} ({free} there); {kept}; free space there, "
+        f"lower train.keep_last, or set output_dir to a larger disk"
+    )
 
 
 def rotate(root: str, keep_last: int, keep: str) -> None:
@@ -277,7 +305,7 @@ def rotate(root: str, keep_last: int, keep: str) -> None:
     if keep_last <= 0:
         return
     others = [t for _, t in _steps(root) if t != keep and why_incomplete(root, t) is None]
-    for tag in others[keep_last - 1:]:
+    for tag in others[keep_last - 1 :]:
         _remove(os.path.join(root, tag))
 
 
@@ -291,23 +319,31 @@ def load(engine, root: str, tag: str) -> int:
         marker = json.load(f)
     if marker["deepspeed"] != engine.deepspeed:
         kind = "a DeepSpeed" if marker["deepspeed"] else "a single-process"
-        raise ConfigError(f"train.resume: {where} is {kind} checkpoint; resume it the same way "
-                          f"(engine.ds_config / number of ranks as when it was saved)")
+        raise ConfigError(
+            f"train.resume: {where} is {kind} checkpoint; resume it the same way "
+            f"(engine.ds_config / number of ranks as when it was saved)"
+        )
     if marker.get("world", engine.dist.world) != engine.dist.world:
-        raise ConfigError(f"train.resume: {where} was saved by {marker['world']} ranks, this run has "
-                          f"{engine.dist.world}; resume with {marker['world']} ranks, or export it (tide-ds export) "
-                          f"and start a new run from student.path")
+        raise ConfigError(
+            f"train.resume: {where} was saved by {marker['world']} ranks, this run has "
+            f"{engine.dist.world}; resume with {marker['world']} ranks, or export it (tide-ds export) "
+            f"and start a new run from student.path"
+        )
     if marker.get("architecture", architecture(engine.student)) != architecture(engine.student):
-        raise ConfigError(f"train.resume: {where} holds another student architecture than this run builds; "
-                          f"set student.path / student.init as when it was saved")
+        raise ConfigError(
+            f"train.resume: {where} holds another student architecture than this run builds; "
+            f"set student.path / student.init as when it was saved"
+        )
     try:
         state = engine.load(root, tag)
     except ConfigError:
         raise
     except Exception as e:  # a damaged file: name it, and where to resume instead
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ConfigError(f"train.resume: checkpoint {where} cannot be read ({type(e).__name__}: {first}); "
-                          f"it is damaged: resume from an earlier checkpoint in {root}, or delete it") from None
+        raise ConfigError(
+            f"train.resume: checkpoint {where} cannot be read ({type(e).__name__}: {first}); "
+            f"it is damaged: resume from an earlier checkpoint in {root}, or delete it"
+        ) from None
     torch.set_rng_state(state["torch_rng"])
     return int(state["step"])
 
@@ -321,7 +357,7 @@ def student_state_dict(root: str, tag: str) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         sd, prefix = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag), "student.model."
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 # -- export ---------------------------------------------------------------------------------------
@@ -343,8 +379,10 @@ def export(checkpoint: str, out: str) -> str:
     missing, unexpected = model.load_state_dict(student_state_dict(root, tag), strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight") and model.config.tie_word_embeddings}
     if set(missing) - tied or unexpected:
-        raise ConfigError(f"checkpoint {root}/{tag} does not match the saved config: missing "
-                          f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        raise ConfigError(
+            f"checkpoint {root}/{tag} does not match the saved config: missing "
+            f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
     model.tie_weights()
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(hf).save_pretrained(out)
@@ -352,8 +390,11 @@ def export(checkpoint: str, out: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a checkpoint directory (<output_dir>/checkpoints/<tag>) or the "
-                                      "checkpoints directory itself (its latest tag)")
+    p.add_argument(
+        "checkpoint",
+        help="a checkpoint directory (<output_dir>/checkpoints/<tag>) or the "
+        "checkpoints directory itself (its latest tag)",
+    )
     p.add_argument("out", help="where to write the transformers model directory")
 
 

@@ -1,5 +1,6 @@
 """`tide-ds` command line. Each subcommand lives in its own module, imported only when used, and
 exposes `add_arguments(parser)` and `run(args) -> int`."""
+
 from __future__ import annotations
 
 import argparse

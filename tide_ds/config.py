@@ -5,6 +5,7 @@ stops before any work with one line that names the key and the fix. Each section
 values in `__post_init__` (messages name the key within the section; the loader adds the section's
 path); `Config.__post_init__` checks what spans sections, and `validate` what needs the file system.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,10 @@ def _require(checks) -> None:
             raise ConfigError(message)
 
 
-SKIP_NEEDS_ONE_PROCESS = ("train.nonfinite=skip is for single-process runs; a DeepSpeed run uses train.nonfinite=stop "
-                          "(then resume from the last checkpoint with a lower train.lr)")
+SKIP_NEEDS_ONE_PROCESS = (
+    "train.nonfinite=skip is for single-process runs; a DeepSpeed run uses train.nonfinite=stop "
+    "(then resume from the last checkpoint with a lower train.lr)"
+)
 
 
 @dataclass(kw_only=True)
@@ -73,8 +76,10 @@ class TidalConfig:
     timestep_weight: Literal["midrange", "uniform"] = "midrange"
 
     def __post_init__(self):
-        _require((0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1], got {getattr(self, name)}")
-                 for name in ("lambda_init", "lambda_max"))
+        _require(
+            (0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1], got {getattr(self, name)}")
+            for name in ("lambda_init", "lambda_max")
+        )
 
 
 @dataclass(kw_only=True)
@@ -87,8 +92,12 @@ class TermConfig:
     tidal: TidalConfig | None = None
 
     def __post_init__(self):
-        _require([(self.weight >= 0, f"weight must be >= 0, got {self.weight}"),
-                  (self.temperature is None or self.temperature > 0, f"temperature must be > 0, got {self.temperature}")])
+        _require(
+            [
+                (self.weight >= 0, f"weight must be >= 0, got {self.weight}"),
+                (self.temperature is None or self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+            ]
+        )
 
 
 @dataclass(kw_only=True)
@@ -103,9 +112,13 @@ class ObjectiveConfig:
     kernels: Literal["auto", "twin", "reference"] = "auto"  # fused ops: CUDA/CPU twin, or plain PyTorch
 
     def __post_init__(self):
-        _require([(self.temperature > 0, "temperature must be > 0"),
-                  (self.shared_vocab_size >= 0, "shared_vocab_size must be >= 0 (0: min of both vocabularies)"),
-                  (0.0 < self.demo_ratio < 1.0, "demo_ratio must be in (0, 1)")])
+        _require(
+            [
+                (self.temperature > 0, "temperature must be > 0"),
+                (self.shared_vocab_size >= 0, "shared_vocab_size must be >= 0 (0: min of both vocabularies)"),
+                (0.0 < self.demo_ratio < 1.0, "demo_ratio must be in (0, 1)"),
+            ]
+        )
 
 
 @dataclass(kw_only=True)
@@ -160,22 +173,27 @@ class TrainConfig:
     warmup_ratio: float = 0.0
 
     def __post_init__(self):
-        _require([
-            (self.steps >= 1, "steps must be >= 1"),
-            (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
-            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
-            (self.global_batch_size >= 0, "global_batch_size must be >= 0 (0: derived)"),
-            (self.save_every >= 0, "save_every must be >= 0 (0: only at the end)"),
-            (self.keep_last >= 0, "keep_last must be >= 0 (0: keep every checkpoint)"),
-            (self.max_nonfinite >= 0, "max_nonfinite must be >= 0"),
-            (self.teacher_prefetch >= 1, "teacher_prefetch must be >= 1 (teacher calls in flight with scheduler=overlap)"),
-            (self.data_prefetch >= 1, "data_prefetch must be >= 1"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
-            (0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]"),
-            (self.epochs >= 0, "epochs must be >= 0 (0: train.steps sets the length)"),
-            (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1) (0: train.warmup_steps)"),
-        ])
+        _require(
+            [
+                (self.steps >= 1, "steps must be >= 1"),
+                (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
+                (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
+                (self.global_batch_size >= 0, "global_batch_size must be >= 0 (0: derived)"),
+                (self.save_every >= 0, "save_every must be >= 0 (0: only at the end)"),
+                (self.keep_last >= 0, "keep_last must be >= 0 (0: keep every checkpoint)"),
+                (self.max_nonfinite >= 0, "max_nonfinite must be >= 0"),
+                (
+                    self.teacher_prefetch >= 1,
+                    "teacher_prefetch must be >= 1 (teacher calls in flight with scheduler=overlap)",
+                ),
+                (self.data_prefetch >= 1, "data_prefetch must be >= 1"),
+                (self.lr > 0, "lr must be > 0"),
+                (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+                (0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]"),
+                (self.epochs >= 0, "epochs must be >= 0 (0: train.steps sets the length)"),
+                (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1) (0: train.warmup_steps)"),
+            ]
+        )
 
 
 @dataclass(kw_only=True)
@@ -191,8 +209,13 @@ class EngineConfig:
     timeout_s: int = 600  # collective timeout: a stuck rank fails the job after this long
 
     def __post_init__(self):
-        _require([(self.ep_size >= 1, "ep_size must be >= 1"), (self.tp_size >= 1, "tp_size must be >= 1"),
-                  (self.timeout_s >= 1, "timeout_s must be >= 1")])
+        _require(
+            [
+                (self.ep_size >= 1, "ep_size must be >= 1"),
+                (self.tp_size >= 1, "tp_size must be >= 1"),
+                (self.timeout_s >= 1, "timeout_s must be >= 1"),
+            ]
+        )
 
 
 @dataclass(kw_only=True)
@@ -215,11 +238,16 @@ class Config:
     def __post_init__(self):
         """What spans sections: the recipe and its terms, the sequence length against the block size."""
         run_terms(self.recipe, self.terms, self.objective)  # names an unknown recipe or term
-        _require([
-            (self.data.seq_len % self.diffusion.block_size == 0,
-             f"data.seq_len ({self.data.seq_len}) must be a multiple of diffusion.block_size ({self.diffusion.block_size})"),
-            (self.train.nonfinite != "skip" or self.engine.ds_config is None, SKIP_NEEDS_ONE_PROCESS),
-        ])
+        _require(
+            [
+                (
+                    self.data.seq_len % self.diffusion.block_size == 0,
+                    f"data.seq_len ({self.data.seq_len}) must be a multiple of diffusion.block_size "
+                    f"({self.diffusion.block_size})",
+                ),
+                (self.train.nonfinite != "skip" or self.engine.ds_config is None, SKIP_NEEDS_ONE_PROCESS),
+            ]
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,8 +272,9 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def run_terms(recipe: str, terms: dict[str, float | TermConfig] | None = None,
-              objective: ObjectiveConfig | None = None) -> dict[str, TermConfig]:
+def run_terms(
+    recipe: str, terms: dict[str, float | TermConfig] | None = None, objective: ObjectiveConfig | None = None
+) -> dict[str, TermConfig]:
     """The run's terms with a positive weight, each with every hyper-parameter filled in: the
     recipe's terms (or the explicit `terms`), the `objective` section's values where a term sets none."""
     if recipe not in RECIPES:
@@ -261,8 +290,11 @@ def run_terms(recipe: str, terms: dict[str, float | TermConfig] | None = None,
             raise ConfigError(f"terms.{name} has negative weight {spec.weight}; weights must be >= 0")
         if spec.weight > 0:
             tidal = (spec.tidal or objective.tidal) if name == "tidal" else None
-            out[name] = TermConfig(weight=spec.weight, temperature=objective.temperature if spec.temperature is None else spec.temperature,
-                                   tidal=tidal)
+            out[name] = TermConfig(
+                weight=spec.weight,
+                temperature=objective.temperature if spec.temperature is None else spec.temperature,
+                tidal=tidal,
+            )
     if not out:
         raise ConfigError(f"config key 'terms' gives no term a positive weight ({terms}); the loss would be empty")
     return out
@@ -276,8 +308,9 @@ def needs_teacher(terms: dict[str, TermConfig]) -> bool:
 # Loading
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (), *,
-                check_files: bool = True) -> Config:
+def load_config(
+    path: str | None = None, overrides: list[str] | tuple[str, ...] = (), *, check_files: bool = True
+) -> Config:
     """Reads a YAML file (optional) and applies `a.b=value` overrides (values parsed as YAML).
     check_files=False leaves model, tokenizer and ds_config paths unchecked (a dry run)."""
     cfg = load_dataclass(Config, path, overrides)
@@ -338,11 +371,16 @@ def _build(cls, raw: dict[str, Any], prefix: str):
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     missing = [name for name in required if name not in kwargs]
     if missing:
-        raise ConfigError(f"missing config key '{prefix}{missing[0]}' (required: {', '.join(prefix + m for m in missing)})")
+        raise ConfigError(
+            f"missing config key '{prefix}{missing[0]}' (required: {', '.join(prefix + m for m in missing)})"
+        )
     try:
         return cls(**kwargs)
     except ConfigError as e:  # a section's own check: its message names the key within the section
@@ -414,7 +452,9 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         if m.tokenizer is not None and not os.path.isdir(m.tokenizer):
             raise ConfigError(f"{side}.tokenizer not found: {m.tokenizer} (give a directory with a saved tokenizer)")
     if check_files and cfg.engine.ds_config is not None and not os.path.isfile(cfg.engine.ds_config):
-        raise ConfigError(f"engine.ds_config not found: {cfg.engine.ds_config} (give a DeepSpeed JSON, e.g. ds_configs/zero3.json)")
+        raise ConfigError(
+            f"engine.ds_config not found: {cfg.engine.ds_config} (give a DeepSpeed JSON, e.g. ds_configs/zero3.json)"
+        )
     if cfg.student.path is None and not cfg.student.init:
         raise ConfigError("student: set student.path to a model directory or student.init to a config for a new model")
     if needs_teacher(terms) and cfg.teacher.path is None:
@@ -437,10 +477,13 @@ def resolved(cfg: Config) -> tuple[dict[str, Any], list[str]]:
     hyper-parameters filled in; plus notes on what is only known once the run starts."""
     out = to_dict(cfg)
     terms = run_terms(cfg.recipe, cfg.terms, cfg.objective)
-    out["terms"] = {name: {k: v for k, v in dataclasses.asdict(spec).items() if v is not None}
-                    for name, spec in terms.items()}
-    notes = [f"recipe {cfg.recipe}: {' + '.join(terms)}" + (" with CompDemo's two teacher passes"
-                                                            if RECIPES[cfg.recipe].comp_demo else "")]
+    out["terms"] = {
+        name: {k: v for k, v in dataclasses.asdict(spec).items() if v is not None} for name, spec in terms.items()
+    }
+    notes = [
+        f"recipe {cfg.recipe}: {' + '.join(terms)}"
+        + (" with CompDemo's two teacher passes" if RECIPES[cfg.recipe].comp_demo else "")
+    ]
     if "tidal" in terms:
         notes.append("tidal acts on chunks on data prepared for two tokenizers, on tokens with one vocabulary")
     t = cfg.train
@@ -452,8 +495,10 @@ def resolved(cfg: Config) -> tuple[dict[str, Any], list[str]]:
         for key in ("path", "tokenizer"):
             value = getattr(getattr(cfg, side), key)
             if value is not None and not os.path.isdir(value):
-                notes.append(f"{side}.{key}={value} is not a local directory (a hub name?): point it at a local "
-                             f"copy; the run checks it when it starts")
+                notes.append(
+                    f"{side}.{key}={value} is not a local directory (a hub name?): point it at a local "
+                    f"copy; the run checks it when it starts"
+                )
     return out, notes
 
 

@@ -12,6 +12,7 @@
 A stage whose output exists is reused (each writes a `.done` marker last); --redo redoes stages
 (and every stage after it); --long selects the longer run (configs/demo.yaml `long`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,12 +31,22 @@ STAGES = ("data", "teacher", "init", "distill", "eval", "report")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--redo", nargs="?", const=STAGES[0], metavar="STAGE", default=None,
-                   help=f"redo this stage and every one after it ({', '.join(STAGES)}); no name: everything")
+    p.add_argument(
+        "--redo",
+        nargs="?",
+        const=STAGES[0],
+        metavar="STAGE",
+        default=None,
+        help=f"redo this stage and every one after it ({', '.join(STAGES)}); no name: everything",
+    )
     p.add_argument("--long", action="store_true", help="the longer, stronger run (more teacher and student steps)")
     p.add_argument("--recipes", help="comma-separated subset of the recipes in configs/demo.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="overrides of configs/demo.yaml, e.g. seed=1 student_steps=400 eval.humaneval_problems=20")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="overrides of configs/demo.yaml, e.g. seed=1 student_steps=400 eval.humaneval_problems=20",
+    )
 
 
 def load_job(args):
@@ -44,8 +55,10 @@ def load_job(args):
         cfg.teacher.train.steps, cfg.student_steps = cfg.long.teacher_steps, cfg.long.student_steps
         cfg.eval.humaneval_problems = cfg.long.humaneval_problems
     if not 0 <= cfg.teacher.train.ar_steps < cfg.teacher.train.steps:
-        raise ConfigError(f"teacher.train.ar_steps={cfg.teacher.train.ar_steps} must be >= 0 and below "
-                          f"teacher.train.steps={cfg.teacher.train.steps} (the rest are masked diffusion steps)")
+        raise ConfigError(
+            f"teacher.train.ar_steps={cfg.teacher.train.ar_steps} must be >= 0 and below "
+            f"teacher.train.steps={cfg.teacher.train.steps} (the rest are masked diffusion steps)"
+        )
     if args.recipes:
         wanted = [r.strip() for r in args.recipes.split(",") if r.strip()]
         unknown = [r for r in wanted if r not in cfg.recipes]
@@ -108,17 +121,28 @@ def run(args) -> int:
 
     print(f"[2/6] teacher: LLaDA2-style MoE masked diffusion LM, {cfg.teacher.train.steps} steps -> {teacher_dir}")
     if not stages.done("teacher", teacher_dir):
-        timed("teacher", lambda: teacher_stage.pretrain(cfg.teacher, teacher_tok, train_files,
-                                                        stages.fresh(teacher_dir), cfg.seed))
+        timed(
+            "teacher",
+            lambda: teacher_stage.pretrain(cfg.teacher, teacher_tok, train_files, stages.fresh(teacher_dir), cfg.seed),
+        )
         stages.mark(teacher_dir)
 
-    student_cfg = [f"teacher.path={teacher_dir}", f"student.tokenizer={student_tok}",
-                   f"data.source={os.path.join(data_dir, 'prepared_train')}", f"train.seed={cfg.seed}",
-                   f"train.threads={cfg.threads}", f"train.steps={cfg.student_steps}"]
+    student_cfg = [
+        f"teacher.path={teacher_dir}",
+        f"student.tokenizer={student_tok}",
+        f"data.source={os.path.join(data_dir, 'prepared_train')}",
+        f"train.seed={cfg.seed}",
+        f"train.threads={cfg.threads}",
+        f"train.steps={cfg.student_steps}",
+    ]
     print(f"[3/6] student initialisation (BD3LM, tokenizer B) -> {init_dir}")
     if not stages.done("init", init_dir):
-        timed("init", lambda: save_student_init(load_config(config_path("demo_student.yaml"), student_cfg),
-                                                stages.fresh(init_dir), cfg.seed))
+        timed(
+            "init",
+            lambda: save_student_init(
+                load_config(config_path("demo_student.yaml"), student_cfg), stages.fresh(init_dir), cfg.seed
+            ),
+        )
         stages.mark(init_dir)
 
     from tide_ds.train import distill
@@ -129,10 +153,16 @@ def run(args) -> int:
         if stages.done("distill", run_dir):
             print(f"      reusing {run_dir}")
             continue
-        over = student_cfg + [f"student.path={init_dir}", "student.init={}", f"output_dir={run_dir}",
-                              f"recipe={spec['recipe']}", f"terms={json.dumps(spec['terms'])}"]
+        over = student_cfg + [
+            f"student.path={init_dir}",
+            "student.init={}",
+            f"output_dir={run_dir}",
+            f"recipe={spec['recipe']}",
+            f"terms={json.dumps(spec['terms'])}",
+        ]
         print(f"      {name}: {spec['recipe']} with terms {spec['terms']}")
-        result = timed(f"distill/{name}", lambda: distill(load_config(config_path("demo_student.yaml"), over)))
+        run_cfg = load_config(config_path("demo_student.yaml"), over)
+        result = timed(f"distill/{name}", lambda cfg=run_cfg: distill(cfg))
         with open(os.path.join(run_dir, "history.json"), "w") as f:
             json.dump(result["history"], f)
         stages.mark(run_dir)
@@ -176,11 +206,21 @@ def evaluate_all(cfg, out: str, stages: Stages, teacher_dir: str, held_files) ->
             continue
         os.makedirs(where, exist_ok=True)
         print(f"      {name}")
-        results = evaluate(model, tasks, data=os.path.join(out, "data", "prepared_heldout"), teacher=teacher_dir,
-                           ratios=e.ratios, batches=e.batches, agreement_ratio=e.agreement_ratio,
-                           humaneval_problems=e.humaneval_problems, max_new_tokens=e.max_new_tokens,
-                           steps_per_block=e.steps_per_block, n_samples=e.samples,
-                           sample_new_tokens=e.sample_new_tokens, desc=name)
+        results = evaluate(
+            model,
+            tasks,
+            data=os.path.join(out, "data", "prepared_heldout"),
+            teacher=teacher_dir,
+            ratios=e.ratios,
+            batches=e.batches,
+            agreement_ratio=e.agreement_ratio,
+            humaneval_problems=e.humaneval_problems,
+            max_new_tokens=e.max_new_tokens,
+            steps_per_block=e.steps_per_block,
+            n_samples=e.samples,
+            sample_new_tokens=e.sample_new_tokens,
+            desc=name,
+        )
         _write_json(os.path.join(where, "results.json"), results)
         stages.mark(where)
 

@@ -2,6 +2,7 @@
 
 Block size and mask token id come from the student's config.json (`bd3lm`); flags override them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,24 +23,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="student directory")
     p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for several prompts")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--steps-per-block", type=int, default=None,
-                   help="denoising steps per block (default: the block size, one token per step)")
+    p.add_argument(
+        "--steps-per-block",
+        type=int,
+        default=None,
+        help="denoising steps per block (default: the block size, one token per step)",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = most likely token (deterministic)")
     p.add_argument("--block-size", type=int, default=None, help="default: the one saved with the student")
     p.add_argument("--mask-token", default=None, help="default: the mask token id saved with the student")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
-    p.add_argument("--no-stop-at-eos", dest="stop_at_eos", action="store_false",
-                   help="decode all --max-new-tokens even after EOS")
-    p.add_argument("--align-prompt", action="store_true",
-                   help="left-pad the prompt so the answer starts on a block boundary (the paper's evaluation)")
+    p.add_argument(
+        "--no-stop-at-eos", dest="stop_at_eos", action="store_false", help="decode all --max-new-tokens even after EOS"
+    )
+    p.add_argument(
+        "--align-prompt",
+        action="store_true",
+        help="left-pad the prompt so the answer starts on a block boundary (the paper's evaluation)",
+    )
     p.add_argument("--attn-backend", choices=BACKENDS, default="auto")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
     p.add_argument("--seed", type=int, default=0)
 
 
-def load_student(path: str, *, block_size: int | None = None, mask_token: str | None = None,
-                 attn_backend: str = "auto", dtype: str = "float32"):
+def load_student(
+    path: str,
+    *,
+    block_size: int | None = None,
+    mask_token: str | None = None,
+    attn_backend: str = "auto",
+    dtype: str = "float32",
+):
     """(BD3LMStudent, tokenizer) from a student directory."""
     family = student_family(path, f"--model={path}")
     tokenizer = load_tokenizer(path, "--model")
@@ -48,31 +63,45 @@ def load_student(path: str, *, block_size: int | None = None, mask_token: str | 
     block = block_size or saved.get("block_size")
     mask_id = mask_token_id(tokenizer, mask_token, "--model") if mask_token else saved.get("mask_token_id")
     if block is None or mask_id is None:
-        raise ConfigError(f"--model={path} is not a BD3LM student (its config.json has no bd3lm entry); convert an "
-                          f"AR checkpoint with `tide-ds a2d`, or pass --block-size and --mask-token")
+        raise ConfigError(
+            f"--model={path} is not a BD3LM student (its config.json has no bd3lm entry); convert an "
+            f"AR checkpoint with `tide-ds a2d`, or pass --block-size and --mask-token"
+        )
     return BD3LMStudent(model, block, mask_id, attn_backend=attn_backend), tokenizer
 
 
 def run(args) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    student, tokenizer = load_student(args.model, block_size=args.block_size, mask_token=args.mask_token,
-                                      attn_backend=args.attn_backend, dtype=args.dtype)
+    student, tokenizer = load_student(
+        args.model,
+        block_size=args.block_size,
+        mask_token=args.mask_token,
+        attn_backend=args.attn_backend,
+        dtype=args.dtype,
+    )
     student.to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for text in args.prompt:
         if args.chat:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                tokenize=True, return_dict=False)
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
         else:
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         prompt = torch.tensor([ids], device=device)
-        out = generate(student, prompt, args.max_new_tokens, steps_per_block=args.steps_per_block,
-                       temperature=args.temperature, generator=generator,
-                       eos_token_id=tokenizer.eos_token_id if args.stop_at_eos else None,
-                       align_prompt=args.align_prompt,
-                       pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-        new = out[0, prompt.shape[1]:].tolist()
+        out = generate(
+            student,
+            prompt,
+            args.max_new_tokens,
+            steps_per_block=args.steps_per_block,
+            temperature=args.temperature,
+            generator=generator,
+            eos_token_id=tokenizer.eos_token_id if args.stop_at_eos else None,
+            align_prompt=args.align_prompt,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+        new = out[0, prompt.shape[1] :].tolist()
         if args.stop_at_eos and tokenizer.eos_token_id in new:
-            new = new[:new.index(tokenizer.eos_token_id)]
+            new = new[: new.index(tokenizer.eos_token_id)]
         print(tokenizer.decode(new, skip_special_tokens=True))
     return 0

@@ -7,6 +7,7 @@ crash loses nothing logged before it:
   overlap_fraction: the share of the teacher's time hidden under other work,
       (sum of phase times - wall time) / teacher time, clamped to [0, 1] (0 when run in turn).
 """
+
 from __future__ import annotations
 
 import contextlib

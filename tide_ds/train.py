@@ -8,6 +8,7 @@ accumulation steps, and a resumed run, see the same data and noise), models in `
 DeepSpeed wiring in `tide_ds.engine`, checkpoints in `tide_ds.checkpoint`, metrics in
 `tide_ds.metrics`. Host syncs happen only in the logging branch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
@@ -43,10 +45,17 @@ from tide_ds.pipeline import DistillStep, RunTerms, build_scheduler, resolve_ter
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML run config (see tide_ds/configs/ for examples)")
-    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint directory; 'latest': the newest "
-                   "complete one in output_dir; 'auto': that one if there is one, else start fresh")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check the config and print it fully resolved (YAML); load no model or data")
+    p.add_argument(
+        "--resume",
+        metavar="CKPT",
+        help="continue from a checkpoint directory; 'latest': the newest "
+        "complete one in output_dir; 'auto': that one if there is one, else start fresh",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config and print it fully resolved (YAML); load no model or data",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
 
 
@@ -54,8 +63,12 @@ def run(args) -> int:
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     if args.dry_run:
         out, notes = resolved(load_config(args.config, overrides, check_files=False))
-        print("\n".join(["# tide-ds distill --dry-run: the resolved config (no model or data loaded)"]
-                        + [f"# {note}" for note in notes]))
+        print(
+            "\n".join(
+                ["# tide-ds distill --dry-run: the resolved config (no model or data loaded)"]
+                + [f"# {note}" for note in notes]
+            )
+        )
         print(yaml.safe_dump(out, sort_keys=False), end="")
         return 0
     result = distill(load_config(args.config, overrides))
@@ -89,7 +102,9 @@ def check_shared_vocab(cfg: Config, tokenizer, recipe_name: str) -> None:
         raise ConfigError(
             f"recipe '{recipe_name}' on this data needs one shared vocabulary, but the teacher's tokenizer "
             f"({path}, {len(teacher_tok)} ids) differs from the student's ({len(tokenizer)} ids); use a teacher "
-            f"with the student's tokenizer, or prepare cross-tokenizer data with `tide-ds prepare` and recipe tide_cross")
+            "with the student's tokenizer, or prepare cross-tokenizer data with `tide-ds prepare` and recipe "
+            "tide_cross"
+        )
 
 
 @dataclass
@@ -112,24 +127,38 @@ def build_data(cfg: Config, tokenizer) -> Data:
         check_prepared_tokenizers(cfg, report, tokenizer)
         check_supervision(cfg, report["config"].get("supervise", "all_turns"))
         n_held = max(1, int(len(data) * cfg.data.holdout_fraction)) if len(data) > 1 else 0
-        collate = Collator(report["student_eos_id"], cfg.diffusion.block_size, report["teacher_pad_id"],
-                           eos_padding=cfg.data.eos_padding)
+        collate = Collator(
+            report["student_eos_id"],
+            cfg.diffusion.block_size,
+            report["teacher_pad_id"],
+            eos_padding=cfg.data.eos_padding,
+        )
         held = data.select(range(n_held)) if n_held else data
-        return Data(data.select(range(n_held, len(data))), held, collate,
-                    cross_tokenizer=report["config"]["pipeline"] == "cross")
+        return Data(
+            data.select(range(n_held, len(data))),
+            held,
+            collate,
+            cross_tokenizer=report["config"]["pipeline"] == "cross",
+        )
     files = corpus_files(source, cfg.data.max_files)
     held = [p for p in files if is_holdout(p, cfg.data.holdout_fraction)] or files[-1:]
     train = [p for p in files if p not in held] or files
-    return Data(TextWindows(train, tokenizer, cfg.data.seq_len), TextWindows(held, tokenizer, cfg.data.seq_len),
-                collate_windows, cross_tokenizer=False)
+    return Data(
+        TextWindows(train, tokenizer, cfg.data.seq_len),
+        TextWindows(held, tokenizer, cfg.data.seq_len),
+        collate_windows,
+        cross_tokenizer=False,
+    )
 
 
 def check_supervision(cfg: Config, prepared: str) -> None:
     """The supervision scope is fixed when the data is prepared; the run may state the one it expects."""
     if cfg.data.supervise not in ("as_prepared", prepared):
-        raise ConfigError(f"data.supervise={cfg.data.supervise} but data.source={cfg.data.source} was prepared with "
-                          f"supervise={prepared}; prepare it again with supervise: {cfg.data.supervise}, or set "
-                          f"data.supervise=as_prepared")
+        raise ConfigError(
+            f"data.supervise={cfg.data.supervise} but data.source={cfg.data.source} was prepared with "
+            f"supervise={prepared}; prepare it again with supervise: {cfg.data.supervise}, or set "
+            f"data.supervise=as_prepared"
+        )
 
 
 def check_prepared_tokenizers(cfg: Config, report: dict, tokenizer) -> None:
@@ -145,21 +174,27 @@ def check_prepared_tokenizers(cfg: Config, report: dict, tokenizer) -> None:
         if side in prints:
             same = vocab_fingerprint(tok()) == prints[side]
         else:
-            same = not os.path.isdir(prepared_with) or \
-                load_tokenizer(prepared_with, "data.source").get_vocab() == tok().get_vocab()
+            same = (
+                not os.path.isdir(prepared_with)
+                or load_tokenizer(prepared_with, "data.source").get_vocab() == tok().get_vocab()
+            )
         if not same:
-            raise ConfigError(f"data.source={source} was prepared with the {side} tokenizer {prepared_with}, whose "
-                              f"vocabulary differs from this run's {side} tokenizer; set {key} (or {side}.path) "
-                              f"to it, or prepare the data again with this {side}'s tokenizer")
+            raise ConfigError(
+                f"data.source={source} was prepared with the {side} tokenizer {prepared_with}, whose "
+                f"vocabulary differs from this run's {side} tokenizer; set {key} (or {side}.path) "
+                f"to it, or prepare the data again with this {side}'s tokenizer"
+            )
 
 
 def check_teacher_fits(cfg: Config, terms: RunTerms, data: Data, tokenizer) -> None:
     """Shared-vocabulary terms need one vocabulary; without its own ids the teacher reads the student's."""
     shared_only = [term.name for term in terms.terms if term.shared_vocab_only]
     if data.cross_tokenizer and shared_only:
-        raise ConfigError(f"recipe '{cfg.recipe}' uses {', '.join(shared_only)}, which needs one shared vocabulary, but "
-                          f"data.source={cfg.data.source} was prepared for two tokenizers; use tide_cross, calm or "
-                          f"tide_shared, or prepare the data with pipeline=shared")
+        raise ConfigError(
+            f"recipe '{cfg.recipe}' uses {', '.join(shared_only)}, which needs one shared vocabulary, but "
+            f"data.source={cfg.data.source} was prepared for two tokenizers; use tide_cross, calm or "
+            f"tide_shared, or prepare the data with pipeline=shared"
+        )
     if not data.cross_tokenizer:
         check_shared_vocab(cfg, tokenizer, cfg.recipe)
 
@@ -187,8 +222,11 @@ def preempted(engine, cfg: Config, step: int, tokenizer, signum: int) -> dict:
     """A signal asked to stop: save a complete checkpoint of `step` on every rank, say how to resume."""
     path = checkpoint.save(engine, cfg, step, tokenizer)
     if engine.dist.is_main:
-        print(f"tide-ds distill: {signal.Signals(signum).name}: saved checkpoint {path} (step {step} of "
-              f"{cfg.train.steps}); resume with: {resume_command(engine.dist.world)}", flush=True)
+        print(
+            f"tide-ds distill: {signal.Signals(signum).name}: saved checkpoint {path} (step {step} of "
+            f"{cfg.train.steps}); resume with: {resume_command(engine.dist.world)}",
+            flush=True,
+        )
     return {"preempted": signum, "checkpoint": path, "steps": step, "world": engine.dist.world}
 
 
@@ -211,15 +249,26 @@ def _distill(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) -
         check_teacher_fits(cfg, terms, data, tokenizer)
         # the megatron placement reads only this rank's slices of the weights itself
         lazy = cfg.engine.teacher_placement == "megatron"
-        teacher = build_teacher(cfg.teacher, cfg.diffusion.mask_token, block_size=cfg.diffusion.block_size,
-                                weights=not lazy)
+        teacher = build_teacher(
+            cfg.teacher, cfg.diffusion.mask_token, block_size=cfg.diffusion.block_size, weights=not lazy
+        )
         teacher = teacher if lazy else teacher.to(device)
     student = build_student(cfg.student, tokenizer, cfg.diffusion.block_size, cfg.diffusion.mask_token).to(device)
-    eval_batches = list(itertools.islice(torch.utils.data.DataLoader(
-        data.held_out, batch_size=t.micro_batch_size, collate_fn=data.collate), t.eval_batches))
+    eval_batches = list(
+        itertools.islice(
+            torch.utils.data.DataLoader(data.held_out, batch_size=t.micro_batch_size, collate_fn=data.collate),
+            t.eval_batches,
+        )
+    )
 
-    step = DistillStep(student, teacher, terms, kernels=cfg.objective.kernels, eps=cfg.diffusion.eps,
-                       shared_vocab_size=cfg.objective.shared_vocab_size)
+    step = DistillStep(
+        student,
+        teacher,
+        terms,
+        kernels=cfg.objective.kernels,
+        eps=cfg.diffusion.eps,
+        shared_vocab_size=cfg.objective.shared_vocab_size,
+    )
     engine = build_engine(plan, ds_config, step, dist)
     accum, micro = t.gradient_accumulation_steps, t.micro_batch_size
     first = 0
@@ -228,19 +277,36 @@ def _distill(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) -
 
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())
     guard = StepGuard(cfg, engine, signals, log)
-    log(f"recipe {cfg.recipe}: {' + '.join(f'{term.weight:g}*{term.name}' for term in terms.terms)}"
+    log(
+        f"recipe {cfg.recipe}: {' + '.join(f'{term.weight:g}*{term.name}' for term in terms.terms)}"
         f"{' (CompDemo)' if terms.comp_demo else ''}; student {n_params / 1e6:.2f}M params; "
         f"{len(data.train)} train / {len(data.held_out)} held-out rows; device {device}; "
-        f"{dist.world} rank(s) x {accum} accumulation x {micro} = global batch {t.global_batch_size}")
+        f"{dist.world} rank(s) x {accum} accumulation x {micro} = global batch {t.global_batch_size}"
+    )
     before = masked_token_loss(student, eval_batches, eps=cfg.diffusion.eps)
     log(f"held-out masked-token loss before: {before:.4f}")
 
-    ranks = RankBatches(data.train, data.collate, step.noise, global_batch=t.global_batch_size, micro_batch=micro,
-                        accumulation=accum, rank=dist.rank, seed=t.seed)
+    ranks = RankBatches(
+        data.train,
+        data.collate,
+        step.noise,
+        global_batch=t.global_batch_size,
+        micro_batch=micro,
+        accumulation=accum,
+        rank=dist.rank,
+        seed=t.seed,
+    )
     micro_batches = Prefetch(ranks.iterate(first, t.steps), depth=t.data_prefetch, pin=device.type == "cuda")
     phases = Phases(device)
-    schedule = build_scheduler(t.scheduler, engine.teacher_targets, device, phases, prefetch=t.teacher_prefetch,
-                               guard=fail_fast, ready=engine.overlap_ready)
+    schedule = build_scheduler(
+        t.scheduler,
+        engine.teacher_targets,
+        device,
+        phases,
+        prefetch=t.teacher_prefetch,
+        guard=fail_fast,
+        ready=engine.overlap_ready,
+    )
     metrics = MetricsLog(cfg.output_dir, enabled=dist.is_main)
     bar = tqdm(range(first, t.steps), desc="distill", dynamic_ncols=True, mininterval=1.0, disable=not dist.is_main)
     start = since_log = time.perf_counter()
@@ -262,8 +328,9 @@ def _distill(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) -
                 record = log_record(i, sums, tokens, engine, phases, time.perf_counter() - since_log, dist)
                 metrics.write(record)
                 history.append(record)
-                bar.set_postfix({"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"},
-                                refresh=False)
+                bar.set_postfix(
+                    {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}, refresh=False
+                )
                 tokens, since_log = 0, time.perf_counter()
             if t.save_every and (i + 1) % t.save_every == 0 and i + 1 < t.steps:
                 saving = time.perf_counter()
@@ -278,7 +345,10 @@ def _distill(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) -
         checkpoint.save(engine, cfg, t.steps, tokenizer)
 
     after = masked_token_loss(student, eval_batches, eps=cfg.diffusion.eps)
-    log(f"held-out masked-token loss after:  {after:.4f} (before {before:.4f}; {t.steps - first} steps in {elapsed:.0f} s)")
+    log(
+        f"held-out masked-token loss after:  {after:.4f} (before {before:.4f}; {t.steps - first} steps in "
+        f"{elapsed:.0f} s)"
+    )
     if teacher is not None:
         log(f"scheduler {t.scheduler}: {schedule.ahead} of {schedule.calls} teacher calls ran under the student's work")
     out = os.path.join(cfg.output_dir, "final")
@@ -286,9 +356,17 @@ def _distill(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) -
         if dist.is_main:
             student.model.save_pretrained(out)
             tokenizer.save_pretrained(out)
-    result = {"heldout_loss_before": before, "heldout_loss_after": after, "steps": t.steps, "seconds": elapsed,
-              "history": history, "student_dir": out, "first_step": first, "world": dist.world,
-              "teacher_calls": {"total": schedule.calls, "overlapped": schedule.ahead}}
+    result = {
+        "heldout_loss_before": before,
+        "heldout_loss_after": after,
+        "steps": t.steps,
+        "seconds": elapsed,
+        "history": history,
+        "student_dir": out,
+        "first_step": first,
+        "world": dist.world,
+        "teacher_calls": {"total": schedule.calls, "overlapped": schedule.ahead},
+    }
     if dist.is_main:
         with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
@@ -317,6 +395,12 @@ def log_record(step: int, sums: dict, tokens: int, engine, phases: Phases, wall:
         stacked[:-1] /= dist.world
     *values, all_tokens = stacked.tolist()
     times = phases.read()
-    return {"step": step, **dict(zip(sums, values)), "lr": engine.lr(), "grad_norm": engine.grad_norm(),
-            "tokens_per_s": all_tokens / max(wall, 1e-9), "time": times,
-            "overlap_fraction": overlap_fraction(times, wall)}
+    return {
+        "step": step,
+        **dict(zip(sums, values)),
+        "lr": engine.lr(),
+        "grad_norm": engine.grad_norm(),
+        "tokens_per_s": all_tokens / max(wall, 1e-9),
+        "time": times,
+        "overlap_fraction": overlap_fraction(times, wall),
+    }

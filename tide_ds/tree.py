@@ -1,8 +1,9 @@
 """The tensors inside the step's dataclasses (Noised, TeacherTargets): map over them, or list them."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -15,8 +16,9 @@ def map_tensors(obj, fn: Callable[[torch.Tensor], torch.Tensor]):
     if isinstance(obj, list):
         return [map_tensors(x, fn) for x in obj]
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: map_tensors(getattr(obj, f.name), fn)
-                                           for f in dataclasses.fields(obj) if f.init})
+        return dataclasses.replace(
+            obj, **{f.name: map_tensors(getattr(obj, f.name), fn) for f in dataclasses.fields(obj) if f.init}
+        )
     return obj
 
 

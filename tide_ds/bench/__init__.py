@@ -1,4 +1,5 @@
 """`tide-ds bench NAME`: benchmarks that print speed and memory figures."""
+
 import importlib
 
 BENCHMARKS = {

@@ -7,6 +7,7 @@ kernel's resident-set high-water mark (VmHWM, reset through /proc/self/clear_ref
 resident set before the call, so it counts every allocation torch makes, gradients included.
 Time is the median over --repeats further calls.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,10 @@ GPU_DEFAULTS = dict(n=4096, h=1024, v=151_936, dtype="bf16", repeats=10)
 CPU_DEFAULTS = dict(n=1024, h=256, v=32_000, dtype="fp32", repeats=3)
 # What the issue asks of the fused op, per device: the size it is stated at, and
 # (time measured against, memory / reference at most, time ratio at most).
-ACCEPTANCE = {"cpu": ("N=2048, H=256, V=151936", "reference", 0.15, 1.0),
-              "cuda": ("N=4096, H=1024, V=151936", "matmul", 0.05, 1.3)}
+ACCEPTANCE = {
+    "cpu": ("N=2048, H=256, V=151936", "reference", 0.15, 1.0),
+    "cuda": ("N=4096, H=1024, V=151936", "matmul", 0.05, 1.3),
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,14 +64,20 @@ def _inputs(op, n, h, v, dtype, device, chunk_len, seed=0):
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     mk = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(device, dtype)  # noqa: E731
-    x = dict(hidden=mk(n, h).requires_grad_(), weight=mk(v, h, scale=h**-0.5).requires_grad_(),
-             targets=torch.randint(0, v, (n,), generator=g).to(device))
+    x = dict(
+        hidden=mk(n, h).requires_grad_(),
+        weight=mk(v, h, scale=h**-0.5).requires_grad_(),
+        targets=torch.randint(0, v, (n,), generator=g).to(device),
+    )
     if op == "calm":
         b = max(1, n // 512) if n % max(1, n // 512) == 0 else 1
         ids = (torch.arange(n // b) // chunk_len).repeat(b, 1)
         num_chunks = int(ids.max()) + 1
-        x.update(chunk_ids=ids.to(device), chunk_mask=torch.ones(b, num_chunks, dtype=torch.bool, device=device),
-                 teacher=(-4 * torch.rand(b, num_chunks, generator=g)).to(device))
+        x.update(
+            chunk_ids=ids.to(device),
+            chunk_mask=torch.ones(b, num_chunks, dtype=torch.bool, device=device),
+            teacher=(-4 * torch.rand(b, num_chunks, generator=g)).to(device),
+        )
     if op == "kl":
         x.update(teacher_hidden=mk(n, h), teacher_weight=mk(v, h, scale=h**-0.5))
     return x
@@ -98,8 +107,16 @@ def _step(variant, op, x, block_rows):
     def step():
         h.grad = w.grad = None
         if op == "calm":
-            loss = fused_calm(h, w, x["targets"].view(x["chunk_ids"].shape), x["chunk_ids"], x["teacher"],
-                              x["chunk_mask"], impl=impl, block_rows=block_rows)
+            loss = fused_calm(
+                h,
+                w,
+                x["targets"].view(x["chunk_ids"].shape),
+                x["chunk_ids"],
+                x["teacher"],
+                x["chunk_mask"],
+                impl=impl,
+                block_rows=block_rows,
+            )
         elif op == "kl":
             loss = fused_kl(h, w, x["teacher_hidden"], x["teacher_weight"], impl=impl, block_rows=block_rows)
         else:
@@ -128,9 +145,31 @@ def _worker(args) -> int:
 
 
 def _run_variant(args, variant: str) -> dict:
-    cmd = [sys.executable, "-m", "tide_ds.cli", "bench", "kernel", "--worker", variant, "--op", args.op,
-           "--n", str(args.n), "--h", str(args.h), "--v", str(args.v), "--dtype", args.dtype,
-           "--device", args.device, "--repeats", str(args.repeats), "--chunk-len", str(args.chunk_len)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tide_ds.cli",
+        "bench",
+        "kernel",
+        "--worker",
+        variant,
+        "--op",
+        args.op,
+        "--n",
+        str(args.n),
+        "--h",
+        str(args.h),
+        "--v",
+        str(args.v),
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+        "--repeats",
+        str(args.repeats),
+        "--chunk-len",
+        str(args.chunk_len),
+    ]
     if args.block_rows:
         cmd += ["--block-rows", str(args.block_rows)]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -149,19 +188,22 @@ def run(args) -> int:
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     name = device_name(args.device)
-    print(f"tide-ds bench kernel: op={args.op} N={args.n} H={args.h} V={args.v} dtype={args.dtype} "
-          f"device={name}")
-    print("peak memory: growth over the inputs during the first forward+backward in a fresh process "
-          + ("(torch.cuda.max_memory_allocated)" if args.device == "cuda" else "(resident set high-water mark, VmHWM)")
-          + f"; time: median of {args.repeats} calls")
+    print(f"tide-ds bench kernel: op={args.op} N={args.n} H={args.h} V={args.v} dtype={args.dtype} device={name}")
+    print(
+        "peak memory: growth over the inputs during the first forward+backward in a fresh process "
+        + ("(torch.cuda.max_memory_allocated)" if args.device == "cuda" else "(resident set high-water mark, VmHWM)")
+        + f"; time: median of {args.repeats} calls"
+    )
     rows = {v: _run_variant(args, v) for v in variants}
     print(f"{'variant':<10} {'time (ms)':>11} {'peak (MiB)':>11}")
     for v, r in rows.items():
         print(f"{v:<10} {1e3 * r['time_s']:>11.1f} {r['peak_bytes'] / 2**20:>11.1f}")
     ratio = lambda a, b, key: rows[a][key] / rows[b][key] if rows[b][key] > 0 else math.inf  # noqa: E731
     if "fused" in rows and "reference" in rows:
-        print(f"fused / reference: time {ratio('fused', 'reference', 'time_s'):.3f}x, "
-              f"peak memory {ratio('fused', 'reference', 'peak_bytes'):.3f}x")
+        print(
+            f"fused / reference: time {ratio('fused', 'reference', 'time_s'):.3f}x, "
+            f"peak memory {ratio('fused', 'reference', 'peak_bytes'):.3f}x"
+        )
     if "fused" in rows and "matmul" in rows:
         print(f"fused / matmul:    time {ratio('fused', 'matmul', 'time_s'):.3f}x")
     size, against, mem_max, time_max = ACCEPTANCE[args.device]
@@ -169,8 +211,10 @@ def run(args) -> int:
         mem = ratio("fused", "reference", "peak_bytes")
         tim = ratio("fused", against, "time_s")
         ok = mem <= mem_max and tim <= time_max
-        print(f"acceptance ({args.device}, stated at {size}): memory {mem:.3f}x <= {mem_max}x reference, "
-              f"time {tim:.3f}x <= {time_max}x {against}: {'met' if ok else 'NOT met'}")
+        print(
+            f"acceptance ({args.device}, stated at {size}): memory {mem:.3f}x <= {mem_max}x reference, "
+            f"time {tim:.3f}x <= {time_max}x {against}: {'met' if ok else 'NOT met'}"
+        )
     if args.csv:
         new = not args.csv.exists()
         with args.csv.open("a", newline="") as f:
@@ -178,6 +222,17 @@ def run(args) -> int:
             if new:
                 out.writerow(["op", "variant", "n", "h", "v", "dtype", "device", "time_ms", "peak_mib"])
             for v, r in rows.items():
-                out.writerow([args.op, v, args.n, args.h, args.v, args.dtype, name,
-                              f"{1e3 * r['time_s']:.2f}", f"{r['peak_bytes'] / 2**20:.1f}"])
+                out.writerow(
+                    [
+                        args.op,
+                        v,
+                        args.n,
+                        args.h,
+                        args.v,
+                        args.dtype,
+                        name,
+                        f"{1e3 * r['time_s']:.2f}",
+                        f"{r['peak_bytes'] / 2**20:.1f}",
+                    ]
+                )
     return 0

@@ -1,4 +1,5 @@
 """What the benchmarks share: peak memory growth and time of one call, and the device's name."""
+
 from __future__ import annotations
 
 import gc

@@ -6,6 +6,7 @@ projection dominates as it does at scale. The batch, its noise and the teacher's
 before the timed call; what is timed is `DistillStep.loss` and its backward. Each variant runs in
 a fresh process; peak memory is the growth during the first call (see `tide_ds.bench.measure`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=4)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per variant")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="objective.kernels values to run: "
-                   + ",".join(VARIANTS) + " (twin also accepted)")
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="objective.kernels values to run: " + ",".join(VARIANTS) + " (twin also accepted)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
 
 
@@ -40,9 +44,18 @@ def _model(hidden: int, vocab: int, layers: int, seed: int):
 
     torch.manual_seed(seed)
     heads = max(1, hidden // 64)
-    cfg = AutoConfig.for_model("qwen3", vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                               head_dim=hidden // heads, max_position_embeddings=8192, tie_word_embeddings=False)
+    cfg = AutoConfig.for_model(
+        "qwen3",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    )
     return AutoModelForCausalLM.from_config(cfg)
 
 
@@ -71,8 +84,12 @@ def _worker(args) -> dict:
 
     peak = peak_growth(call, args.device)
     times = [timed(call, args.device) for _ in range(args.repeats)]
-    return {"variant": args.worker, "time_s": statistics.median(times), "peak_bytes": peak,
-            "masked_rows": int(noised.masked.sum())}
+    return {
+        "variant": args.worker,
+        "time_s": statistics.median(times),
+        "peak_bytes": peak,
+        "masked_rows": int(noised.masked.sum()),
+    }
 
 
 def run(args) -> int:
@@ -85,10 +102,14 @@ def run(args) -> int:
     if args.recipe not in RECIPES:
         raise SystemExit(f"unknown recipe {args.recipe!r}; choose one of {', '.join(RECIPES)}")
     variants = [v for v in args.variants.split(",") if v]
-    print(f"tide-ds bench step: recipe={args.recipe} b={args.batch} l={args.length} H={args.hidden} "
-          f"V={args.vocab} layers={args.layers} device={device_name(args.device)}")
-    print(f"student loss forward+backward; time: median of {args.repeats} calls; peak memory: growth during the "
-          "first call in a fresh process")
+    print(
+        f"tide-ds bench step: recipe={args.recipe} b={args.batch} l={args.length} H={args.hidden} "
+        f"V={args.vocab} layers={args.layers} device={device_name(args.device)}"
+    )
+    print(
+        f"student loss forward+backward; time: median of {args.repeats} calls; peak memory: growth during the "
+        "first call in a fresh process"
+    )
     rows = {}
     for v in variants:
         cmd = [sys.executable, "-m", "tide_ds.cli", "bench", "step", "--worker", v]
@@ -105,6 +126,8 @@ def run(args) -> int:
     if "reference" in rows:
         for v, r in rows.items():
             if v != "reference":
-                print(f"{v} / reference: time {r['time_s'] / rows['reference']['time_s']:.3f}x, peak memory "
-                      f"{r['peak_bytes'] / max(rows['reference']['peak_bytes'], 1):.3f}x")
+                print(
+                    f"{v} / reference: time {r['time_s'] / rows['reference']['time_s']:.3f}x, peak memory "
+                    f"{r['peak_bytes'] / max(rows['reference']['peak_bytes'], 1):.3f}x"
+                )
     return 0

@@ -17,6 +17,7 @@ inputs already built). On CPU it is the process's resident set size, sampled eve
 from /proc/self/statm in a thread (and checked against getrusage's maximum); on CUDA it is
 torch.cuda.max_memory_allocated.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--full", action="store_true", help="also run the full-logits variant (large)")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # worker mode
-    p.add_argument("--placement", choices=("replicate", "zero3", "expert_parallel", "tensor_parallel", "megatron"),
-                   help="run the CALM call on --ranks ranks with the teacher placed so")
+    p.add_argument(
+        "--placement",
+        choices=("replicate", "zero3", "expert_parallel", "tensor_parallel", "megatron"),
+        help="run the CALM call on --ranks ranks with the teacher placed so",
+    )
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--tp-size", type=int, default=1)
     p.add_argument("--ep-size", type=int, default=1)
@@ -59,9 +63,13 @@ def run(args) -> int:
         return 0
     device = resolve_device(args.device)
     full_bytes = args.batch * args.length * args.vocab * 4
-    print(f"CALM teacher call: b={args.batch} l={args.length} V={args.vocab:,}, LLaDA2-style teacher "
-          f"(hidden {args.hidden}, {args.layers} layers), device {device}")
-    print(f"full fp32 logits b*l*V*4 = {full_bytes / 2**20:,.1f} MiB; budget (10%) = {full_bytes / 2**20 / 10:,.1f} MiB")
+    print(
+        f"CALM teacher call: b={args.batch} l={args.length} V={args.vocab:,}, LLaDA2-style teacher "
+        f"(hidden {args.hidden}, {args.layers} layers), device {device}"
+    )
+    print(
+        f"full fp32 logits b*l*V*4 = {full_bytes / 2**20:,.1f} MiB; budget (10%) = {full_bytes / 2**20 / 10:,.1f} MiB"
+    )
     print(f"{'variant':<8} {'peak extra MiB':>15} {'% of full logits':>17} {'seconds':>8}")
     results = {}
     for variant in VARIANTS if args.full else VARIANTS[:2]:
@@ -69,8 +77,10 @@ def run(args) -> int:
         results[variant] = r
         print(f"{variant:<8} {r['extra'] / 2**20:>15,.1f} {100 * r['extra'] / full_bytes:>16.2f}% {r['seconds']:>8.2f}")
     calm = results["calm"]["extra"] / full_bytes
-    print(f"CALM call peak extra memory is {100 * calm:.2f}% of full fp32 logits "
-          f"({'under' if calm < 0.1 else 'OVER'} the 10% budget); measured as {results['calm']['how']}")
+    print(
+        f"CALM call peak extra memory is {100 * calm:.2f}% of full fp32 logits "
+        f"({'under' if calm < 0.1 else 'OVER'} the 10% budget); measured as {results['calm']['how']}"
+    )
     return 0
 
 

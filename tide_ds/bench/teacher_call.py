@@ -1,5 +1,6 @@
 """The teacher benchmark's model, inputs and CALM call, and its CPU peak-memory sampler: the same for
 one process (`tide-ds bench teacher`) and for placed ranks (`tide-ds bench teacher --placement`)."""
+
 from __future__ import annotations
 
 import os
@@ -18,11 +19,22 @@ def bench_teacher(args, device, seed: int = 0):
     torch.manual_seed(0)
     heads = max(2, args.hidden // 16)
     # 16 experts in 4 groups, top 4 of the best 2 groups: a shape every MoE placement takes
-    config = LLaDA2MoeConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                             num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
-                             head_dim=args.hidden // heads, num_experts=16, num_experts_per_tok=4, n_group=4,
-                             topk_group=2, moe_intermediate_size=args.hidden // 2, mask_token_id=args.vocab - 1,
-                             pad_token_id=0)
+    config = LLaDA2MoeConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        head_dim=args.hidden // heads,
+        num_experts=16,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        moe_intermediate_size=args.hidden // 2,
+        mask_token_id=args.vocab - 1,
+        pad_token_id=0,
+    )
     teacher = LLaDA2Teacher(LLaDA2MoeModelLM(config), config.mask_token_id).to(device)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, args.vocab - 1, (args.batch, args.length), generator=g).to(device)
@@ -35,8 +47,9 @@ def calm_call(teacher, ids, targets, block_rows=None):
     from tide_ds.kernels import target_logprobs
 
     hidden = teacher.hidden_states(ids)
-    return target_logprobs(hidden.flatten(0, 1), teacher.output_weight, targets.flatten(),
-                           bias=teacher.output_bias, block_rows=block_rows)[0]
+    return target_logprobs(
+        hidden.flatten(0, 1), teacher.output_weight, targets.flatten(), bias=teacher.output_bias, block_rows=block_rows
+    )[0]
 
 
 def _rss() -> int:

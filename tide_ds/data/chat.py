@@ -5,6 +5,7 @@ Each side renders the conversation with its own template; every message's conten
 in the rendered text, so that alignment can stay inside text known to be the same on both sides.
 Rows that cannot be used raise `SkipRow` with a short reason that the report counts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -103,8 +104,9 @@ def render_text(text: str) -> Rendered:
     return Rendered(text, [(0, n)], [(0, n)], append_eos=True)
 
 
-def render_pair(messages: list[dict[str, str]], student: tuple, teacher: tuple,
-                supervise: str = "all_turns") -> tuple[Rendered, Rendered]:
+def render_pair(
+    messages: list[dict[str, str]], student: tuple, teacher: tuple, supervise: str = "all_turns"
+) -> tuple[Rendered, Rendered]:
     """Renders `messages` for both sides; `student` and `teacher` are (tokenizer, template) pairs.
     `supervise`: "all_turns" (every response turn is trained on) or "last_turn" (only the last; the
     earlier messages are all prompt, as in the paper's runs).

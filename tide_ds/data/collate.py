@@ -1,7 +1,9 @@
 """Batches of prepared rows (from `tide-ds prepare`) as the tensors the training step reads."""
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -26,8 +28,14 @@ class Collator:
       num_chunks              int: the most chunks of any row (ids run 0..n-1 per row)
     """
 
-    def __init__(self, student_eos_id: int, student_pad_to_multiple: int, teacher_pad_id: int,
-                 train_on_padding: bool = True, eos_padding: str = "batch"):
+    def __init__(
+        self,
+        student_eos_id: int,
+        student_pad_to_multiple: int,
+        teacher_pad_id: int,
+        train_on_padding: bool = True,
+        eos_padding: str = "batch",
+    ):
         if student_pad_to_multiple < 1:
             raise ValueError(f"student_pad_to_multiple must be >= 1 (the block size), got {student_pad_to_multiple}")
         if eos_padding not in ("batch", "block"):
@@ -62,8 +70,9 @@ class Collator:
             "chunk_ids": _pad(chunk_ids, length, -1),
             "teacher_input_ids": _pad(teacher_ids, teacher_length, self.teacher_pad_id),
             "teacher_chunk_ids": _pad(column("teacher_chunk_ids"), teacher_length, -1),
-            "teacher_attention_mask": _pad([torch.ones(len(x), dtype=torch.bool) for x in teacher_ids],
-                                           teacher_length, False),
+            "teacher_attention_mask": _pad(
+                [torch.ones(len(x), dtype=torch.bool) for x in teacher_ids], teacher_length, False
+            ),
             "num_chunks": max(int(row["num_chunks"]) for row in rows),
         }
 

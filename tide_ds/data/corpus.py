@@ -3,6 +3,7 @@
 Also reads plain text files or directories. Files are split into train / held-out by a stable hash
 of their path, tokenized once, joined with EOS and cut into fixed windows.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -53,8 +54,12 @@ def train_tokenizer(files: list[Path], vocab_size: int, out_dir: str) -> PreTrai
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, MASK],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, MASK],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator((read_text(p) for p in files), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, mask_token=MASK)
     fast.save_pretrained(out_dir)

@@ -6,6 +6,7 @@ contents into chunks, truncates both sides consistently, and writes a `save_to_d
 `prepare_report.json` (rows kept, rows dropped and why, chunk statistics). Training reads the result
 with `load_prepared` and never tokenizes again. See docs/prepare.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,7 +59,9 @@ def validate(cfg: PrepareConfig) -> None:
         if not os.path.exists(path):
             raise ConfigError(f"data file not found: {path} (fix data_files)")
         if os.path.isfile(path) and not path.endswith(JSON_SUFFIXES + (".parquet",)):
-            raise ConfigError(f"data file {path}: unknown format; use .jsonl, .json, .parquet or a save_to_disk directory")
+            raise ConfigError(
+                f"data file {path}: unknown format; use .jsonl, .json, .parquet or a save_to_disk directory"
+            )
     checks = [
         (bool(cfg.data_files), "data_files is empty; list the .jsonl / .json / .parquet files or dataset directories"),
         (cfg.student.max_length >= 1, "student.max_length must be >= 1"),
@@ -72,7 +75,9 @@ def validate(cfg: PrepareConfig) -> None:
             raise ConfigError(message)
     for side in ("student", "teacher"):
         if not os.path.isdir(getattr(cfg, side).tokenizer):
-            raise ConfigError(f"{side}.tokenizer not found: {getattr(cfg, side).tokenizer} (give a tokenizer directory)")
+            raise ConfigError(
+                f"{side}.tokenizer not found: {getattr(cfg, side).tokenizer} (give a tokenizer directory)"
+            )
     if os.path.exists(cfg.output_dir) and os.listdir(cfg.output_dir) and not cfg.overwrite:
         raise ConfigError(f"output_dir {cfg.output_dir} is not empty; choose another or set overwrite=true")
 
@@ -96,22 +101,40 @@ def prepare(cfg: PrepareConfig) -> dict:
             sources.append((path, rows))
         outputs = []
         for i, (path, rows) in enumerate(sources):
-            preparer = RowPreparer(cfg.column, _side_spec(cfg.student), _side_spec(cfg.teacher), (student, teacher),
-                                   supervise=cfg.supervise)
-            outputs.append(rows.map(
-                preparer, batched=True, batch_size=cfg.batch_size, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
-                remove_columns=rows.column_names, features=_output_features(),
-                cache_file_name=os.path.join(tmp, f"prepared-{i}.arrow"), desc=f"prepare {os.path.basename(path)}"))
+            preparer = RowPreparer(
+                cfg.column,
+                _side_spec(cfg.student),
+                _side_spec(cfg.teacher),
+                (student, teacher),
+                supervise=cfg.supervise,
+            )
+            outputs.append(
+                rows.map(
+                    preparer,
+                    batched=True,
+                    batch_size=cfg.batch_size,
+                    num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+                    remove_columns=rows.column_names,
+                    features=_output_features(),
+                    cache_file_name=os.path.join(tmp, f"prepared-{i}.arrow"),
+                    desc=f"prepare {os.path.basename(path)}",
+                )
+            )
         prepared = datasets.concatenate_datasets(outputs)
         report = _report(prepared, cfg, student, teacher)
         if report["kept"] == 0:
             dropped = ", ".join(f"{k} {v}" for k, v in report["dropped"].items()) or "no rows read"
-            raise ConfigError(f"prepare kept 0 of {report['rows']} rows ({dropped}); nothing written to "
-                              f"{cfg.output_dir}: check data_files and column, or raise student/teacher.max_length")
-        report["tokenizers"] = {"student": vocab_fingerprint(student.tokenizer),
-                                "teacher": vocab_fingerprint(teacher.tokenizer)}
-        kept = prepared.filter(lambda reasons: [r == "" for r in reasons], input_columns=["skip_reason"],
-                               batched=True, keep_in_memory=True).remove_columns(list(STAT_COLUMNS))
+            raise ConfigError(
+                f"prepare kept 0 of {report['rows']} rows ({dropped}); nothing written to "
+                f"{cfg.output_dir}: check data_files and column, or raise student/teacher.max_length"
+            )
+        report["tokenizers"] = {
+            "student": vocab_fingerprint(student.tokenizer),
+            "teacher": vocab_fingerprint(teacher.tokenizer),
+        }
+        kept = prepared.filter(
+            lambda reasons: [r == "" for r in reasons], input_columns=["skip_reason"], batched=True, keep_in_memory=True
+        ).remove_columns(list(STAT_COLUMNS))
         if os.path.exists(cfg.output_dir):
             shutil.rmtree(cfg.output_dir)
         kept.save_to_disk(cfg.output_dir)
@@ -123,15 +146,15 @@ def prepare(cfg: PrepareConfig) -> dict:
 
 def load_prepared(path: str):
     """The prepared dataset at `path` (from `tide-ds prepare`), checked for its columns."""
-    import datasets
 
     if not os.path.isdir(path):
         raise ConfigError(f"prepared dataset not found: {path} (run `tide-ds prepare --config FILE` first)")
     data = _load_from_disk(path)
     missing = [c for c in OUTPUT_COLUMNS if c not in data.column_names]
     if missing:
-        raise ConfigError(f"{path} is not a prepared dataset (missing columns {', '.join(missing)}); "
-                          "make it with `tide-ds prepare`")
+        raise ConfigError(
+            f"{path} is not a prepared dataset (missing columns {', '.join(missing)}); make it with `tide-ds prepare`"
+        )
     return data
 
 
@@ -141,8 +164,10 @@ def _load_from_disk(path: str):
     try:
         return datasets.load_from_disk(path)
     except FileNotFoundError:
-        raise ConfigError(f"{path} is a directory but not a saved dataset (no save_to_disk files in it); give "
-                          f".jsonl / .json / .parquet files or a directory written by save_to_disk") from None
+        raise ConfigError(
+            f"{path} is a directory but not a saved dataset (no save_to_disk files in it); give "
+            f".jsonl / .json / .parquet files or a directory written by save_to_disk"
+        ) from None
 
 
 def vocab_fingerprint(tokenizer) -> str:
@@ -171,7 +196,8 @@ def _load_sides(cfg: PrepareConfig) -> tuple[Side, Side]:
             first = next(i for i in range(n) if s_table[i] != t_table[i])
             raise ConfigError(
                 f"pipeline 'shared' needs one vocabulary, but id {first} is {s_table[first]!r} for the student and "
-                f"{t_table[first]!r} for the teacher; use pipeline=cross for different tokenizers")
+                f"{t_table[first]!r} for the teacher; use pipeline=cross for different tokenizers"
+            )
     return student, teacher
 
 
@@ -205,11 +231,15 @@ def _pick_columns(path: str, columns, wanted: str) -> list[str]:
     if wanted == "auto":
         present = [name for name in AUTO_COLUMNS if name in columns]
         if not present:
-            raise ConfigError(f"{path} has neither a 'messages' nor a 'text' column "
-                              f"(columns: {', '.join(columns) or 'none'}); set column=NAME")
+            raise ConfigError(
+                f"{path} has neither a 'messages' nor a 'text' column "
+                f"(columns: {', '.join(columns) or 'none'}); set column=NAME"
+            )
         return present
     if wanted not in columns:
-        raise ConfigError(f"column '{wanted}' not found in {path} (columns: {', '.join(columns) or 'none'}); set column=NAME")
+        raise ConfigError(
+            f"column '{wanted}' not found in {path} (columns: {', '.join(columns) or 'none'}); set column=NAME"
+        )
     return [wanted]
 
 
@@ -232,7 +262,9 @@ def _json_list(path: str) -> list:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); use a list of rows, or JSONL with one row per line") from None
+        raise ConfigError(
+            f"{path} is not valid JSON ({e}); use a list of rows, or JSONL with one row per line"
+        ) from None
     if not isinstance(rows, list):
         raise ConfigError(f"{path} must hold a JSON list of rows, not a {type(rows).__name__}")
     return rows
@@ -259,12 +291,22 @@ def _output_features():
     from datasets import Features, List, Value
 
     ids = List(Value("int32"))
-    return Features({
-        "input_ids": ids, "labels": ids, "chunk_ids": ids, "teacher_input_ids": ids, "teacher_chunk_ids": ids,
-        "num_chunks": Value("int32"), "skip_reason": Value("string"), "response_bytes": Value("int64"),
-        "chunk_bytes": Value("int64"), "chunk_tokens": Value("int64"), "teacher_chunk_tokens": Value("int64"),
-        "truncated": Value("bool"),
-    })
+    return Features(
+        {
+            "input_ids": ids,
+            "labels": ids,
+            "chunk_ids": ids,
+            "teacher_input_ids": ids,
+            "teacher_chunk_ids": ids,
+            "num_chunks": Value("int32"),
+            "skip_reason": Value("string"),
+            "response_bytes": Value("int64"),
+            "chunk_bytes": Value("int64"),
+            "chunk_tokens": Value("int64"),
+            "teacher_chunk_tokens": Value("int64"),
+            "truncated": Value("bool"),
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,13 +336,17 @@ def _report(prepared, cfg: PrepareConfig, student: Side, teacher: Side) -> dict:
         "tokens": {"student": tokens("input_ids"), "teacher": tokens("teacher_input_ids")},
         "chunks": chunks,
         "mean_chunk_bytes": round(chunk_bytes / chunks, 3) if chunks else 0.0,
-        "mean_chunk_tokens": {"student": round(total("chunk_tokens") / chunks, 3) if chunks else 0.0,
-                              "teacher": round(total("teacher_chunk_tokens") / chunks, 3) if chunks else 0.0},
+        "mean_chunk_tokens": {
+            "student": round(total("chunk_tokens") / chunks, 3) if chunks else 0.0,
+            "teacher": round(total("teacher_chunk_tokens") / chunks, 3) if chunks else 0.0,
+        },
         "response_bytes": response_bytes,
         "chunk_bytes": chunk_bytes,
         "response_bytes_covered": round(chunk_bytes / response_bytes, 4) if response_bytes else 0.0,
         "student_eos_id": student.eos_id,
-        "teacher_pad_id": teacher.tokenizer.pad_token_id if teacher.tokenizer.pad_token_id is not None else teacher.eos_id,
+        "teacher_pad_id": teacher.tokenizer.pad_token_id
+        if teacher.tokenizer.pad_token_id is not None
+        else teacher.eos_id,
         "config": dataclasses.asdict(cfg),
     }
 
@@ -319,7 +365,9 @@ def run(args: argparse.Namespace) -> int:
     report = prepare(cfg)
     dropped = ", ".join(f"{k} {v}" for k, v in report["dropped"].items()) or "none"
     print(f"kept {report['kept']} of {report['rows']} rows (dropped: {dropped}; truncated {report['truncated']})")
-    print(f"{report['chunks']} chunks, {report['mean_chunk_bytes']} bytes each on average, "
-          f"{report['response_bytes_covered']:.1%} of response bytes covered")
+    print(
+        f"{report['chunks']} chunks, {report['mean_chunk_bytes']} bytes each on average, "
+        f"{report['response_bytes_covered']:.1%} of response bytes covered"
+    )
     print(f"wrote {cfg.output_dir} and {os.path.join(cfg.output_dir, REPORT_NAME)}")
     return 0

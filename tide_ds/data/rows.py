@@ -3,6 +3,7 @@
 `RowPreparer` is the function `datasets.map` runs on batches of data rows; `align_row` is the
 per-row step (after tokenization) that the alignment benchmark times.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,11 +29,11 @@ class Side:
     max_length: int
 
     @classmethod
-    def of(cls, tokenizer, chat_template: str | None, max_length: int) -> "Side":
+    def of(cls, tokenizer, chat_template: str | None, max_length: int) -> Side:
         return cls(tokenizer, TokenBytes(tokenizer), _template(tokenizer, chat_template), max_length)
 
     @classmethod
-    def load(cls, path: str, chat_template: str | None, max_length: int) -> "Side":
+    def load(cls, path: str, chat_template: str | None, max_length: int) -> Side:
         tokenizer, token_bytes = _load_tokenizer(path)
         return cls(tokenizer, token_bytes, _template(tokenizer, chat_template), max_length)
 
@@ -73,8 +74,9 @@ class PreparedRow:
     truncated: bool
 
 
-def align_row(student: Side, s_rendered: Rendered, s_ids: list[int],
-              teacher: Side, t_rendered: Rendered, t_ids: list[int]) -> PreparedRow:
+def align_row(
+    student: Side, s_rendered: Rendered, s_ids: list[int], teacher: Side, t_rendered: Rendered, t_ids: list[int]
+) -> PreparedRow:
     """Aligns the response contents of one row, labels the student, truncates both sides."""
     s_place = student.token_bytes.place(s_rendered.text, s_ids)
     t_place = teacher.token_bytes.place(t_rendered.text, t_ids)
@@ -123,8 +125,12 @@ def align_row(student: Side, s_rendered: Rendered, s_ids: list[int],
     s_lengths = (s_place.end - s_place.start)[:s_cut]
     cut_byte = int(s_place.end[s_cut - 1]) if s_cut else 0
     return PreparedRow(
-        input_ids=s_ids[:s_cut], labels=labels[:s_cut], chunk_ids=s_chunks,
-        teacher_input_ids=t_ids[:t_cut], teacher_chunk_ids=t_chunks, num_chunks=int(kept.sum()),
+        input_ids=s_ids[:s_cut],
+        labels=labels[:s_cut],
+        chunk_ids=s_chunks,
+        teacher_input_ids=t_ids[:t_cut],
+        teacher_chunk_ids=t_chunks,
+        num_chunks=int(kept.sum()),
         response_bytes=sum(max(0, min(e, cut_byte) - s) for s, e in s_rendered.contents),
         chunk_bytes=int(s_lengths[s_chunks >= 0].sum()),
         truncated=s_cut < len(s_ids) or t_cut < len(t_ids),
@@ -192,8 +198,14 @@ class RowPreparer:
     tokenizers once, on first use.
     """
 
-    def __init__(self, column: str, student: dict, teacher: dict, loaded: tuple[Side, Side] | None = None,
-                 supervise: str = "all_turns"):
+    def __init__(
+        self,
+        column: str,
+        student: dict,
+        teacher: dict,
+        loaded: tuple[Side, Side] | None = None,
+        supervise: str = "all_turns",
+    ):
         self.column = column
         self.supervise = supervise  # "all_turns" or "last_turn" (render_pair)
         self.student_spec, self.teacher_spec = student, teacher  # Side.load keyword arguments
@@ -236,8 +248,12 @@ class RowPreparer:
         conversation = conversation_of(row, self.column)
         if isinstance(conversation, str):
             return render_text(conversation), render_text(conversation)
-        return render_pair(conversation, (student.tokenizer, student.template), (teacher.tokenizer, teacher.template),
-                           supervise=self.supervise)
+        return render_pair(
+            conversation,
+            (student.tokenizer, student.template),
+            (teacher.tokenizer, teacher.template),
+            supervise=self.supervise,
+        )
 
 
 def _parse_row(batch: dict[str, list], i: int) -> dict:

@@ -10,11 +10,13 @@ exactly the data and noise of an uninterrupted one.
 
 `Prefetch` runs the building on a background thread, a bounded queue ahead of the loop.
 """
+
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -25,20 +27,37 @@ from tide_ds.tree import map_tensors
 
 def batches_per_epoch(rows: int, global_batch: int) -> int:
     if rows < global_batch:
-        raise ConfigError(f"the global batch ({global_batch}) is larger than the training set ({rows} rows); "
-                          f"lower train.micro_batch_size or train.gradient_accumulation_steps, or add data")
+        raise ConfigError(
+            f"the global batch ({global_batch}) is larger than the training set ({rows} rows); "
+            f"lower train.micro_batch_size or train.gradient_accumulation_steps, or add data"
+        )
     return rows // global_batch
 
 
 class RankBatches:
     """This rank's noised micro-batches (CPU tensors), in order, from a given step on."""
 
-    def __init__(self, dataset, collate: Callable[[list], dict], noise: Callable[..., Any], *,
-                 global_batch: int, micro_batch: int, accumulation: int, rank: int, seed: int):
+    def __init__(
+        self,
+        dataset,
+        collate: Callable[[list], dict],
+        noise: Callable[..., Any],
+        *,
+        global_batch: int,
+        micro_batch: int,
+        accumulation: int,
+        rank: int,
+        seed: int,
+    ):
         self.per_epoch = batches_per_epoch(len(dataset), global_batch)
         self.dataset, self.collate, self.noise = dataset, collate, noise
         self.global_batch, self.micro, self.accum, self.rank, self.seed = (
-            global_batch, micro_batch, accumulation, rank, seed)
+            global_batch,
+            micro_batch,
+            accumulation,
+            rank,
+            seed,
+        )
         self._epoch, self._order = -1, None
 
     def order(self, epoch: int) -> torch.Tensor:

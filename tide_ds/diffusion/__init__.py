@@ -2,6 +2,7 @@
 
 Every recipe uses these functions; no objective re-implements them.
 """
+
 from tide_ds.diffusion.layout import (
     Pattern,
     additive,

@@ -12,18 +12,22 @@ only the halves swap places.
 With a single block the x_0 half is never read by x_t, so callers may drop it (plain bidirectional
 masked diffusion); `bd3lm_inputs` does so.
 """
+
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
 Order = Literal["xt_x0", "x0_xt"]
 
 
-def bd3lm_rule(length: int, block_size: int, order: Order = "xt_x0") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def bd3lm_rule(
+    length: int, block_size: int, order: Order = "xt_x0"
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The mask rule as a function of (query index, key index) into the 2*length layout.
 
     Works on any broadcastable integer tensors: index grids for a dense mask, or the scalar
@@ -53,15 +57,16 @@ def bd3lm_attention_mask(length: int, block_size: int, device=None, order: Order
     return bd3lm_rule(length, block_size, order)(idx[:, None], idx[None, :])
 
 
-def bd3lm_additive_mask(length: int, block_size: int, dtype: torch.dtype, device=None,
-                        two_halves: bool = True, order: Order = "xt_x0") -> torch.Tensor:
+def bd3lm_additive_mask(
+    length: int, block_size: int, dtype: torch.dtype, device=None, two_halves: bool = True, order: Order = "xt_x0"
+) -> torch.Tensor:
     """The same mask as a [1, 1, L, L] additive float mask (0 / dtype min), the form SDPA and eager
     attention in transformers both read correctly. `two_halves=False` gives the single-block case
     (the noisy half alone)."""
     allowed = bd3lm_attention_mask(length, block_size, device=device, order=order)
     if not two_halves:
         start = 0 if order == "xt_x0" else length
-        allowed = allowed[start:start + length, start:start + length]
+        allowed = allowed[start : start + length, start : start + length]
     return additive(allowed, dtype)[None, None]
 
 
@@ -91,8 +96,16 @@ def clean_prefix(length: int, block_size: int) -> Pattern:
     return Pattern(length, block_size, "xt_x0", offset=length)
 
 
-def attention_mask(backend: str, pattern: Pattern | None, q_len: int, kv_len: int, *, dtype: torch.dtype,
-                   device: torch.device, key_padding: torch.Tensor | None = None):
+def attention_mask(
+    backend: str,
+    pattern: Pattern | None,
+    q_len: int,
+    kv_len: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    key_padding: torch.Tensor | None = None,
+):
     """The mask object an attention backend reads for `pattern` (None: every query sees every key).
 
     sdpa: additive float [1 or b, 1, q_len, kv_len]; flex: a FlexAttention BlockMask with the rule
@@ -124,22 +137,25 @@ def _dense_mask(pattern: Pattern | None, q_len: int, kv_len: int, dtype: torch.d
     return additive(pattern.rule()(q, k), dtype)[None, None]
 
 
-def _block_mask(pattern: Pattern | None, q_len: int, kv_len: int, device: torch.device,
-                keep: torch.Tensor | None = None):
+def _block_mask(
+    pattern: Pattern | None, q_len: int, kv_len: int, device: torch.device, keep: torch.Tensor | None = None
+):
     from torch.nn.attention.flex_attention import create_block_mask
 
     rule = pattern.rule() if pattern is not None else (lambda q, k: q >= 0)
     if keep is None:
         return create_block_mask(lambda b, h, q, k: rule(q, k), None, None, q_len, kv_len, device=device)
-    return create_block_mask(lambda b, h, q, k: rule(q, k) & keep[b, k], keep.shape[0], None, q_len, kv_len,
-                             device=device)
+    return create_block_mask(
+        lambda b, h, q, k: rule(q, k) & keep[b, k], keep.shape[0], None, q_len, kv_len, device=device
+    )
 
 
 _cached_block_mask = functools.lru_cache(maxsize=16)(_block_mask)
 
 
-def bd3lm_inputs(x_t: torch.Tensor, x_0: torch.Tensor, block_size: int,
-                 order: Order = "xt_x0") -> tuple[torch.Tensor, torch.Tensor, bool]:
+def bd3lm_inputs(
+    x_t: torch.Tensor, x_0: torch.Tensor, block_size: int, order: Order = "xt_x0"
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Builds (input_ids, position_ids, two_halves) for a block-diffusion model.
 
     input_ids is [x_t ; x_0] (or [x_0 ; x_t]) along the sequence ([b, 2l]) with position ids

@@ -3,11 +3,12 @@
 alpha(t) = 1 - t, so each maskable token is masked independently with probability t, and the
 ELBO weight is w(t) = -alpha'(t) / (1 - alpha(t)) = 1 / t.
 """
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -26,8 +27,9 @@ class RowStreams:
         if shape[0] != len(self.keys):
             raise ValueError(f"RowStreams has {len(self.keys)} rows, asked for a draw of shape {tuple(shape)}")
         k, self.draws = self.draws, self.draws + 1
-        rows = [torch.rand(tuple(shape[1:]), generator=torch.Generator().manual_seed(mix_seed(key, k)))
-                for key in self.keys]
+        rows = [
+            torch.rand(tuple(shape[1:]), generator=torch.Generator().manual_seed(mix_seed(key, k))) for key in self.keys
+        ]
         return torch.stack(rows).to(device)
 
 
@@ -44,8 +46,9 @@ def uniform(shape, generator: torch.Generator | RowStreams | None = None, device
     return torch.rand(shape, generator=generator, device=device)
 
 
-def sample_t(batch: int, eps: float = 1e-3, generator: torch.Generator | RowStreams | None = None,
-             device=None) -> torch.Tensor:
+def sample_t(
+    batch: int, eps: float = 1e-3, generator: torch.Generator | RowStreams | None = None, device=None
+) -> torch.Tensor:
     """t ~ U[eps, 1), one per sequence, fp32 [batch]."""
     u = uniform((batch,), generator, device)
     return eps + (1.0 - eps) * u

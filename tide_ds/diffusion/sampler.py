@@ -10,6 +10,7 @@ masked positions; temperature 0 picks the argmax token. A finished block is run 
 clean context and appended to the cache, so no position is ever encoded twice as context.
 The prompt is never changed: its tokens are never masked, so never selected.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,7 +36,8 @@ def check_length(prompt_len: int, max_new_tokens: int, limit: int) -> None:
         raise ConfigError(
             f"the prompt is {prompt_len} tokens and {max_new_tokens} new tokens were asked for: "
             f"{prompt_len + max_new_tokens} > the model's limit of {limit} positions (max_position_embeddings); "
-            f"shorten the prompt or ask for at most {max(limit - prompt_len, 0)} new tokens")
+            f"shorten the prompt or ask for at most {max(limit - prompt_len, 0)} new tokens"
+        )
 
 
 @torch.no_grad()
@@ -85,8 +87,13 @@ def generate(
     cache = DynamicCache(config=student.model.config)
 
     def extend(ids, pos, pattern=None):
-        return student.extend(ids, pos, cache, pattern,
-                              key_padding=None if real is None else real[:, :cache.get_seq_length() + ids.shape[1]])
+        return student.extend(
+            ids,
+            pos,
+            cache,
+            pattern,
+            key_padding=None if real is None else real[:, : cache.get_seq_length() + ids.shape[1]],
+        )
 
     first = prompt_len // block  # the block the answer starts in (it may also hold prompt tokens)
     if first > 0:  # the prompt's whole blocks: clean context, block-causal among themselves
@@ -108,8 +115,9 @@ def generate(
     return x[:, pad:]
 
 
-def fill_most_confident(student, hidden: torch.Tensor, ids: torch.Tensor, count: int, temperature: float,
-                        generator: torch.Generator | None) -> torch.Tensor:
+def fill_most_confident(
+    student, hidden: torch.Tensor, ids: torch.Tensor, count: int, temperature: float, generator: torch.Generator | None
+) -> torch.Tensor:
     """`ids` with its `count` most confident masked positions filled (per row).
 
     Confidence is the probability of the chosen token: the argmax at temperature 0, else a

@@ -6,12 +6,13 @@ module's forward, so ZeRO-3 gathers the partitioned parameters (the output head 
 the loss reads outside its own Linear) while they are used. The teacher is placed first, by the
 function of its placement (tide_ds/engine/placement.py).
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -63,8 +64,9 @@ class PlainEngine(Engine):
     """One process: torch AdamW and LambdaLR; a step with a non-finite loss or gradient norm leaves
     the weights as they were."""
 
-    def __init__(self, dist, student, teacher, loss, *, optimizer, scheduler, accumulation: int = 1,
-                 grad_clip: float = 0.0):
+    def __init__(
+        self, dist, student, teacher, loss, *, optimizer, scheduler, accumulation: int = 1, grad_clip: float = 0.0
+    ):
         super().__init__(dist, student, teacher, loss)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.accumulation, self.grad_clip = accumulation, grad_clip
@@ -95,9 +97,15 @@ class PlainEngine(Engine):
 
     def save(self, directory: str, tag: str, state: dict) -> None:
         os.makedirs(os.path.join(directory, tag), exist_ok=True)
-        torch.save({"model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "client_state": state},
-                   os.path.join(directory, tag, PLAIN_STATE))
+        torch.save(
+            {
+                "model": self.student.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "client_state": state,
+            },
+            os.path.join(directory, tag, PLAIN_STATE),
+        )
 
     def load(self, directory: str, tag: str) -> dict:
         saved = torch.load(os.path.join(directory, tag, PLAIN_STATE), weights_only=False)
@@ -116,8 +124,9 @@ class DeepSpeedEngine(Engine):
         super().__init__(dist, student, teacher, ds)
         self.ds = ds
         # a ZeRO-3 teacher's parameter coordinator and the student's (see overlap_ready)
-        self.traces = [] if teacher.coordinator is None else \
-            [c for c in (teacher.coordinator, _coordinator(ds)) if c is not None]
+        self.traces = (
+            [] if teacher.coordinator is None else [c for c in (teacher.coordinator, _coordinator(ds)) if c is not None]
+        )
 
     def _backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)
@@ -210,8 +219,11 @@ def _adamw(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     t = cfg.train
-    return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=t.betas)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.lr,
+        betas=t.betas,
+    )
 
 
 def place_teacher(plan: RunPlan, ds_config: dict | None, step, dist: Dist) -> PlacedTeacher:
@@ -220,14 +232,19 @@ def place_teacher(plan: RunPlan, ds_config: dict | None, step, dist: Dist) -> Pl
     placement = cfg.engine.teacher_placement
     check_placement(cfg, step.teacher, dist)
     if placement != "replicate" and not plan.deepspeed:
-        raise ConfigError(f"engine.teacher_placement={placement} needs DeepSpeed: set engine.ds_config "
-                          f"(e.g. ds_configs/zero3.json) or launch several ranks")
+        raise ConfigError(
+            f"engine.teacher_placement={placement} needs DeepSpeed: set engine.ds_config "
+            f"(e.g. ds_configs/zero3.json) or launch several ranks"
+        )
     if step.teacher is None:
         return PlacedTeacher(step.teacher_targets, None)
     whole = param_bytes(step.teacher)
     placed = PLACEMENTS[placement](step, cfg, dist, ds_config)
-    print(f"[rank {dist.rank}] teacher ({placement}): {teacher_bytes(placed.module) / 2**20:.2f} MiB of parameters "
-          f"on this rank (of {whole / 2**20:.2f} MiB)", flush=True)
+    print(
+        f"[rank {dist.rank}] teacher ({placement}): {teacher_bytes(placed.module) / 2**20:.2f} MiB of parameters "
+        f"on this rank (of {whole / 2**20:.2f} MiB)",
+        flush=True,
+    )
     return placed
 
 
@@ -237,17 +254,27 @@ def build_engine(plan: RunPlan, ds_config: dict | None, step, dist: Dist) -> Eng
     teacher = place_teacher(plan, ds_config, step, dist)
     if not plan.deepspeed:
         opt = _adamw(cfg, step.student)
-        return PlainEngine(dist, step.student, teacher, _in_precision(step.loss, cfg.train.precision, dist.device),
-                           optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
-                           accumulation=cfg.train.gradient_accumulation_steps, grad_clip=cfg.train.grad_clip)
+        return PlainEngine(
+            dist,
+            step.student,
+            teacher,
+            _in_precision(step.loss, cfg.train.precision, dist.device),
+            optimizer=opt,
+            scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+            accumulation=cfg.train.gradient_accumulation_steps,
+            grad_clip=cfg.train.grad_clip,
+        )
     import deepspeed
 
     module = _StudentLoss(step)
     client_opt = None if "optimizer" in ds_config else _adamw(cfg, module)
     ds, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=client_opt, config=ds_config,
+        model=module,
+        optimizer=client_opt,
+        config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
-        model_parameters=None if client_opt is not None else module.parameters())
+        model_parameters=None if client_opt is not None else module.parameters(),
+    )
     return DeepSpeedEngine(dist, step.student, teacher, ds)
 
 

@@ -1,4 +1,5 @@
 """Process-group set-up under every launcher: deepspeed, torchrun, mpirun, SLURM srun, or none."""
+
 from __future__ import annotations
 
 import datetime
@@ -58,8 +59,10 @@ def _slurm_env() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     if "MASTER_ADDR" not in os.environ:
         if int(os.environ.get("SLURM_NNODES", "1")) > 1:
-            raise ConfigError("srun over several nodes: export MASTER_ADDR (the first node, e.g. "
-                              "$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1)) in the sbatch script")
+            raise ConfigError(
+                "srun over several nodes: export MASTER_ADDR (the first node, e.g. "
+                "$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1)) in the sbatch script"
+            )
         os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ.setdefault("MASTER_PORT", str(slurm_port()))
 
@@ -91,16 +94,21 @@ def init_distributed(cfg: Config) -> Dist:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if want_cuda else "cpu")
     _slurm_env()
     if launched_world() == 1 and "RANK" not in os.environ:  # one process with a ds_config
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
     if cfg.engine.teacher_placement == "tensor_parallel":
         local_size_for_autotp()
     import deepspeed
 
     backend = cfg.engine.backend if cfg.engine.backend != "auto" else ("nccl" if want_cuda else "gloo")
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False,
-                               distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
-                               timeout=datetime.timedelta(seconds=cfg.engine.timeout_s))
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=True,
+        verbose=False,
+        distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
+        timeout=datetime.timedelta(seconds=cfg.engine.timeout_s),
+    )
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if not want_cuda and world > 1:
@@ -119,8 +127,9 @@ def unlink_shm_workspace(rank: int) -> None:
     machine reboots, and /dev/shm counts against RAM. Once every rank has mapped every segment
     (the barrier), the names can go: the memory stays mapped and is freed when the last rank exits,
     however it exits."""
-    path = SHM_WORKSPACE.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
-                                port=os.environ.get("MASTER_PORT", ""), rank=rank)
+    path = SHM_WORKSPACE.format(
+        uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""), port=os.environ.get("MASTER_PORT", ""), rank=rank
+    )
     torch.distributed.barrier()  # on every rank: whether a segment exists is not known elsewhere
     try:
         os.unlink(path)
@@ -134,8 +143,11 @@ def fail_fast(fn):
     try:
         return fn()
     except BaseException as e:
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()
-                and torch.distributed.get_world_size() > 1):
+        if not (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
             raise
         rank = torch.distributed.get_rank()
         if isinstance(e, SystemExit) and not e.code:

@@ -4,6 +4,7 @@ Both are read in ONE small all-reduce per optimizer step (never per micro-batch)
 takes the same decision at the same step: stop to save a checkpoint (pre-emption), skip the step,
 or stop with an error naming the step and the terms that went non-finite (`train.nonfinite`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,11 +45,15 @@ class StepGuard:
         self.skipped += 1
         self.in_a_row += 1
         if t.nonfinite == "stop":
-            raise NonFiniteError(f"step {step + 1}: {what} (train.nonfinite=stop); no weights of this step were "
-                                 f"saved; lower train.lr (now {t.lr:g}), or resume from the last checkpoint with "
-                                 f"train.nonfinite=skip")
+            raise NonFiniteError(
+                f"step {step + 1}: {what} (train.nonfinite=stop); no weights of this step were "
+                f"saved; lower train.lr (now {t.lr:g}), or resume from the last checkpoint with "
+                f"train.nonfinite=skip"
+            )
         if self.in_a_row > t.max_nonfinite:
-            raise NonFiniteError(f"step {step + 1}: {what} for {self.in_a_row} optimizer steps in a row (more than "
-                                 f"train.max_nonfinite={t.max_nonfinite}); no non-finite weights were saved; "
-                                 f"lower train.lr (now {t.lr:g})")
+            raise NonFiniteError(
+                f"step {step + 1}: {what} for {self.in_a_row} optimizer steps in a row (more than "
+                f"train.max_nonfinite={t.max_nonfinite}); no non-finite weights were saved; "
+                f"lower train.lr (now {t.lr:g})"
+            )
         self.log(f"step {step + 1}: {what}; optimizer step skipped ({self.skipped} skipped, {self.in_a_row} in a row)")

@@ -13,6 +13,7 @@ Megatron-core computes in [sequence, batch, hidden]; the teacher takes and retur
 Ranks of a tensor-parallel group compute one batch together, so the teacher call gathers their
 micro-batches (`placement.TensorParallelTeacher`). Needs `pip install tide_ds[megatron]`.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,33 +38,47 @@ def require_megatron() -> None:
             import megatron.core  # noqa: F401
             import psutil  # noqa: F401  (dist_checkpointing imports it without declaring it)
     except ImportError as e:
-        raise ConfigError(f"engine.teacher_placement=megatron needs megatron-core ({e.name} is missing): "
-                          f"{INSTALL}") from None
+        raise ConfigError(
+            f"engine.teacher_placement=megatron needs megatron-core ({e.name} is missing): {INSTALL}"
+        ) from None
 
 
 def check_config(c: LLaDA2MoeConfig, tp: int, ep: int, world: int) -> None:
     """Refuses, before anything is built, what megatron-core cannot split or does not compute alike."""
+
     def need(ok: bool, msg: str):
         if not ok:
             raise ConfigError(f"engine.teacher_placement=megatron: {msg}")
 
-    need(world % tp == 0 and world % ep == 0,
-         f"engine.tp_size={tp} and engine.ep_size={ep} must each divide the number of ranks ({world})")
+    need(
+        world % tp == 0 and world % ep == 0,
+        f"engine.tp_size={tp} and engine.ep_size={ep} must each divide the number of ranks ({world})",
+    )
     for name in ("num_attention_heads", "num_key_value_heads", "vocab_size", "intermediate_size"):
-        need(getattr(c, name) % tp == 0, f"engine.tp_size={tp} does not divide the teacher's {name} "
-                                         f"({getattr(c, name)})")
-    need(c.moe_intermediate_size * c.num_shared_experts % tp == 0,
-         f"engine.tp_size={tp} does not divide the shared experts' width")
+        need(
+            getattr(c, name) % tp == 0, f"engine.tp_size={tp} does not divide the teacher's {name} ({getattr(c, name)})"
+        )
+    need(
+        c.moe_intermediate_size * c.num_shared_experts % tp == 0,
+        f"engine.tp_size={tp} does not divide the shared experts' width",
+    )
     need(c.num_experts % ep == 0, f"engine.ep_size={ep} does not divide the teacher's {c.num_experts} experts")
-    need(not c.use_bias, "use_bias: true (a bias on the attention output) is not supported; use "
-                         "engine.teacher_placement=expert_parallel")
-    need(c.num_experts_per_tok == 1 or c.norm_topk_prob,
-         "norm_topk_prob: false is not supported (megatron-core normalises sigmoid weights)")
+    need(
+        not c.use_bias,
+        "use_bias: true (a bias on the attention output) is not supported; use "
+        "engine.teacher_placement=expert_parallel",
+    )
+    need(
+        c.num_experts_per_tok == 1 or c.norm_topk_prob,
+        "norm_topk_prob: false is not supported (megatron-core normalises sigmoid weights)",
+    )
     # megatron-core scores a group by its top (top_k / topk_group) experts; LLaDA2 by its top 2
     per_group = min(2, c.num_experts // c.n_group)
-    need(c.n_group == 1 or c.num_experts_per_tok // c.topk_group == per_group,
-         f"num_experts_per_tok / topk_group = {c.num_experts_per_tok} / {c.topk_group} must be {per_group} "
-         f"(megatron-core scores a group by its top num_experts_per_tok // topk_group experts)")
+    need(
+        c.n_group == 1 or c.num_experts_per_tok // c.topk_group == per_group,
+        f"num_experts_per_tok / topk_group = {c.num_experts_per_tok} / {c.topk_group} must be {per_group} "
+        f"(megatron-core scores a group by its top num_experts_per_tok // topk_group experts)",
+    )
 
 
 def transformer_config(c: LLaDA2MoeConfig, tp: int, ep: int, dtype: torch.dtype):
@@ -71,25 +86,49 @@ def transformer_config(c: LLaDA2MoeConfig, tp: int, ep: int, dtype: torch.dtype)
 
     k = c.first_k_dense_replace
     return TransformerConfig(
-        num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
-        num_query_groups=c.num_key_value_heads, kv_channels=c.head_dim, ffn_hidden_size=c.intermediate_size,
-        normalization="RMSNorm", layernorm_epsilon=c.rms_norm_eps, qk_layernorm=c.use_qk_norm,
-        add_bias_linear=False, add_qkv_bias=c.use_qkv_bias, gated_linear_unit=True,
-        activation_func=nn.functional.silu, hidden_dropout=0.0, attention_dropout=0.0,
-        num_moe_experts=c.num_experts, moe_ffn_hidden_size=c.moe_intermediate_size,
-        moe_layer_freq=[0] * k + [1] * (c.num_hidden_layers - k), moe_router_topk=c.num_experts_per_tok,
-        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, moe_router_dtype="fp32",
+        num_layers=c.num_hidden_layers,
+        hidden_size=c.hidden_size,
+        num_attention_heads=c.num_attention_heads,
+        num_query_groups=c.num_key_value_heads,
+        kv_channels=c.head_dim,
+        ffn_hidden_size=c.intermediate_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=c.rms_norm_eps,
+        qk_layernorm=c.use_qk_norm,
+        add_bias_linear=False,
+        add_qkv_bias=c.use_qkv_bias,
+        gated_linear_unit=True,
+        activation_func=nn.functional.silu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        num_moe_experts=c.num_experts,
+        moe_ffn_hidden_size=c.moe_intermediate_size,
+        moe_layer_freq=[0] * k + [1] * (c.num_hidden_layers - k),
+        moe_router_topk=c.num_experts_per_tok,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_dtype="fp32",
         moe_router_num_groups=c.n_group if c.n_group > 1 else None,
         moe_router_group_topk=c.topk_group if c.n_group > 1 else None,
-        moe_router_topk_scaling_factor=c.routed_scaling_factor, moe_router_load_balancing_type="none",
-        moe_aux_loss_coeff=0.0, moe_shared_expert_intermediate_size=(
-            c.moe_intermediate_size * c.num_shared_experts or None),
-        moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False,
-        tensor_model_parallel_size=tp, expert_model_parallel_size=ep, expert_tensor_parallel_size=1,
-        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        use_cpu_initialization=not torch.cuda.is_available(), perform_initialization=False,
-        bias_activation_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
-        gradient_accumulation_fusion=False, attention_softmax_in_fp32=True,
+        moe_router_topk_scaling_factor=c.routed_scaling_factor,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_shared_expert_intermediate_size=(c.moe_intermediate_size * c.num_shared_experts or None),
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        tensor_model_parallel_size=tp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=1,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        attention_softmax_in_fp32=True,
     )
 
 
@@ -109,15 +148,20 @@ class LLaDA2Megatron(nn.Module):
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
         for layer in spec.layer_specs:  # LLaDA2 attends both ways; a padding mask hides padded keys
             layer.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.padding}
-        self.embedding = LanguageModelEmbedding(config, c.vocab_size, c.max_position_embeddings,
-                                                position_embedding_type="rope")
-        self.rotary = RotaryEmbedding(c.head_dim, rotary_percent=c.rope_dim / c.head_dim,
-                                      rotary_base=c.rope_parameters["rope_theta"],
-                                      use_cpu_initialization=config.use_cpu_initialization)
+        self.embedding = LanguageModelEmbedding(
+            config, c.vocab_size, c.max_position_embeddings, position_embedding_type="rope"
+        )
+        self.rotary = RotaryEmbedding(
+            c.head_dim,
+            rotary_percent=c.rope_dim / c.head_dim,
+            rotary_base=c.rope_parameters["rope_theta"],
+            use_cpu_initialization=config.use_cpu_initialization,
+        )
         self.decoder = TransformerBlock(config, spec, post_process=True)
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
-        self.head = nn.Parameter(torch.empty(c.vocab_size, c.hidden_size, dtype=dtype, device=device),
-                                 requires_grad=False)
+        self.head = nn.Parameter(
+            torch.empty(c.vocab_size, c.hidden_size, dtype=dtype, device=device), requires_grad=False
+        )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [b, l], attention_mask [b, l] (1 = real token) -> final hidden states [b, l, H]."""
@@ -166,6 +210,7 @@ class MegatronTeacher(nn.Module):
 
 # -- parallel groups --------------------------------------------------------------------------------
 
+
 def init_groups(tp: int, ep: int) -> None:
     """parallel_state over every rank of the job (the student's ranks), tp x ep as asked; the
     groups of an earlier megatron teacher in this process are replaced."""
@@ -177,13 +222,15 @@ def init_groups(tp: int, ep: int) -> None:
     megatron_cpu.apply()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
-                                             expert_tensor_parallel_size=1)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, expert_model_parallel_size=ep, expert_tensor_parallel_size=1
+    )
     # frozen inference: no dropout, so no CUDA RNG states to fork
     initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
 
 
 # -- weights from the published HF layout -----------------------------------------------------------
+
 
 class SafetensorsSlices:
     """Reads slices of named tensors from a HF checkpoint directory (one file or an index)."""
@@ -199,8 +246,10 @@ class SafetensorsSlices:
             with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
                 files = {k: "model.safetensors" for k in f.keys()}
         else:
-            raise ConfigError(f"teacher.path={path} has no model.safetensors(.index.json) to load the megatron "
-                              f"teacher from; or set engine.megatron_checkpoint")
+            raise ConfigError(
+                f"teacher.path={path} has no model.safetensors(.index.json) to load the megatron "
+                f"teacher from; or set engine.megatron_checkpoint"
+            )
         self.files = files
         self.handles = {name: safe_open(os.path.join(path, name), "pt") for name in set(files.values())}
 
@@ -215,8 +264,9 @@ def _part(n: int, rank: int, size: int) -> slice:
     return slice(rank * n // size, (rank + 1) * n // size)
 
 
-def hf_tensor(name: str, read: SafetensorsSlices, c: LLaDA2MoeConfig, tp_rank: int, tp: int,
-              ep_rank: int, ep: int) -> torch.Tensor:
+def hf_tensor(
+    name: str, read: SafetensorsSlices, c: LLaDA2MoeConfig, tp_rank: int, tp: int, ep_rank: int, ep: int
+) -> torch.Tensor:
     """This rank's part of megatron parameter `name`, read from the published LLaDA2 names."""
     if name == "head":
         return read("model.word_embeddings.weight" if c.tie_word_embeddings else "lm_head.weight")
@@ -228,10 +278,14 @@ def hf_tensor(name: str, read: SafetensorsSlices, c: LLaDA2MoeConfig, tp_rank: i
     if m is None:
         raise KeyError(name)
     hf, rest = f"model.layers.{m.group(1)}.", m.group(2)
-    simple = {"input_layernorm.weight": "input_layernorm.weight", "pre_mlp_layernorm.weight":
-              "post_attention_layernorm.weight", "self_attention.q_layernorm.weight": "attention.query_layernorm.weight",
-              "self_attention.k_layernorm.weight": "attention.key_layernorm.weight",
-              "mlp.router.weight": "mlp.gate.weight", "mlp.router.expert_bias": "mlp.gate.expert_bias"}
+    simple = {
+        "input_layernorm.weight": "input_layernorm.weight",
+        "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+        "self_attention.q_layernorm.weight": "attention.query_layernorm.weight",
+        "self_attention.k_layernorm.weight": "attention.key_layernorm.weight",
+        "mlp.router.weight": "mlp.gate.weight",
+        "mlp.router.expert_bias": "mlp.gate.expert_bias",
+    }
     if rest in simple:
         return read(hf + simple[rest])
     if rest.startswith("self_attention.linear_qkv."):
@@ -265,7 +319,9 @@ def _qkv(read, name: str, c: LLaDA2MoeConfig, tp_rank: int, tp: int) -> torch.Te
     n = mine.stop - mine.start
     q = read(name, slice(mine.start * per * d, mine.stop * per * d))
     k = read(name, slice((c.num_attention_heads + mine.start) * d, (c.num_attention_heads + mine.stop) * d))
-    v = read(name, slice((c.num_attention_heads + groups + mine.start) * d, (c.num_attention_heads + groups + mine.stop) * d))
+    v = read(
+        name, slice((c.num_attention_heads + groups + mine.start) * d, (c.num_attention_heads + groups + mine.stop) * d)
+    )
     rest = q.shape[1:]
     return torch.cat([q.view(n, per * d, *rest), k.view(n, d, *rest), v.view(n, d, *rest)], dim=1).flatten(0, 1)
 
@@ -283,12 +339,14 @@ def load_hf(model: LLaDA2Megatron, path: str) -> None:
                 continue
             value = hf_tensor(name, read, model.hf_config, tp_rank, tp, ep_rank, ep)
             if value.shape != target.shape:
-                raise ConfigError(f"teacher checkpoint: {name} has shape {tuple(value.shape)}, "
-                                  f"expected {tuple(target.shape)}")
+                raise ConfigError(
+                    f"teacher checkpoint: {name} has shape {tuple(value.shape)}, expected {tuple(target.shape)}"
+                )
             target.copy_(value)
 
 
 # -- megatron dist_checkpointing --------------------------------------------------------------------
+
 
 def save_dist_checkpoint(teacher: MegatronTeacher, directory: str) -> None:
     """Writes the teacher as a megatron dist_checkpointing checkpoint (every rank calls this)."""
@@ -302,16 +360,26 @@ def load_dist_checkpoint(model: LLaDA2Megatron, directory: str) -> None:
     from megatron.core import dist_checkpointing
 
     if not os.path.isfile(os.path.join(directory, "metadata.json")):
-        raise ConfigError(f"engine.megatron_checkpoint={directory} is not a megatron dist_checkpointing "
-                          f"directory (no metadata.json)")
+        raise ConfigError(
+            f"engine.megatron_checkpoint={directory} is not a megatron dist_checkpointing directory (no metadata.json)"
+        )
     state = dist_checkpointing.load(model.sharded_state_dict(), directory)
     model.load_state_dict(state, strict=True)
 
 
 # -- the placement ----------------------------------------------------------------------------------
 
-def build_megatron_teacher(c: LLaDA2MoeConfig, mask_token_id: int, *, tp: int, ep: int, dtype: torch.dtype,
-                           hf_path: str | None = None, checkpoint: str | None = None) -> MegatronTeacher:
+
+def build_megatron_teacher(
+    c: LLaDA2MoeConfig,
+    mask_token_id: int,
+    *,
+    tp: int,
+    ep: int,
+    dtype: torch.dtype,
+    hf_path: str | None = None,
+    checkpoint: str | None = None,
+) -> MegatronTeacher:
     """Groups, model and weights (from `checkpoint` when given, else the HF directory `hf_path`)."""
     require_megatron()
     init_groups(tp, ep)

@@ -7,6 +7,7 @@ upstream call it replaces. One more, `te_general_gemm`, is not about CUDA: witho
 Engine megatron-core's router references a name it never defined, so that one applies whenever
 Transformer Engine is missing (where it makes megatron-core take its own torch fallback).
 """
+
 from __future__ import annotations
 
 import contextlib

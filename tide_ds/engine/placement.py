@@ -11,11 +11,13 @@ makes and the module this rank holds. None replaces anything on the step; a plac
 teacher returns the call of a copy of the step holding the wrapper. `check_placement` refuses every
 impossible combination before anything is placed.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,11 +41,15 @@ def check_placement(cfg: Config, teacher, dist: Dist) -> None:
     placement = e.teacher_placement
     for key, size, wants in (("ep_size", e.ep_size, "expert_parallel"), ("tp_size", e.tp_size, "tensor_parallel")):
         if size > 1 and placement not in (wants, "megatron"):
-            raise ConfigError(f"engine.{key}={size} is read only by engine.teacher_placement={wants} or megatron "
-                              f"(here {placement}); leave it at 1")
+            raise ConfigError(
+                f"engine.{key}={size} is read only by engine.teacher_placement={wants} or megatron "
+                f"(here {placement}); leave it at 1"
+            )
     if e.megatron_checkpoint is not None and placement != "megatron":
-        raise ConfigError(f"engine.megatron_checkpoint is read only by engine.teacher_placement=megatron "
-                          f"(here {placement}); remove it")
+        raise ConfigError(
+            f"engine.megatron_checkpoint is read only by engine.teacher_placement=megatron "
+            f"(here {placement}); remove it"
+        )
     if teacher is None:
         return
     experts = {m.num_experts for m in teacher.modules() if isinstance(m, Experts)}
@@ -52,26 +58,38 @@ def check_placement(cfg: Config, teacher, dist: Dist) -> None:
 
         require_megatron()
         if not experts:
-            raise ConfigError(f"engine.teacher_placement=megatron builds the LLaDA2-style MoE teacher (teacher.kind "
-                              f"llada2_moe); {type(teacher.model).__name__} is not one")
+            raise ConfigError(
+                f"engine.teacher_placement=megatron builds the LLaDA2-style MoE teacher (teacher.kind "
+                f"llada2_moe); {type(teacher.model).__name__} is not one"
+            )
         if e.megatron_checkpoint is not None and not os.path.isdir(e.megatron_checkpoint):
-            raise ConfigError(f"engine.megatron_checkpoint={e.megatron_checkpoint} not found (give a directory "
-                              f"written by tide_ds.engine.megatron.save_dist_checkpoint)")
+            raise ConfigError(
+                f"engine.megatron_checkpoint={e.megatron_checkpoint} not found (give a directory "
+                f"written by tide_ds.engine.megatron.save_dist_checkpoint)"
+            )
         check_config(teacher.model.config, e.tp_size, e.ep_size, dist.world)
     if placement == "expert_parallel":
         if not experts:
-            raise ConfigError(f"engine.teacher_placement=expert_parallel needs an MoE teacher (teacher.kind "
-                              f"llada2_moe); {type(teacher.model).__name__} has no routed experts: use replicate, "
-                              f"zero3 or tensor_parallel")
+            raise ConfigError(
+                f"engine.teacher_placement=expert_parallel needs an MoE teacher (teacher.kind "
+                f"llada2_moe); {type(teacher.model).__name__} has no routed experts: use replicate, "
+                f"zero3 or tensor_parallel"
+            )
         if any(n % e.ep_size for n in experts):
-            raise ConfigError(f"engine.ep_size={e.ep_size} does not divide the teacher's {max(experts)} experts per layer")
+            raise ConfigError(
+                f"engine.ep_size={e.ep_size} does not divide the teacher's {max(experts)} experts per layer"
+            )
         if dist.world % e.ep_size:
-            raise ConfigError(f"engine.ep_size={e.ep_size} does not divide the number of ranks ({dist.world}); "
-                              f"expert-parallel groups are ranks [0, ep_size), [ep_size, 2 ep_size), ...")
+            raise ConfigError(
+                f"engine.ep_size={e.ep_size} does not divide the number of ranks ({dist.world}); "
+                f"expert-parallel groups are ranks [0, ep_size), [ep_size, 2 ep_size), ..."
+            )
     if placement == "tensor_parallel":
         if experts:
-            raise ConfigError(f"engine.teacher_placement=tensor_parallel (AutoTP) is for dense teachers; "
-                              f"{type(teacher.model).__name__} is an MoE: use expert_parallel")
+            raise ConfigError(
+                f"engine.teacher_placement=tensor_parallel (AutoTP) is for dense teachers; "
+                f"{type(teacher.model).__name__} is an MoE: use expert_parallel"
+            )
         if dist.world % e.tp_size:
             raise ConfigError(f"engine.tp_size={e.tp_size} does not divide the number of ranks ({dist.world})")
         local = int(os.environ.get("LOCAL_SIZE", 0))
@@ -80,7 +98,8 @@ def check_placement(cfg: Config, teacher, dist: Dist) -> None:
                 f"engine.teacher_placement=tensor_parallel on CPU: DeepSpeed's CPU all-reduce for AutoTP spans "
                 f"every rank and works only with all ranks on one machine, so engine.tp_size ({e.tp_size}) must "
                 f"equal the number of ranks ({dist.world}) and the ranks on this machine (LOCAL_SIZE="
-                f"{os.environ.get('LOCAL_SIZE', 'unset')}); launch with deepspeed, torchrun or srun on one machine")
+                f"{os.environ.get('LOCAL_SIZE', 'unset')}); launch with deepspeed, torchrun or srun on one machine"
+            )
 
 
 def consecutive_group(size: int, dist: Dist):
@@ -126,7 +145,9 @@ class TensorParallelTeacher(nn.Module):
             return torch.cat(parts)
 
         b = input_ids.shape[0]
-        return self.teacher.hidden_states(gather(input_ids), gather(attention_mask), gather(x0))[rank * b:(rank + 1) * b]
+        return self.teacher.hidden_states(gather(input_ids), gather(attention_mask), gather(x0))[
+            rank * b : (rank + 1) * b
+        ]
 
 
 def place_replicate(step, cfg: Config, dist: Dist, ds_config: dict | None) -> PlacedTeacher:
@@ -160,8 +181,9 @@ def tensor_parallel(teacher, tp_size: int) -> TensorParallelTeacher:
     parent, attr = next((m, n) for m in model.modules() for n, c in m.named_children() if c is head)
     setattr(parent, attr, nn.Identity())
     try:
-        engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": tp_size}, dtype=model.dtype,
-                                          replace_with_kernel_inject=False)
+        engine = deepspeed.init_inference(
+            model, tensor_parallel={"tp_size": tp_size}, dtype=model.dtype, replace_with_kernel_inject=False
+        )
     finally:
         setattr(parent, attr, head)
     return TensorParallelTeacher(teacher, engine.mp_group)
@@ -175,9 +197,15 @@ def place_megatron(step, cfg: Config, dist: Dist, ds_config: dict | None) -> Pla
     from tide_ds.engine.megatron import build_megatron_teacher
 
     e, teacher = cfg.engine, step.teacher
-    built = build_megatron_teacher(teacher.model.config, teacher.mask_token_id, tp=e.tp_size, ep=e.ep_size,
-                                   dtype=teacher.model.dtype, hf_path=cfg.teacher.path,
-                                   checkpoint=e.megatron_checkpoint)
+    built = build_megatron_teacher(
+        teacher.model.config,
+        teacher.mask_token_id,
+        tp=e.tp_size,
+        ep=e.ep_size,
+        dtype=teacher.model.dtype,
+        hf_path=cfg.teacher.path,
+        checkpoint=e.megatron_checkpoint,
+    )
     if e.tp_size > 1:
         built = TensorParallelTeacher(built, parallel_state.get_tensor_model_parallel_group())
     placed = step.with_teacher(built)
@@ -226,8 +254,9 @@ def _replace_params(obj, params):
     if any(obj is p for p in params):
         return obj.detach().clone()
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: _replace_params(getattr(obj, f.name), params)
-                                           for f in dataclasses.fields(obj) if f.init})
+        return dataclasses.replace(
+            obj, **{f.name: _replace_params(getattr(obj, f.name), params) for f in dataclasses.fields(obj) if f.init}
+        )
     return obj
 
 
@@ -241,12 +270,22 @@ def zero3_teacher(module: nn.Module, student_ds: dict):
     zero.update(stage=3)
     for k in ("offload_optimizer", "reduce_scatter", "overlap_comm", "contiguous_gradients", "reduce_bucket_size"):
         zero.pop(k, None)
-    teacher_ds = {k: student_ds[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                                              "train_batch_size", "bf16", "fp16", "steps_per_print")}
+    teacher_ds = {
+        k: student_ds[k]
+        for k in (
+            "train_micro_batch_size_per_gpu",
+            "gradient_accumulation_steps",
+            "train_batch_size",
+            "bf16",
+            "fp16",
+            "steps_per_print",
+        )
+    }
     teacher_ds["zero_optimization"] = zero
     group = torch.distributed.new_group(list(range(torch.distributed.get_world_size())))
-    deepspeed.zero.Init(module=module, data_parallel_group=group, config_dict_or_path=teacher_ds,
-                        dtype=next(module.parameters()).dtype)
+    deepspeed.zero.Init(
+        module=module, data_parallel_group=group, config_dict_or_path=teacher_ds, dtype=next(module.parameters()).dtype
+    )
     engine, _, _, _ = deepspeed.initialize(model=module, config=teacher_ds)
     engine.eval()
     return engine

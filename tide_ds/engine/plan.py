@@ -6,6 +6,7 @@ A concrete JSON value is taken into the run when the YAML did not set that key; 
 they differ, the run stops with a message naming both places. `settle` is pure: it reads the config
 and the JSON and returns new objects, so every disagreement is reported in the run's first seconds.
 """
+
 from __future__ import annotations
 
 import copy
@@ -60,8 +61,10 @@ def settle(cfg: Config, ds_json: dict[str, Any] | None, world: int) -> tuple[Run
     source = cfg.engine.ds_config or "the default DeepSpeed config"
     ds = copy.deepcopy(ds_json if ds_json is not None else {"zero_optimization": {"stage": 0}})
     if "scheduler" in ds:
-        raise ConfigError(f"{source} has a 'scheduler' section; remove it: the lr schedule comes from "
-                          f"train.lr, train.warmup_steps and train.min_lr_ratio")
+        raise ConfigError(
+            f"{source} has a 'scheduler' section; remove it: the lr schedule comes from "
+            f"train.lr, train.warmup_steps and train.min_lr_ratio"
+        )
     adopted = {}
     for ds_key, key in PAIRS:
         value = _get(ds, ds_key)
@@ -70,11 +73,14 @@ def settle(cfg: Config, ds_json: dict[str, Any] | None, world: int) -> tuple[Run
         if ds_key.startswith("optimizer.") and "optimizer" not in ds:
             continue
         if f"train.{key}" in cfg.given and not _same(value, getattr(cfg.train, key)):
-            raise ConfigError(f"{source} sets {ds_key}={value} but the YAML config sets train.{key}="
-                              f"{getattr(cfg.train, key)}; set it in one place (or write \"auto\" in the JSON)")
+            raise ConfigError(
+                f"{source} sets {ds_key}={value} but the YAML config sets train.{key}="
+                f'{getattr(cfg.train, key)}; set it in one place (or write "auto" in the JSON)'
+            )
         adopted[key] = tuple(value) if isinstance(value, list) else value
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **adopted,
-                                                             precision=_precision(cfg, ds, source)))
+    cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, **adopted, precision=_precision(cfg, ds, source))
+    )
     cfg = dataclasses.replace(cfg, train=_settle_batch(cfg, ds, world, source))
     return RunPlan(cfg, world, deepspeed=True), _written(cfg, ds)
 
@@ -109,8 +115,10 @@ def _precision(cfg: Config, ds: dict, source: str) -> str:
     if json_precision == "fp32" and len(concrete) < 2:  # one flag off says nothing about the other
         return cfg.train.precision
     if "train.precision" in cfg.given and cfg.train.precision != json_precision:
-        raise ConfigError(f"{source} selects {json_precision} (bf16.enabled/fp16.enabled) but the YAML "
-                          f"config sets train.precision={cfg.train.precision}; set it in one place")
+        raise ConfigError(
+            f"{source} selects {json_precision} (bf16.enabled/fp16.enabled) but the YAML "
+            f"config sets train.precision={cfg.train.precision}; set it in one place"
+        )
     return json_precision
 
 
@@ -121,8 +129,10 @@ def _settle_batch(cfg: Config, ds: dict, world: int, source: str):
     value = _get(ds, "train_batch_size")
     if value not in (None, "auto"):
         if "train.global_batch_size" in cfg.given and global_batch != value:
-            raise ConfigError(f"{source} sets train_batch_size={value} but the YAML config sets "
-                              f"train.global_batch_size={global_batch}; set it in one place")
+            raise ConfigError(
+                f"{source} sets train_batch_size={value} but the YAML config sets "
+                f"train.global_batch_size={global_batch}; set it in one place"
+            )
         global_batch = value
     if global_batch == 0:
         global_batch = t.micro_batch_size * accumulation * world
@@ -130,14 +140,20 @@ def _settle_batch(cfg: Config, ds: dict, world: int, source: str):
         per_step = t.micro_batch_size * world
         accumulation, rest = divmod(global_batch, per_step)
         if rest or accumulation == 0:
-            raise ConfigError(f"the global batch ({global_batch}) must be a multiple of micro batch "
-                              f"({t.micro_batch_size}) x ranks ({world}); change train.global_batch_size or "
-                              f"train.micro_batch_size")
-        given = "train.gradient_accumulation_steps" in cfg.given or \
-            _get(ds, "gradient_accumulation_steps") not in (None, "auto")
+            raise ConfigError(
+                f"the global batch ({global_batch}) must be a multiple of micro batch "
+                f"({t.micro_batch_size}) x ranks ({world}); change train.global_batch_size or "
+                f"train.micro_batch_size"
+            )
+        given = "train.gradient_accumulation_steps" in cfg.given or _get(ds, "gradient_accumulation_steps") not in (
+            None,
+            "auto",
+        )
         if given and accumulation != t.gradient_accumulation_steps:
-            raise ConfigError(f"global batch {global_batch} != micro batch {t.micro_batch_size} x gradient "
-                              f"accumulation {t.gradient_accumulation_steps} x ranks {world}; set two of the three")
+            raise ConfigError(
+                f"global batch {global_batch} != micro batch {t.micro_batch_size} x gradient "
+                f"accumulation {t.gradient_accumulation_steps} x ranks {world}; set two of the three"
+            )
     return dataclasses.replace(t, global_batch_size=global_batch, gradient_accumulation_steps=accumulation)
 
 

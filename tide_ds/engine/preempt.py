@@ -7,6 +7,7 @@ at the same step), saves a checkpoint and exits with 128 + the signal's number, 
 requeue logic and shells read as "killed by that signal". The same signal a second time stops the
 process at once, without saving.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,7 @@ class Preemption:
         self.signum = 0
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "Preemption":
+    def __enter__(self) -> Preemption:
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
         return self
@@ -51,7 +52,7 @@ class Preemption:
 def resume_command(world: int, argv: list[str] | None = None) -> str:
     """This run's `tide-ds distill` command line, resuming from the newest complete checkpoint."""
     args = list(sys.argv[1:] if argv is None else argv)
-    args = args[args.index("distill"):] if "distill" in args else ["distill", *args]
+    args = args[args.index("distill") :] if "distill" in args else ["distill", *args]
     kept, skip = [], False
     for a in args:
         if skip:

@@ -9,6 +9,7 @@ the chunk (every token the argmax) are computed. Reported:
   chunk_corr        Pearson correlation of lS and lT over masked chunks (which chunks each finds hard)
   student_chunk_acc, teacher_chunk_acc   fraction of masked chunks each spells greedily
 """
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ Tasks (comma-separated, all checked before any work):
   samples    a few block-diffusion generations from held-out prompts (needs --data)
   humaneval  HumanEval pass@1, completions executed in the sandbox (tide_ds.eval.sandbox)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,9 @@ def parse_tasks(text: str) -> list[str]:
     tasks = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
-        raise ConfigError(f"unknown task {', '.join(map(repr, unknown)) or '(none given)'} in --tasks; "
-                          f"choose from {', '.join(TASKS)}")
+        raise ConfigError(
+            f"unknown task {', '.join(map(repr, unknown)) or '(none given)'} in --tasks; choose from {', '.join(TASKS)}"
+        )
     return tasks
 
 
@@ -60,9 +62,11 @@ def load_model(path: str, tokenizer_path: str | None = None):
         vocab, mask = config.get("vocab_size"), (config.get("bd3lm") or {}).get("mask_token_id")
         mask_id = tokenizer.convert_tokens_to_ids(tokenizer.mask_token) if tokenizer.mask_token else None
         if vocab is None or len(tokenizer) > vocab or mask_id != mask:
-            raise ConfigError(f"the tokenizer {tokenizer_path} ({len(tokenizer)} ids, mask id {mask_id}) does not match "
-                              f"the model ({vocab} ids, mask id {mask}); pass the tokenizer the student was trained "
-                              f"with as --tokenizer, or omit it")
+            raise ConfigError(
+                f"the tokenizer {tokenizer_path} ({len(tokenizer)} ids, mask id {mask_id}) does not match "
+                f"the model ({vocab} ids, mask id {mask}); pass the tokenizer the student was trained "
+                f"with as --tokenizer, or omit it"
+            )
     student, saved = load_student(path)
     tokenizer = tokenizer if tokenizer_path is not None else saved
     return student.eval(), tokenizer
@@ -83,8 +87,8 @@ def heldout_batches(data_dir: str, block_size: int, batches: int) -> list[dict]:
 @torch.no_grad()
 def samples(student, tokenizer, data_dir: str, count: int, new_tokens: int, steps_per_block: int) -> list[dict]:
     """Greedy continuations of the first lines of held-out rows."""
-    from tide_ds.diffusion.sampler import generate
     from tide_ds.data.prepare import load_prepared
+    from tide_ds.diffusion.sampler import generate
 
     data = load_prepared(data_dir)
     out = []
@@ -92,22 +96,39 @@ def samples(student, tokenizer, data_dir: str, count: int, new_tokens: int, step
         ids = list(data[i * 7 % len(data)]["input_ids"])[:24]
         gen = generate(student, torch.tensor([ids]), new_tokens, steps_per_block=steps_per_block)[0].tolist()
         prompt = tokenizer.decode(ids, skip_special_tokens=True)
-        out.append({"prompt": prompt, "completion": tokenizer.decode(gen, skip_special_tokens=True)[len(prompt):]})
+        out.append({"prompt": prompt, "completion": tokenizer.decode(gen, skip_special_tokens=True)[len(prompt) :]})
     return out
 
 
-def evaluate(model_dir: str, tasks: list[str], *, data: str | None = None, teacher: str | None = None,
-             tokenizer: str | None = None, ratios=(0.15, 0.3, 0.5, 0.7, 0.9), batches: int = 8,
-             agreement_ratio: float = 0.5, humaneval_problems: int = 164, max_new_tokens: int = 64,
-             steps_per_block: int = 8, n_samples: int = 3, sample_new_tokens: int = 48, seed: int = 1234,
-             desc: str = "eval") -> dict:
+def evaluate(
+    model_dir: str,
+    tasks: list[str],
+    *,
+    data: str | None = None,
+    teacher: str | None = None,
+    tokenizer: str | None = None,
+    ratios=(0.15, 0.3, 0.5, 0.7, 0.9),
+    batches: int = 8,
+    agreement_ratio: float = 0.5,
+    humaneval_problems: int = 164,
+    max_new_tokens: int = 64,
+    steps_per_block: int = 8,
+    n_samples: int = 3,
+    sample_new_tokens: int = 48,
+    seed: int = 1234,
+    desc: str = "eval",
+) -> dict:
     needs_data = [t for t in tasks if t in ("nll", "agreement", "samples")]
     if needs_data and (data is None or not os.path.isdir(data)):
-        raise ConfigError(f"task {needs_data[0]} needs --data, a held-out directory written by tide-ds prepare"
-                          + (f" ({data} not found)" if data else ""))
+        raise ConfigError(
+            f"task {needs_data[0]} needs --data, a held-out directory written by tide-ds prepare"
+            + (f" ({data} not found)" if data else "")
+        )
     if "agreement" in tasks and (teacher is None or not os.path.isdir(teacher)):
-        raise ConfigError("task agreement needs --teacher, the teacher model directory"
-                          + (f" ({teacher} not found)" if teacher else ""))
+        raise ConfigError(
+            "task agreement needs --teacher, the teacher model directory"
+            + (f" ({teacher} not found)" if teacher else "")
+        )
     problems = None
     if "humaneval" in tasks:
         from tide_ds.eval.humaneval import load_problems
@@ -132,8 +153,9 @@ def evaluate(model_dir: str, tasks: list[str], *, data: str | None = None, teach
     if "humaneval" in tasks:
         from tide_ds.eval.humaneval import pass_at_1
 
-        results["humaneval"] = pass_at_1(student, tok, problems, max_new_tokens=max_new_tokens,
-                                         steps_per_block=steps_per_block, desc=desc)
+        results["humaneval"] = pass_at_1(
+            student, tok, problems, max_new_tokens=max_new_tokens, steps_per_block=steps_per_block, desc=desc
+        )
     return results
 
 
@@ -143,9 +165,19 @@ def run(args) -> int:
         ratios = [float(r) for r in args.ratios.split(",")]
     except ValueError:
         raise ConfigError(f"--ratios must be comma-separated numbers in (0, 1], got {args.ratios!r}") from None
-    results = evaluate(args.model, tasks, data=args.data, teacher=args.teacher, tokenizer=args.tokenizer,
-                       ratios=ratios, batches=args.batches, humaneval_problems=args.humaneval_problems,
-                       max_new_tokens=args.max_new_tokens, steps_per_block=args.steps_per_block, seed=args.seed)
+    results = evaluate(
+        args.model,
+        tasks,
+        data=args.data,
+        teacher=args.teacher,
+        tokenizer=args.tokenizer,
+        ratios=ratios,
+        batches=args.batches,
+        humaneval_problems=args.humaneval_problems,
+        max_new_tokens=args.max_new_tokens,
+        steps_per_block=args.steps_per_block,
+        seed=args.seed,
+    )
     text = json.dumps(results, indent=1)
     print(text)
     if args.out:

@@ -9,6 +9,7 @@ whether, with the whole continuation masked, the argmax at every position is the
 Importing this module registers the model name "tide_ds" (needs the lm_eval package:
 pip install 'tide_ds[lmeval]').
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,17 +28,18 @@ from tide_ds.objectives import token_logprobs
 
 
 @torch.no_grad()
-def continuation_elbo(student, context: list[int], continuation: list[int], *, samples: int = 8,
-                      seed: int = 1234, pad_id: int = 0) -> tuple[float, bool]:
+def continuation_elbo(
+    student, context: list[int], continuation: list[int], *, samples: int = 8, seed: int = 1234, pad_id: int = 0
+) -> tuple[float, bool]:
     """(ELBO of log p(continuation | context), greedy) for one request; see the module docstring."""
-    ids = (context + continuation)[-student.max_length:]
+    ids = (context + continuation)[-student.max_length :]
     n_cont = min(len(continuation), len(ids))
     block = student.block_size
     length = -(-len(ids) // block) * block
     x0 = torch.full((1, length), pad_id, dtype=torch.long)
-    x0[0, :len(ids)] = torch.tensor(ids)
+    x0[0, : len(ids)] = torch.tensor(ids)
     cont = torch.zeros_like(x0, dtype=torch.bool)
-    cont[0, len(ids) - n_cont:len(ids)] = True
+    cont[0, len(ids) - n_cont : len(ids)] = True
     gen = torch.Generator().manual_seed(seed)
     total = 0.0
     for k in range(samples):
@@ -56,8 +58,16 @@ def continuation_elbo(student, context: list[int], continuation: list[int], *, s
 
 @register_model("tide_ds")
 class TideDSLM(LM):
-    def __init__(self, pretrained: str, tokenizer: str | None = None, mc_samples: int = 8, steps_per_block: int = 8,
-                 seed: int = 1234, batch_size: int = 1, **kwargs):
+    def __init__(
+        self,
+        pretrained: str,
+        tokenizer: str | None = None,
+        mc_samples: int = 8,
+        steps_per_block: int = 8,
+        seed: int = 1234,
+        batch_size: int = 1,
+        **kwargs,
+    ):
         super().__init__()
         self.student, self.tokenizer = load_model(pretrained, tokenizer)
         self.mc_samples, self.steps_per_block, self.seed = int(mc_samples), int(steps_per_block), int(seed)
@@ -74,16 +84,27 @@ class TideDSLM(LM):
             # boundary is not counted twice.
             whole = self._encode(context + continuation)
             n_ctx = len(self._encode(context)) if context else 0
-            out.append(continuation_elbo(self.student, whole[:n_ctx], whole[n_ctx:], samples=self.mc_samples,
-                                         seed=self.seed, pad_id=self.pad_id))
+            out.append(
+                continuation_elbo(
+                    self.student,
+                    whole[:n_ctx],
+                    whole[n_ctx:],
+                    samples=self.mc_samples,
+                    seed=self.seed,
+                    pad_id=self.pad_id,
+                )
+            )
         return out
 
     def loglikelihood_rolling(self, requests) -> list[float]:
         out = []
         for req in requests:
             ids = self._encode(req.args[0])
-            out.append(continuation_elbo(self.student, ids[:1], ids[1:], samples=self.mc_samples, seed=self.seed,
-                                         pad_id=self.pad_id)[0])
+            out.append(
+                continuation_elbo(
+                    self.student, ids[:1], ids[1:], samples=self.mc_samples, seed=self.seed, pad_id=self.pad_id
+                )[0]
+            )
         return out
 
     def generate_until(self, requests) -> list[str]:
@@ -93,13 +114,18 @@ class TideDSLM(LM):
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             new = int(kwargs.get("max_gen_toks", 64))
-            ids = self._encode(context)[-(self.student.max_length - new):]
-            tokens = generate(self.student, torch.tensor([ids]), new, steps_per_block=self.steps_per_block,
-                              eos_token_id=self.tokenizer.eos_token_id)[0].tolist()
+            ids = self._encode(context)[-(self.student.max_length - new) :]
+            tokens = generate(
+                self.student,
+                torch.tensor([ids]),
+                new,
+                steps_per_block=self.steps_per_block,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )[0].tolist()
             head = self.tokenizer.decode(ids, skip_special_tokens=True)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)[len(head):]
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)[len(head) :]
             for stop in until:
                 if stop and stop in text:
-                    text = text[:text.index(stop)]
+                    text = text[: text.index(stop)]
             out.append(text)
         return out

@@ -3,6 +3,7 @@
 `masked_token_loss` draws t per sequence (the training distribution); `masked_nll` fixes the
 masking ratio, so a table can show how the loss grows as more of the sequence is hidden.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,9 @@ from tide_ds.objectives import token_logprobs
 
 
 @torch.no_grad()
-def masked_token_loss(student, batches: list[dict], *, eps: float = 1e-3, seed: int = 1234,
-                      ratio: float | None = None) -> float:
+def masked_token_loss(
+    student, batches: list[dict], *, eps: float = 1e-3, seed: int = 1234, ratio: float | None = None
+) -> float:
     """The same noise (t and masks, from `seed`) every call, so before/after numbers compare.
 
     ratio=None draws t ~ U[eps, 1) per sequence; a number masks every maskable token with that
@@ -26,8 +28,9 @@ def masked_token_loss(student, batches: list[dict], *, eps: float = 1e-3, seed: 
     for batch in batches:
         x0, maskable = batch["input_ids"], batch["maskable"]
         t = None if ratio is None else torch.full((x0.shape[0],), float(ratio))
-        n = noise_batch(x0, maskable, student.mask_token_id, t=t, eps=eps, chunk_ids=batch.get("chunk_ids"),
-                        generator=gen)
+        n = noise_batch(
+            x0, maskable, student.mask_token_id, t=t, eps=eps, chunk_ids=batch.get("chunk_ids"), generator=gen
+        )
         x0, x_t, masked = x0.to(device), n.x_t.to(device), n.masked.to(device)
         # Only the masked rows are projected, through the head module (so ZeRO-3 gathers it).
         logits = student.model.get_output_embeddings()(student.hidden_states(x_t, x0)[masked])

@@ -8,6 +8,7 @@ the child gets its own empty network namespace (no interface but a down loopback
 prelude replaces the socket constructors before the program runs. The parent kills the whole
 process group at the wall-clock limit. Any non-zero exit, signal or timeout counts as a failure.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -76,9 +77,15 @@ def run_program(program: str, limits: Limits = Limits()) -> Outcome:
         with open(path, "w", encoding="utf-8") as f:
             f.write(_PRELUDE + "\n" + program + "\n")
         env = {"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
-        proc = subprocess.Popen([sys.executable, "-I", path], cwd=tmp, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                preexec_fn=_child_setup(limits))
+        proc = subprocess.Popen(
+            [sys.executable, "-I", path],
+            cwd=tmp,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_child_setup(limits),
+        )
         try:
             code = proc.wait(timeout=limits.wall_s)
         except subprocess.TimeoutExpired:

@@ -1,5 +1,6 @@
 """Loads the CUDA extension: built by setup.py (`tide_ds.kernels._cuda`), else JIT-built from the
 sources in the repository's kernels/ folder when a CUDA torch and nvcc are present."""
+
 from __future__ import annotations
 
 import functools
@@ -28,13 +29,20 @@ def cuda_extension():
 
     sources = [SOURCES / f for f in SOURCE_FILES]
     if CUDA_HOME is None or not all(p.exists() for p in sources):
-        warnings.warn("tide_ds.kernels: no CUDA extension (needs nvcc and the kernels/ sources); "
-                      "using the PyTorch twin on GPU", stacklevel=3)
+        warnings.warn(
+            "tide_ds.kernels: no CUDA extension (needs nvcc and the kernels/ sources); using the PyTorch twin on GPU",
+            stacklevel=3,
+        )
         return None
     try:
-        return load(name="tide_ds_kernels", sources=[str(p) for p in sources],
-                    extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"])
+        return load(
+            name="tide_ds_kernels",
+            sources=[str(p) for p in sources],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3", "-lineinfo"],
+        )
     except Exception as e:  # a failed build must not stop training: the twin is correct, only slower
-        warnings.warn(f"tide_ds.kernels: building the CUDA extension failed ({e}); using the PyTorch twin",
-                      stacklevel=3)
+        warnings.warn(
+            f"tide_ds.kernels: building the CUDA extension failed ({e}); using the PyTorch twin", stacklevel=3
+        )
         return None

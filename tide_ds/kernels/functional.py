@@ -4,11 +4,13 @@
 CPU), "twin" (the tiled PyTorch twin anywhere) or "reference" (the plain `tide_ds.objectives`
 path, which builds full [N, V] logits).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 
@@ -68,8 +70,9 @@ def target_logprobs(
         z = ops._logits(h, weight, bias) / temperature
         logp, lse = token_logprobs(z, y), torch.logsumexp(fp32(z), dim=-1)
     else:
-        logp, lse = ops.TargetLogprobsFunction.apply(h, weight, bias, y, 1.0 / temperature, _kernels(h, impl),
-                                                    _rows(block_rows, h, weight.shape[0]))
+        logp, lse = ops.TargetLogprobsFunction.apply(
+            h, weight, bias, y, 1.0 / temperature, _kernels(h, impl), _rows(block_rows, h, weight.shape[0])
+        )
     return logp.view(targets.shape), lse.view(targets.shape)
 
 
@@ -108,8 +111,9 @@ def fused_head_loss(
     if kl is not None and (kl.hidden.shape[0] != n or kl.coef.shape != (n,)):
         raise ValueError(f"fused_head_loss: kl.hidden and kl.coef must have the student's {n} rows")
     if kl is not None:
-        kl = dataclasses.replace(kl, hidden=kl.hidden.detach(), weight=kl.weight.detach(),
-                                 bias=None if kl.bias is None else kl.bias.detach())
+        kl = dataclasses.replace(
+            kl, hidden=kl.hidden.detach(), weight=kl.weight.detach(), bias=None if kl.bias is None else kl.bias.detach()
+        )
     if _reference(impl):
         z = ops._logits(hidden, weight, bias)
         if logprob_loss is None:
@@ -124,9 +128,19 @@ def fused_head_loss(
             kl_vals = kl_per_position(z, zt, temperature=kl.temperature, reverse=kl.reverse, lam=kl.lam)
             loss = loss + (fp32(kl.coef) * kl_vals).sum()
         return loss, logp.detach(), None if kl_vals is None else kl_vals.detach()
-    return ops.HeadLossFunction.apply(hidden, weight, bias, targets, logprob_loss, groups, num_groups, kl,
-                                      _kernels(hidden, impl), _rows(block_rows, hidden, weight.shape[0]),
-                                      torch.is_grad_enabled())
+    return ops.HeadLossFunction.apply(
+        hidden,
+        weight,
+        bias,
+        targets,
+        logprob_loss,
+        groups,
+        num_groups,
+        kl,
+        _kernels(hidden, impl),
+        _rows(block_rows, hidden, weight.shape[0]),
+        torch.is_grad_enabled(),
+    )
 
 
 def kl_rows(
@@ -186,8 +200,17 @@ def fused_chunk_loss(
         token_lp = lp.new_zeros(y.shape).index_put((rows,), lp).view(b, -1)
         return chunk_loss(chunk_logprobs(token_lp, ids, num_chunks))
 
-    loss, _, _ = fused_head_loss(h[rows], weight, y[rows], logprob_loss, groups=key[rows],
-                                 num_groups=b * num_chunks, bias=bias, impl=impl, block_rows=block_rows)
+    loss, _, _ = fused_head_loss(
+        h[rows],
+        weight,
+        y[rows],
+        logprob_loss,
+        groups=key[rows],
+        num_groups=b * num_chunks,
+        bias=bias,
+        impl=impl,
+        block_rows=block_rows,
+    )
     return loss
 
 
@@ -209,10 +232,16 @@ def fused_calm(
     `calm(chunk_logprobs(token_logprobs(hidden @ weight.T + bias, targets), chunk_ids, C),
     teacher_chunk_logprobs, chunk_mask, temperature=temperature, reverse=reverse)`.
     Shapes as in `fused_chunk_loss`; teacher_chunk_logprobs [b, C]."""
-    loss = functools.partial(calm, teacher_chunk_logprobs=teacher_chunk_logprobs.detach(), chunk_mask=chunk_mask,
-                             temperature=temperature, reverse=reverse)
-    return fused_chunk_loss(hidden, weight, targets, chunk_ids, chunk_mask, loss, bias=bias, impl=impl,
-                            block_rows=block_rows)
+    loss = functools.partial(
+        calm,
+        teacher_chunk_logprobs=teacher_chunk_logprobs.detach(),
+        chunk_mask=chunk_mask,
+        temperature=temperature,
+        reverse=reverse,
+    )
+    return fused_chunk_loss(
+        hidden, weight, targets, chunk_ids, chunk_mask, loss, bias=bias, impl=impl, block_rows=block_rows
+    )
 
 
 def _shared_vocab_term(student, teacher, masked, lam, row_weight, temperature, reverse, impl, block_rows):
@@ -220,12 +249,21 @@ def _shared_vocab_term(student, teacher, masked, lam, row_weight, temperature, r
     hs, ws, bs = student
     ht, wt, bt = teacher
     flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
-    kl = kl_rows(ht.reshape(-1, ht.shape[-1]), wt, flat(masked), temperature=temperature, reverse=reverse,
-                 lam=flat(lam), row_weight=flat(row_weight), teacher_bias=bt)
+    kl = kl_rows(
+        ht.reshape(-1, ht.shape[-1]),
+        wt,
+        flat(masked),
+        temperature=temperature,
+        reverse=reverse,
+        lam=flat(lam),
+        row_weight=flat(row_weight),
+        teacher_bias=bt,
+    )
     live = (kl.coef != 0).nonzero().squeeze(1)
     kl = dataclasses.replace(kl, hidden=kl.hidden[live], coef=kl.coef[live], lam=None if lam is None else kl.lam[live])
-    loss, _, _ = fused_head_loss(hs.reshape(-1, hs.shape[-1])[live], ws, None, kl=kl, bias=bs, impl=impl,
-                                 block_rows=block_rows)
+    loss, _, _ = fused_head_loss(
+        hs.reshape(-1, hs.shape[-1])[live], ws, None, kl=kl, bias=bs, impl=impl, block_rows=block_rows
+    )
     return loss
 
 
@@ -254,11 +292,24 @@ def fused_kl(
         zs = _reference_logits(student_hidden, student_weight, student_bias, lead)
         zt = _reference_logits(teacher_hidden, teacher_weight, teacher_bias, lead)
         m = torch.ones(lead, dtype=torch.bool, device=zs.device) if masked is None else masked
-        return kl(_as_sequences(zs, lead), _as_sequences(zt, lead), _as_sequences(m, lead),
-                  temperature=temperature, reverse=reverse)
-    return _shared_vocab_term((student_hidden, student_weight, student_bias),
-                              (teacher_hidden, teacher_weight, teacher_bias), masked, None, None, temperature, reverse,
-                              impl, block_rows)
+        return kl(
+            _as_sequences(zs, lead),
+            _as_sequences(zt, lead),
+            _as_sequences(m, lead),
+            temperature=temperature,
+            reverse=reverse,
+        )
+    return _shared_vocab_term(
+        (student_hidden, student_weight, student_bias),
+        (teacher_hidden, teacher_weight, teacher_bias),
+        masked,
+        None,
+        None,
+        temperature,
+        reverse,
+        impl,
+        block_rows,
+    )
 
 
 def fused_tidal(
@@ -290,13 +341,31 @@ def fused_tidal(
         zs = _reference_logits(student_hidden, student_weight, student_bias, lead)
         zt = _reference_logits(teacher_hidden, teacher_weight, teacher_bias, lead)
         m = torch.ones(lead, dtype=torch.bool, device=zs.device) if masked is None else masked
-        return tidal_kl(_as_sequences(zs, lead), _as_sequences(zt, lead), _as_sequences(m, lead), t, progress,
-                        lambda_init=lambda_init, lambda_max=lambda_max, schedule=schedule, axis=axis,
-                        timestep_weight=timestep_weight, temperature=temperature)
+        return tidal_kl(
+            _as_sequences(zs, lead),
+            _as_sequences(zt, lead),
+            _as_sequences(m, lead),
+            t,
+            progress,
+            lambda_init=lambda_init,
+            lambda_max=lambda_max,
+            schedule=schedule,
+            axis=axis,
+            timestep_weight=timestep_weight,
+            temperature=temperature,
+        )
     t32 = fp32(t)
     lam = tidal_lambda(t32, progress, lambda_init=lambda_init, lambda_max=lambda_max, schedule=schedule, axis=axis)
     w = timestep_weighting(t32, timestep_weight)
     per_row = lambda x: x.reshape(x.shape + (1,) * (len(lead) - x.dim())).expand(lead)  # noqa: E731
-    return _shared_vocab_term((student_hidden, student_weight, student_bias),
-                              (teacher_hidden, teacher_weight, teacher_bias), masked, per_row(lam), per_row(w),
-                              temperature, False, impl, block_rows)
+    return _shared_vocab_term(
+        (student_hidden, student_weight, student_bias),
+        (teacher_hidden, teacher_weight, teacher_bias),
+        masked,
+        per_row(lam),
+        per_row(w),
+        temperature,
+        False,
+        impl,
+        block_rows,
+    )

@@ -1,5 +1,6 @@
 """Small modules over the functional API (the output projection's weight is passed in, so the
 module holds no parameters and works with any lm_head, sharded or not)."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -21,15 +22,26 @@ class FusedCALMLoss(nn.Module):
         >>> loss = loss_fn(hidden, lm_head.weight, targets, chunk_ids, teacher_chunk_logprobs, chunk_mask)
     """
 
-    def __init__(self, temperature: float = 2.0, reverse: bool = True, impl: Impl = "auto",
-                 block_rows: int | None = None):
+    def __init__(
+        self, temperature: float = 2.0, reverse: bool = True, impl: Impl = "auto", block_rows: int | None = None
+    ):
         super().__init__()
         self.temperature, self.reverse, self.impl, self.block_rows = temperature, reverse, impl, block_rows
 
     def forward(self, hidden, weight, targets, chunk_ids, teacher_chunk_logprobs, chunk_mask, bias=None):
-        return fused_calm(hidden, weight, targets, chunk_ids, teacher_chunk_logprobs, chunk_mask,
-                          temperature=self.temperature, reverse=self.reverse, bias=bias, impl=self.impl,
-                          block_rows=self.block_rows)
+        return fused_calm(
+            hidden,
+            weight,
+            targets,
+            chunk_ids,
+            teacher_chunk_logprobs,
+            chunk_mask,
+            temperature=self.temperature,
+            reverse=self.reverse,
+            bias=bias,
+            impl=self.impl,
+            block_rows=self.block_rows,
+        )
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, reverse={self.reverse}, impl={self.impl!r}"
@@ -50,15 +62,24 @@ class FusedKLLoss(nn.Module):
         >>> loss = loss_fn(h_student, student.lm_head.weight, h_teacher, teacher.lm_head.weight)
     """
 
-    def __init__(self, temperature: float = 2.0, reverse: bool = False, impl: Impl = "auto",
-                 block_rows: int | None = None):
+    def __init__(
+        self, temperature: float = 2.0, reverse: bool = False, impl: Impl = "auto", block_rows: int | None = None
+    ):
         super().__init__()
         self.temperature, self.reverse, self.impl, self.block_rows = temperature, reverse, impl, block_rows
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, masked=None):
-        return fused_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, masked,
-                        temperature=self.temperature, reverse=self.reverse, impl=self.impl,
-                        block_rows=self.block_rows)
+        return fused_kl(
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            masked,
+            temperature=self.temperature,
+            reverse=self.reverse,
+            impl=self.impl,
+            block_rows=self.block_rows,
+        )
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, reverse={self.reverse}, impl={self.impl!r}"

@@ -14,10 +14,11 @@ elementwise work on a block; the matrix products are plain `torch` calls.
   once; the few whose chunk runs past the end of their block are finished after the last block
   (their logits recomputed).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -104,8 +105,10 @@ def _rescaled(ctx, grad_output: torch.Tensor):
     place (no second copy of the weight gradient), so a second backward through the same graph is
     refused rather than answered wrongly."""
     if getattr(ctx, "rescaled", False):
-        raise RuntimeError("tide_ds.kernels: a fused loss computes its gradients in the forward and "
-                           "supports one backward per forward (recompute the loss instead of retain_graph)")
+        raise RuntimeError(
+            "tide_ds.kernels: a fused loss computes its gradients in the forward and "
+            "supports one backward per forward (recompute the loss instead of retain_graph)"
+        )
     ctx.rescaled = True
     return tuple(None if g is None else g.mul_(grad_output) for g in ctx.saved_tensors)
 
@@ -151,8 +154,19 @@ class TargetLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_lse):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        grads = target_logprobs_backward(hidden, weight, bias, targets, ctx.scale, lse, grad_logp, grad_lse,
-                                         ctx.needs_input_grad[:3], ctx.kernels, ctx.rows)
+        grads = target_logprobs_backward(
+            hidden,
+            weight,
+            bias,
+            targets,
+            ctx.scale,
+            lse,
+            grad_logp,
+            grad_lse,
+            ctx.needs_input_grad[:3],
+            ctx.kernels,
+            ctx.rows,
+        )
         return (*grads, None, None, None, None)
 
 
@@ -216,7 +230,9 @@ def head_loss_forward(hidden, weight, bias, targets, logprob_loss, groups, num_g
         width = width if logprob_loss is not None else shared
     w, b = weight[:width], None if bias is None else bias[:width]
     grads = _Grads(hidden, weight, bias, need, width) if any(need) else None
-    ready = _ready(groups, num_groups, n, rows, hidden.device) if logprob_loss is not None and grads is not None else None
+    ready = (
+        _ready(groups, num_groups, n, rows, hidden.device) if logprob_loss is not None and grads is not None else None
+    )
     for s in range(0, n, rows):
         e = min(s + rows, n)
         z = _logits(hidden[s:e], w, b)
@@ -228,9 +244,17 @@ def head_loss_forward(hidden, weight, bias, targets, logprob_loss, groups, num_g
                 g = torch.where(ready[s:e], _value_and_grad(logprob_loss, logp)[1][s:e], 0.0)
         if kl is not None:
             zt = _logits(kl.hidden[s:e], wt, bt)
-            kl_vals[s:e] = kernels.kl_grad_(z, zt, kl.coef[s:e], kl.temperature,
-                                            None if kl.lam is None else kl.lam[s:e], kl.reverse,
-                                            None if g is None else lse[s:e], None if g is None else targets[s:e], g)
+            kl_vals[s:e] = kernels.kl_grad_(
+                z,
+                zt,
+                kl.coef[s:e],
+                kl.temperature,
+                None if kl.lam is None else kl.lam[s:e],
+                kl.reverse,
+                None if g is None else lse[s:e],
+                None if g is None else targets[s:e],
+                g,
+            )
         elif g is not None:
             kernels.logit_grad_(z, targets[s:e], lse[s:e], g, -g, 1.0)
         if grads is not None:
@@ -257,11 +281,11 @@ class HeadLossFunction(torch.autograd.Function):
     """(loss, logp, kl rows) of `head_loss_forward`; only the loss is differentiable."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, logprob_loss, groups, num_groups, kl, kernels, rows,
-                grad_enabled):
+    def forward(ctx, hidden, weight, bias, targets, logprob_loss, groups, num_groups, kl, kernels, rows, grad_enabled):
         need = tuple(grad_enabled and r for r in ctx.needs_input_grad[:3])
-        loss, logp, kl_vals, grads = head_loss_forward(hidden, weight, bias, targets, logprob_loss, groups,
-                                                       num_groups, kl, need, kernels, rows)
+        loss, logp, kl_vals, grads = head_loss_forward(
+            hidden, weight, bias, targets, logprob_loss, groups, num_groups, kl, need, kernels, rows
+        )
         ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(logp, *([] if kl_vals is None else [kl_vals]))
         return loss, logp, kl_vals

@@ -5,6 +5,7 @@ the same name, arguments and results as the compiled CUDA extension, so the tile
 `tide_ds.kernels.ops` run unchanged on either. The formulas follow the plain references in
 `tide_ds.objectives` step by step.
 """
+
 from __future__ import annotations
 
 import torch

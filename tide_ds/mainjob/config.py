@@ -1,5 +1,6 @@
 """The main job's own settings (configs/demo.yaml); the students' distillation settings are a
 normal run config (configs/demo_student.yaml) read by `tide_ds.config.load_config`."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

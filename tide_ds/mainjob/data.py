@@ -6,6 +6,7 @@ trained on the training files only. Their token boundaries disagree, so chunks a
 The Python standard library is split by file: held-out files are never seen by either tokenizer,
 the teacher or the students.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,10 +74,15 @@ def write_rows(files: list[Path], chars: int, path: str) -> int:
 def prepare_split(rows: str, out: str, teacher_tok: str, student_tok: str, cfg: CorpusConfig) -> dict:
     from tide_ds.data.prepare import PrepareConfig, SideConfig, prepare
 
-    return prepare(PrepareConfig(
-        data_files=[rows], output_dir=out, overwrite=True,
-        student=SideConfig(tokenizer=student_tok, max_length=cfg.student_max_length),
-        teacher=SideConfig(tokenizer=teacher_tok, max_length=cfg.teacher_max_length)))
+    return prepare(
+        PrepareConfig(
+            data_files=[rows],
+            output_dir=out,
+            overwrite=True,
+            student=SideConfig(tokenizer=student_tok, max_length=cfg.student_max_length),
+            teacher=SideConfig(tokenizer=teacher_tok, max_length=cfg.teacher_max_length),
+        )
+    )
 
 
 def build(cfg: CorpusConfig, out: str) -> dict:
@@ -89,8 +95,10 @@ def build(cfg: CorpusConfig, out: str) -> dict:
         rows = os.path.join(out, f"{split}.jsonl")
         summary[f"{split}_rows"] = write_rows(files, cfg.piece_chars, rows)
         report = prepare_split(rows, os.path.join(out, f"prepared_{split}"), teacher_tok, student_tok, cfg)
-        summary[f"{split}_prepare"] = {k: report[k] for k in ("kept", "dropped", "truncated", "tokens", "chunks",
-                                                              "mean_chunk_tokens", "response_bytes_covered")}
+        summary[f"{split}_prepare"] = {
+            k: report[k]
+            for k in ("kept", "dropped", "truncated", "tokens", "chunks", "mean_chunk_tokens", "response_bytes_covered")
+        }
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary

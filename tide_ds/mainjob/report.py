@@ -6,6 +6,7 @@ runs with the same seed write identical files. Per-term training curves come fro
 history `distill` returned (saved as history.json); TensorBoard events are written here only for
 runs whose output has no `tb` directory of its own.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,8 +45,11 @@ def collect(cfg, out: str) -> dict:
     models = {}
     for name in ["init"] + list(cfg.recipes):
         ev = _read_json(os.path.join(out, "eval", name, "results.json"))
-        entry = {"terms": {} if name == "init" else cfg.recipes[name]["terms"],
-                 "recipe": None if name == "init" else cfg.recipes[name]["recipe"], **ev}
+        entry = {
+            "terms": {} if name == "init" else cfg.recipes[name]["terms"],
+            "recipe": None if name == "init" else cfg.recipes[name]["recipe"],
+            **ev,
+        }
         if name != "init":
             curve = training_curve(os.path.join(out, "students", name))
             entry["final_train_terms"] = {k: v for k, v in curve[-1].items() if k in TERM_KEYS}
@@ -61,32 +65,53 @@ def mean(values) -> float:
 
 def table(results: dict) -> str:
     ratios = list(next(iter(results["models"].values()))["nll"])
-    head = (["model", "terms"] + [f"NLL@{r}" for r in ratios] +
-            ["mean NLL", "chunk corr", "chunk gap", "chunk agree", "chunk acc", "HumanEval pass@1"])
+    head = (
+        ["model", "terms"]
+        + [f"NLL@{r}" for r in ratios]
+        + ["mean NLL", "chunk corr", "chunk gap", "chunk agree", "chunk acc", "HumanEval pass@1"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in results["models"].items():
         terms = " + ".join(f"{w:g} {t}" for t, w in m["terms"].items()) or "(no training)"
         a, he = m["agreement"], m.get("humaneval")
-        cells = [name, terms] + [f"{m['nll'][r]:.3f}" for r in ratios] + [
-            f"{mean(m['nll'].values()):.3f}", f"{a['chunk_corr']:.3f}", f"{a['chunk_gap']:.2f}",
-            f"{a['chunk_agreement']:.3f}", f"{a['student_chunk_acc']:.3f}",
-            f"{he['passed']}/{he['problems']}" if he else "-"]
+        cells = (
+            [name, terms]
+            + [f"{m['nll'][r]:.3f}" for r in ratios]
+            + [
+                f"{mean(m['nll'].values()):.3f}",
+                f"{a['chunk_corr']:.3f}",
+                f"{a['chunk_gap']:.2f}",
+                f"{a['chunk_agreement']:.3f}",
+                f"{a['student_chunk_acc']:.3f}",
+                f"{he['passed']}/{he['problems']}" if he else "-",
+            ]
+        )
         lines.append("| " + " | ".join(cells) + " |")
     t = results["teacher"]["nll"]
     teacher_acc = next(iter(results["models"].values()))["agreement"]["teacher_chunk_acc"]
     lines.append("")
-    lines.append(f"Teacher (LLaDA2-style MoE, tokenizer A; its own tokens, not comparable per token): NLL "
-                 + ", ".join(f"@{r} {v:.3f}" for r, v in t.items()) + f"; greedy chunk accuracy {teacher_acc:.3f}.")
+    lines.append(
+        "Teacher (LLaDA2-style MoE, tokenizer A; its own tokens, not comparable per token): NLL "
+        + ", ".join(f"@{r} {v:.3f}" for r, v in t.items())
+        + f"; greedy chunk accuracy {teacher_acc:.3f}."
+    )
     return "\n".join(lines)
 
 
 def markdown(results: dict) -> str:
-    parts = ["# Main job results", "",
-             "Held-out masked-token NLL (nats per student token, lower is better) at fixed masking ratios. At masking "
-             "ratio 0.5, against the teacher: correlation of student and teacher chunk log-probs, mean |chunk "
-             "log-prob gap| in nats, agreement (both spell a masked chunk greedily, or both miss), and the "
-             "student's greedy chunk accuracy. HumanEval: greedy pass@1 (passed / problems).", "",
-             table(results), "", "## Samples (greedy, held-out prompts)", ""]
+    parts = [
+        "# Main job results",
+        "",
+        "Held-out masked-token NLL (nats per student token, lower is better) at fixed masking ratios. At masking "
+        "ratio 0.5, against the teacher: correlation of student and teacher chunk log-probs, mean |chunk "
+        "log-prob gap| in nats, agreement (both spell a masked chunk greedily, or both miss), and the "
+        "student's greedy chunk accuracy. HumanEval: greedy pass@1 (passed / problems).",
+        "",
+        table(results),
+        "",
+        "## Samples (greedy, held-out prompts)",
+        "",
+    ]
     for name, m in results["models"].items():
         if name == "init":
             continue
@@ -113,7 +138,7 @@ def plots(cfg, out: str, results: dict, objective) -> list[str]:
     cols = min(3, len(terms))
     rows = -(-len(terms) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat[len(terms):]:
+    for ax in axes.flat[len(terms) :]:
         ax.axis("off")
     for ax, term in zip(axes.flat, terms):
         for name, curve in curves.items():
@@ -131,9 +156,19 @@ def plots(cfg, out: str, results: dict, objective) -> list[str]:
     progress = torch.linspace(0, 1, 101)
     tidal = objective.tidal
     for t in (0.1, 0.5, 0.9):
-        lam = [float(tidal_lambda(torch.tensor([t]), float(p), lambda_init=tidal.lambda_init,
-                                  lambda_max=tidal.lambda_max, schedule=tidal.schedule,
-                                  axis=tidal.axis)) for p in progress]
+        lam = [
+            float(
+                tidal_lambda(
+                    torch.tensor([t]),
+                    float(p),
+                    lambda_init=tidal.lambda_init,
+                    lambda_max=tidal.lambda_max,
+                    schedule=tidal.schedule,
+                    axis=tidal.axis,
+                )
+            )
+            for p in progress
+        ]
         ax.plot(progress.numpy(), lam, label=f"mask ratio t = {t}")
     ax.set_xlabel("training progress")
     ax.set_ylabel("lambda (weight of the teacher)")
@@ -150,8 +185,9 @@ def plots(cfg, out: str, results: dict, objective) -> list[str]:
         style = "--" if name == "init" else "-"
         ax.plot(ratios, list(m["nll"].values()), marker="o", label=name, linestyle=style, color=color[name])
         if base is not None and name != "init":
-            diff.plot(ratios, [m["nll"][r] - base["nll"][r] for r in m["nll"]], marker="o", label=name,
-                      color=color[name])
+            diff.plot(
+                ratios, [m["nll"][r] - base["nll"][r] for r in m["nll"]], marker="o", label=name, color=color[name]
+            )
     ax.set_xlabel("masking ratio")
     ax.set_ylabel("NLL per masked token (nats)")
     ax.set_title("Held-out masked-token NLL by masking ratio")
@@ -195,7 +231,6 @@ def tensorboard(cfg, out: str, results: dict) -> None:
 
 
 def write(cfg, out: str, timings: dict) -> dict:
-    import yaml
 
     from tide_ds.config import Config, load_dataclass
     from tide_ds.mainjob.config import config_path

@@ -12,6 +12,7 @@ its own, so nothing is learnt until attention has learnt to find the neighbours,
 towards that is diluted over the whole window. Next-token training learns those attention patterns
 within tens of steps (the current token is in the residual stream); the diffusion phase then uses them.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,15 +44,22 @@ def pretrain(setup: TeacherSetup, tokenizer_dir: str, train_files: list[Path], o
     tokenizer = load_tokenizer(tokenizer_dir, "teacher tokenizer")
     windows = TextWindows(train_files, tokenizer, t.seq_len).windows
     torch.manual_seed(seed)
-    config = LLaDA2MoeConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                             mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id,
-                             max_position_embeddings=max(512, t.seq_len), **setup.model)
+    config = LLaDA2MoeConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        mask_token_id=tokenizer.mask_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        max_position_embeddings=max(512, t.seq_len),
+        **setup.model,
+    )
     model = LLaDA2MoeModelLM(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"teacher: LLaDA2-style MoE, {n_params / 1e6:.2f}M params ({config.num_experts} experts, top-"
-          f"{config.num_experts_per_tok}), {len(windows)} windows of {t.seq_len} tokens")
+    print(
+        f"teacher: LLaDA2-style MoE, {n_params / 1e6:.2f}M params ({config.num_experts} experts, top-"
+        f"{config.num_experts_per_tok}), {len(windows)} windows of {t.seq_len} tokens"
+    )
     history = []
     per_step = t.batch_size * t.seq_len
     bar = tqdm(total=t.steps * per_step, desc="pretrain teacher", unit="tok", unit_scale=True, mininterval=2.0)
@@ -59,7 +67,7 @@ def pretrain(setup: TeacherSetup, tokenizer_dir: str, train_files: list[Path], o
     causal = torch.ones(t.seq_len, t.seq_len, dtype=torch.bool).tril()[None, None]  # True = may attend
     for step in range(t.steps):
         lo = (step * t.batch_size) % max(1, len(windows) - t.batch_size)
-        x0 = windows[order[lo:lo + t.batch_size]]
+        x0 = windows[order[lo : lo + t.batch_size]]
         maskable = torch.ones_like(x0, dtype=torch.bool)
         n = noise_batch(x0, maskable, config.mask_token_id, generator=gen)
         for group in opt.param_groups:
@@ -76,7 +84,9 @@ def pretrain(setup: TeacherSetup, tokenizer_dir: str, train_files: list[Path], o
         opt.step()
         bar.update(per_step)
         if step % t.log_every == 0 or step == t.steps - 1:
-            history.append({"step": step, "loss": loss.item(), "phase": "ar" if step < t.ar_steps else "diffusion"})  # sync point: logging only
+            history.append(
+                {"step": step, "loss": loss.item(), "phase": "ar" if step < t.ar_steps else "diffusion"}
+            )  # sync point: logging only
             bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", refresh=False)
     bar.close()
     model.eval().save_pretrained(out)
@@ -87,8 +97,9 @@ def pretrain(setup: TeacherSetup, tokenizer_dir: str, train_files: list[Path], o
 
 
 @torch.no_grad()
-def heldout_nll(teacher_dir: str, files: list[Path], seq_len: int, ratios: list[float], batches: int,
-                seed: int = 1234) -> dict[str, float]:
+def heldout_nll(
+    teacher_dir: str, files: list[Path], seq_len: int, ratios: list[float], batches: int, seed: int = 1234
+) -> dict[str, float]:
     """The teacher's own held-out NLL per masked token (its tokens) at each masking ratio."""
     tokenizer = load_tokenizer(teacher_dir, "teacher")
     model = LLaDA2MoeModelLM.from_pretrained(teacher_dir).eval()
@@ -98,8 +109,13 @@ def heldout_nll(teacher_dir: str, files: list[Path], seq_len: int, ratios: list[
         gen = torch.Generator().manual_seed(seed)
         total, count = 0.0, 0
         for x0 in windows.split(16):
-            n = noise_batch(x0, torch.ones_like(x0, dtype=torch.bool), model.config.mask_token_id,
-                            t=torch.full((x0.shape[0],), float(r)), generator=gen)
+            n = noise_batch(
+                x0,
+                torch.ones_like(x0, dtype=torch.bool),
+                model.config.mask_token_id,
+                t=torch.full((x0.shape[0],), float(r)),
+                generator=gen,
+            )
             lp = token_logprobs(model(n.x_t).logits[n.masked], x0[n.masked])
             total, count = total - lp.sum().item(), count + int(n.masked.sum())
         out[f"{r:g}"] = total / max(count, 1)

@@ -1,4 +1,5 @@
 """Models: the BD3LM student and the teachers, built from config."""
+
 from tide_ds.models.build import build_student, build_teacher, load_tokenizer
 from tide_ds.models.llada2 import LLaDA2MoeConfig, LLaDA2MoeModel, LLaDA2MoeModelLM
 from tide_ds.models.student import BD3LMStudent

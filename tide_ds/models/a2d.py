@@ -6,6 +6,7 @@ adds the mask token when the tokenizer has none (growing the embeddings when the
 row) and records the block size and mask token id in config.json (`bd3lm`), so the
 output directory trains with `student.path=...` and generates with `tide-ds generate --model`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
 
 
-def convert(model: str, out: str, *, tokenizer: str | None = None, block_size: int = 32,
-            mask_token: str = "<|mask|>", kind: str = "auto", dtype: str = "bfloat16"):
+def convert(
+    model: str,
+    out: str,
+    *,
+    tokenizer: str | None = None,
+    block_size: int = 32,
+    mask_token: str = "<|mask|>",
+    kind: str = "auto",
+    dtype: str = "bfloat16",
+):
     """Writes the student (model and tokenizer) to `out`; returns the BD3LMStudent."""
     if block_size < 1:
         raise ConfigError(f"--block-size must be >= 1, got {block_size}")
@@ -41,9 +50,18 @@ def convert(model: str, out: str, *, tokenizer: str | None = None, block_size: i
 
 
 def run(args) -> int:
-    student = convert(args.model, args.out, tokenizer=args.tokenizer, block_size=args.block_size,
-                      mask_token=args.mask_token, kind=args.kind, dtype=args.dtype)
+    student = convert(
+        args.model,
+        args.out,
+        tokenizer=args.tokenizer,
+        block_size=args.block_size,
+        mask_token=args.mask_token,
+        kind=args.kind,
+        dtype=args.dtype,
+    )
     cfg = student.model.config
-    print(f"wrote BD3LM student {args.out}: {cfg.model_type}, block size {student.block_size}, "
-          f"mask token {args.mask_token!r} = id {student.mask_token_id}, vocabulary {student.output_weight.shape[0]}")
+    print(
+        f"wrote BD3LM student {args.out}: {cfg.model_type}, block size {student.block_size}, "
+        f"mask token {args.mask_token!r} = id {student.mask_token_id}, vocabulary {student.output_weight.shape[0]}"
+    )
     return 0

@@ -10,6 +10,7 @@ the backend and runs the decoder with the matching transformers attention implem
          the block-diffusion mask runs on flex instead.
   auto   flex on CUDA, sdpa elsewhere.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -32,14 +33,23 @@ def resolve_backend(name: str, device: torch.device | str, key: str = "attn_back
     if name == "auto":
         return "flex" if torch.device(device).type == "cuda" else "sdpa"
     if name == "flash" and importlib.util.find_spec("flash_attn") is None:
-        raise ConfigError(f"{key}='flash' needs the flash-attn package (pip install 'tide_ds[gpu]' on a CUDA "
-                          f"machine); use 'flex' or 'sdpa' instead")
+        raise ConfigError(
+            f"{key}='flash' needs the flash-attn package (pip install 'tide_ds[gpu]' on a CUDA "
+            f"machine); use 'flex' or 'sdpa' instead"
+        )
     return name
 
 
-def run_decoder(model, backend: str, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                pattern: Pattern | None = None, *, key_padding: torch.Tensor | None = None,
-                past_key_values=None) -> torch.Tensor:
+def run_decoder(
+    model,
+    backend: str,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    pattern: Pattern | None = None,
+    *,
+    key_padding: torch.Tensor | None = None,
+    past_key_values=None,
+) -> torch.Tensor:
     """Final hidden states of a transformers decoder (`model.get_decoder()`), every new query
     seeing every cached key and the new keys through `pattern` (None: all of them).
 
@@ -52,11 +62,18 @@ def run_decoder(model, backend: str, input_ids: torch.Tensor, position_ids: torc
         model.set_attn_implementation(_HF_IMPLEMENTATION[backend])
     q_len = input_ids.shape[1]
     kv_len = q_len + (past_key_values.get_seq_length() if past_key_values is not None else 0)
-    mask = attention_mask(backend, pattern, q_len, kv_len, dtype=model.dtype, device=input_ids.device,
-                          key_padding=key_padding)
+    mask = attention_mask(
+        backend, pattern, q_len, kv_len, dtype=model.dtype, device=input_ids.device, key_padding=key_padding
+    )
     extra = {"is_causal": False} if backend == "flash" else {}
-    out = model.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                              past_key_values=past_key_values, use_cache=past_key_values is not None, **extra)
+    out = model.get_decoder()(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=mask,
+        past_key_values=past_key_values,
+        use_cache=past_key_values is not None,
+        **extra,
+    )
     return out.last_hidden_state
 
 

@@ -6,6 +6,7 @@ layout), hf_bidirectional (any transformers decoder or masked LM run bidirection
 llama (hf_bidirectional, with the family checked), auto (llada2_moe when the checkpoint says so,
 else hf_bidirectional). The checkpoint's config.json `model_type` must agree with the kind.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,9 @@ def load_tokenizer(path: str, key: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{key}={path} holds no loadable tokenizer ({e.__class__.__name__}); save one there with save_pretrained") from None
+        raise ConfigError(
+            f"{key}={path} holds no loadable tokenizer ({e.__class__.__name__}); save one there with save_pretrained"
+        ) from None
 
 
 def checkpoint_model_type(path: str, key: str) -> str:
@@ -59,23 +62,28 @@ def checkpoint_model_type(path: str, key: str) -> str:
 def check_student_checkpoint(model_type: str, key: str) -> None:
     """A student is a transformers decoder (Qwen3 / Llama family, or another native causal LM)."""
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ConfigError(f"{key} holds a '{model_type}' checkpoint; a BD3LM student is a transformers decoder "
-                          f"such as qwen3 or llama")
+        raise ConfigError(
+            f"{key} holds a '{model_type}' checkpoint; a BD3LM student is a transformers decoder such as qwen3 or llama"
+        )
 
 
 def check_kind(kind: str, model_type: str, key: str) -> None:
     accepted = _KIND_MODEL_TYPES.get(kind)
     if accepted is not None and model_type not in accepted:
-        raise ConfigError(f"{key}.kind is '{kind}' but {key}.path holds a '{model_type}' checkpoint "
-                          f"(model_type in its config.json); set {key}.kind to auto or to the checkpoint's family")
+        raise ConfigError(
+            f"{key}.kind is '{kind}' but {key}.path holds a '{model_type}' checkpoint "
+            f"(model_type in its config.json); set {key}.kind to auto or to the checkpoint's family"
+        )
 
 
 def mask_token_id(tokenizer: PreTrainedTokenizerBase, mask_token: str, key: str) -> int:
     """The id of the mask token; the tokenizer must already know it."""
     tid = _token_id(tokenizer, mask_token)
     if tid is None:
-        raise ConfigError(f"the tokenizer for {key} has no mask token {mask_token!r}; add it as a special "
-                          f"token or set diffusion.mask_token to the token it uses")
+        raise ConfigError(
+            f"the tokenizer for {key} has no mask token {mask_token!r}; add it as a special "
+            f"token or set diffusion.mask_token to the token it uses"
+        )
     return tid
 
 
@@ -101,8 +109,9 @@ def _load(cls, cfg: ModelConfig, key: str, **kwargs):
     except Exception as e:  # safetensors reports a truncated or damaged file with its own error type
         if type(e).__name__ != "SafetensorError":
             raise
-        raise ConfigError(f"{key}.path={cfg.path}: a weights file is truncated or damaged ({e}); copy the "
-                          f"model directory again") from None
+        raise ConfigError(
+            f"{key}.path={cfg.path}: a weights file is truncated or damaged ({e}); copy the model directory again"
+        ) from None
 
 
 def _causal_lm(cfg: ModelConfig, key: str, vocab_size: int | None) -> torch.nn.Module:
@@ -142,11 +151,15 @@ def a2d_config(path: str, family: str) -> dict:
     return {"config": AutoConfig.for_model(family, **raw)}
 
 
-def build_student(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, block_size: int, mask_token: str) -> BD3LMStudent:
+def build_student(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, block_size: int, mask_token: str
+) -> BD3LMStudent:
     """A BD3LM student; the mask token is added to the tokenizer (and the embeddings) if missing."""
     if cfg.kind not in STUDENT_KINDS:
-        raise ConfigError(f"student.kind is '{cfg.kind}'; a student is a transformers decoder: choose one of "
-                          f"{', '.join(STUDENT_KINDS)}")
+        raise ConfigError(
+            f"student.kind is '{cfg.kind}'; a student is a transformers decoder: choose one of "
+            f"{', '.join(STUDENT_KINDS)}"
+        )
     mask_id = ensure_mask_token(tokenizer, mask_token)
     model = _causal_lm(cfg, "student", vocab_size=len(tokenizer))
     if model.get_output_embeddings().weight.shape[0] < len(tokenizer):
@@ -167,11 +180,16 @@ def build_teacher(cfg: ModelConfig, mask_token: str, block_size: int | None = No
         kind = "llada2_moe" if model_type == llada2.MODEL_TYPE else "hf_bidirectional"
     check_kind(kind, model_type, "teacher")
     if kind == "wedlm" and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ConfigError(f"teacher.kind is 'wedlm' but teacher.path holds a '{model_type}' checkpoint; a WeDLM-style "
-                          f"teacher is a dense transformers decoder (e.g. qwen3, llama)")
+        raise ConfigError(
+            f"teacher.kind is 'wedlm' but teacher.path holds a '{model_type}' checkpoint; a WeDLM-style "
+            f"teacher is a dense transformers decoder (e.g. qwen3, llama)"
+        )
 
-    auto = AutoModelForCausalLM if kind == "llada2_moe" or model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES \
+    auto = (
+        AutoModelForCausalLM
+        if kind == "llada2_moe" or model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
         else AutoModelForMaskedLM
+    )
     if weights:
         model = _load(auto, cfg, "teacher")
     else:
@@ -201,9 +219,13 @@ def teacher_mask_token_id(cfg: ModelConfig, model_config, mask_token: str) -> in
     if tid is None:
         tid = getattr(model_config, "mask_token_id", None)
     if tid is None:
-        raise ConfigError(f"no mask token id for the teacher: its tokenizer has no {mask_token!r} (diffusion.mask_token) "
-                          f"and no mask token, and its config no mask_token_id; set teacher.mask_token_id")
+        raise ConfigError(
+            f"no mask token id for the teacher: its tokenizer has no {mask_token!r} (diffusion.mask_token) "
+            f"and no mask token, and its config no mask_token_id; set teacher.mask_token_id"
+        )
     if not 0 <= tid < vocab:
-        raise ConfigError(f"the teacher's mask token id {tid} is outside its vocabulary of {vocab}; "
-                          f"set teacher.mask_token_id to the id its training used")
+        raise ConfigError(
+            f"the teacher's mask token id {tid} is outside its vocabulary of {vocab}; "
+            f"set teacher.mask_token_id to the id its training used"
+        )
     return tid

@@ -10,6 +10,7 @@ layer (the exchange sizes). On disk they keep the published per-expert
 names (`mlp.experts.<e>.{gate,up,down}_proj.weight`): a checkpoint conversion registered with
 transformers stacks them on load and splits them again on save.
 """
+
 from __future__ import annotations
 
 import torch
@@ -87,11 +88,15 @@ class LLaDA2MoeConfig(PreTrainedConfig):
         if self.norm_head:
             problems.append("norm_head: true")
         if self.num_attention_heads % self.num_key_value_heads:
-            problems.append(f"num_attention_heads {self.num_attention_heads} not a multiple of num_key_value_heads "
-                            f"{self.num_key_value_heads}")
+            problems.append(
+                f"num_attention_heads {self.num_attention_heads} not a multiple of num_key_value_heads "
+                f"{self.num_key_value_heads}"
+            )
         if self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
-            problems.append(f"num_experts {self.num_experts} / n_group {self.n_group} / topk_group {self.topk_group} "
-                            f"(experts must split evenly into groups, 1 <= topk_group <= n_group)")
+            problems.append(
+                f"num_experts {self.num_experts} / n_group {self.n_group} / topk_group {self.topk_group} "
+                f"(experts must split evenly into groups, 1 <= topk_group <= n_group)"
+            )
         elif self.num_experts_per_tok > self.topk_group * self.num_experts // self.n_group:
             problems.append(f"num_experts_per_tok {self.num_experts_per_tok} exceeds the experts of topk_group groups")
         if problems:
@@ -145,9 +150,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(nn.Module):
     def __init__(self, config: LLaDA2MoeConfig):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.query_key_value = nn.Linear(config.hidden_size, (self.heads + 2 * self.kv_heads) * self.head_dim,
-                                         bias=config.use_qkv_bias)
+        self.heads, self.kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        self.query_key_value = nn.Linear(
+            config.hidden_size, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=config.use_qkv_bias
+        )
         if config.use_qk_norm:
             self.query_layernorm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.key_layernorm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -164,7 +174,7 @@ class Attention(nn.Module):
         if self.kv_heads != self.heads:
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim ** -0.5)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
         return self.dense(out.transpose(1, 2).reshape(b, length, -1))
 
 
@@ -274,7 +284,7 @@ def shard_experts(model: nn.Module, group) -> int:
         size = m.num_experts // ep
         for name in ("gate_proj", "up_proj", "down_proj"):
             whole = getattr(m, name)
-            part = whole.detach()[rank * size:(rank + 1) * size].clone()  # a copy: the whole stack is freed
+            part = whole.detach()[rank * size : (rank + 1) * size].clone()  # a copy: the whole stack is freed
             setattr(m, name, nn.Parameter(part, requires_grad=whole.requires_grad))
         m.group = group
     return len(layers)
@@ -290,8 +300,11 @@ class SparseMoe(nn.Module):
         super().__init__()
         self.gate = Router(config)
         self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
-        self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.num_shared_experts)
-                               if config.num_shared_experts else None)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.num_shared_experts)
+            if config.num_shared_experts
+            else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -360,8 +373,13 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
     def set_input_embeddings(self, value):
         self.word_embeddings = value
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, **kwargs) -> BaseModelOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutput:
         h = self.word_embeddings(input_ids)
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
@@ -398,8 +416,13 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
     def get_decoder(self):
         return self.model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, **kwargs) -> MaskedLMOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> MaskedLMOutput:
         hidden = self.model(input_ids, attention_mask, position_ids).last_hidden_state
         return MaskedLMOutput(logits=self.lm_head(hidden).float())
 
@@ -410,11 +433,18 @@ def _register() -> None:
     AutoModelForCausalLM.register(LLaDA2MoeConfig, LLaDA2MoeModelLM, exist_ok=True)
     AutoModelForMaskedLM.register(LLaDA2MoeConfig, LLaDA2MoeModelLM, exist_ok=True)
     # on disk: mlp.experts.<e>.<proj>.weight; in memory: mlp.experts.<proj> stacked over experts
-    register_checkpoint_conversion_mapping(MODEL_TYPE, [
-        WeightConverter(source_patterns=[f"mlp.experts.*.{proj}.weight"], target_patterns=f"mlp.experts.{proj}",
-                        operations=[MergeModulelist(dim=0)])
-        for proj in ("gate_proj", "up_proj", "down_proj")
-    ], overwrite=True)
+    register_checkpoint_conversion_mapping(
+        MODEL_TYPE,
+        [
+            WeightConverter(
+                source_patterns=[f"mlp.experts.*.{proj}.weight"],
+                target_patterns=f"mlp.experts.{proj}",
+                operations=[MergeModulelist(dim=0)],
+            )
+            for proj in ("gate_proj", "up_proj", "down_proj")
+        ],
+        overwrite=True,
+    )
 
 
 _register()

@@ -6,6 +6,7 @@ states of the x_t half (the x_0 half's logits are never computed). The block siz
 id are written into the model config (`config.bd3lm`), so a saved student generates without
 extra flags.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,13 +44,26 @@ class BD3LMStudent(OutputHead, nn.Module):
         """Logits of the x_t half [b, l, V] (for evaluation and sampling; training uses hidden states)."""
         return self.model.get_output_embeddings()(self.hidden_states(x_t, x_0))
 
-    def extend(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache,
-               pattern: Pattern | None = None, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+    def extend(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache,
+        pattern: Pattern | None = None,
+        key_padding: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Hidden states of new tokens that see every cached (clean) key, and each other through
         `pattern` (None: all of them); their keys and values are appended to `cache`.
 
         The sampler's building block: a noisy block against the clean context, or a block just
         decoded being added to the context. key_padding [b, cached + new] (True = a real token) hides
         padding keys."""
-        return run_decoder(self.model, self.attn_backend, input_ids, position_ids, pattern, key_padding=key_padding,
-                           past_key_values=cache)
+        return run_decoder(
+            self.model,
+            self.attn_backend,
+            input_ids,
+            position_ids,
+            pattern,
+            key_padding=key_padding,
+            past_key_values=cache,
+        )

@@ -16,6 +16,7 @@ Three teachers:
   HFBidirectionalTeacher  any transformers decoder run with full bidirectional attention, or a
                           masked LM (its own bidirectional encoder, then its head's transform)
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 
 from tide_ds.diffusion.layout import Order, Pattern, bd3lm_inputs, noisy_half
 from tide_ds.models.attention import OutputHead, resolve_backend, run_decoder
+
 
 class Teacher(OutputHead, nn.Module):
     """A frozen model plus its output head; subclasses define `hidden_states`."""
@@ -39,8 +41,9 @@ class Teacher(OutputHead, nn.Module):
     def vocab_size(self) -> int:
         return self.output_weight.shape[0]
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      x0: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, x0: torch.Tensor | None = None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -73,8 +76,9 @@ class WeDLMTeacher(Teacher):
     """A dense decoder (WeDLM-style) reading the noised and the clean sequence side by side with the
     block-diffusion mask; `order` "x0_xt" puts the clean half first. Returns the x_t half."""
 
-    def __init__(self, model: nn.Module, mask_token_id: int, block_size: int, order: Order = "x0_xt",
-                 attn_backend: str = "auto"):
+    def __init__(
+        self, model: nn.Module, mask_token_id: int, block_size: int, order: Order = "x0_xt", attn_backend: str = "auto"
+    ):
         super().__init__(model, mask_token_id)
         resolve_backend(attn_backend, "cpu", key="teacher.attn_backend")
         self.block_size, self.order, self.attn_backend = block_size, order, attn_backend

@@ -3,6 +3,7 @@
 These are the plain PyTorch references: the fused kernels in `tide_ds.kernels` are tested
 against them.
 """
+
 from tide_ds.config import RECIPES, Recipe
 from tide_ds.objectives.calm import calm, chunk_logprobs, chunk_tidal
 from tide_ds.objectives.ce import bd3lm_ce, fp32, token_logprobs

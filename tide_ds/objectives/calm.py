@@ -4,6 +4,7 @@ Chunk probabilities are tempered, s = exp(lS / T) and q = exp(lT / T), clamped t
 [1e-7, 1 - 1e-7] in fp32. Reverse CALM, -[s log q + (1 - s) log(1 - q)], has dL/ds = -logit(q):
 bounded and set by the frozen teacher alone.
 """
+
 from __future__ import annotations
 
 import torch

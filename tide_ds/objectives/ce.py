@@ -1,4 +1,5 @@
 """Per-token target log-probabilities and the BD3LM cross-entropy term."""
+
 from __future__ import annotations
 
 from typing import Literal

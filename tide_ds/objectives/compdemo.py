@@ -4,6 +4,7 @@ Pass 1 sees M_B masked and M_A revealed; pass 2 sees M_A masked and M_B revealed
 M_B take their teacher prediction from pass 1, positions in M_A from pass 2. Works on tokens
 ([b, l]) and on chunks ([b, C]) alike.
 """
+
 from __future__ import annotations
 
 import torch

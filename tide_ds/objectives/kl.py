@@ -1,4 +1,5 @@
 """Shared-vocabulary terms: forward / reverse KL and TIDAL, all at temperature T, times T^2, in fp32."""
+
 from __future__ import annotations
 
 import math

@@ -1,7 +1,19 @@
 """The distillation step (noise -> teacher -> student loss), its schedulers and the run's resolved loss terms."""
+
 from tide_ds.pipeline.schedule import SCHEDULERS, Overlap, Sequential, build_scheduler
 from tide_ds.pipeline.step import DistillStep, Noised, TeacherTargets
 from tide_ds.pipeline.terms import RunTerms, Term, TermInputs, resolve_terms
 
-__all__ = ["DistillStep", "Noised", "Overlap", "RunTerms", "SCHEDULERS", "Sequential", "TeacherTargets", "Term",
-           "TermInputs", "build_scheduler", "resolve_terms"]
+__all__ = [
+    "DistillStep",
+    "Noised",
+    "Overlap",
+    "RunTerms",
+    "SCHEDULERS",
+    "Sequential",
+    "TeacherTargets",
+    "Term",
+    "TermInputs",
+    "build_scheduler",
+    "resolve_terms",
+]

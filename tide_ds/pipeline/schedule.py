@@ -19,14 +19,15 @@ all-to-all, AutoTP all-reduce and gathers) run on process groups of their own
 (`tide_ds.engine`), issued by the worker thread alone, so they keep one order on every rank and
 never interleave with the student's. On CPU the same schedule runs on the worker thread.
 """
+
 from __future__ import annotations
 
 import contextlib
 import queue
 import threading
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
-from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -69,8 +70,15 @@ class Overlap(Sequential):
     while the student works on the current micro-batch. `guard` wraps each call on the worker
     (the loop passes `tide_ds.engine.dist.fail_fast`, so an error there stops every rank at once)."""
 
-    def __init__(self, teacher_targets: Callable, device: torch.device, phases: Phases, prefetch: int = 1,
-                 guard: Callable = _no_guard, ready: Callable[[], bool] = lambda: True):
+    def __init__(
+        self,
+        teacher_targets: Callable,
+        device: torch.device,
+        phases: Phases,
+        prefetch: int = 1,
+        guard: Callable = _no_guard,
+        ready: Callable[[], bool] = lambda: True,
+    ):
         super().__init__(teacher_targets, device, phases)
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
@@ -161,8 +169,16 @@ class _Worker:
         self._thread.join(timeout=1.0)
 
 
-def build_scheduler(name: str, teacher_targets: Callable, device: torch.device, phases: Phases, *,
-                    prefetch: int = 1, guard: Callable = _no_guard, ready: Callable[[], bool] = lambda: True):
+def build_scheduler(
+    name: str,
+    teacher_targets: Callable,
+    device: torch.device,
+    phases: Phases,
+    *,
+    prefetch: int = 1,
+    guard: Callable = _no_guard,
+    ready: Callable[[], bool] = lambda: True,
+):
     if name == "sequential":
         return Sequential(teacher_targets, device, phases)
     if name == "overlap":

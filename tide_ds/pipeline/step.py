@@ -10,6 +10,7 @@ need no special case. All losses read rows at masked positions only: the student
 unmasked positions are never projected to the vocabulary, and the masked rows are projected in one
 tiled pass that yields every term's value and gradient (`tide_ds.kernels.fused_head_loss`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -61,8 +62,9 @@ def identity_chunks(maskable: torch.Tensor) -> torch.Tensor:
 
 
 class DistillStep:
-    def __init__(self, student, teacher, terms: RunTerms, *, kernels: str = "auto", eps: float = 1e-3,
-                 shared_vocab_size: int = 0):
+    def __init__(
+        self, student, teacher, terms: RunTerms, *, kernels: str = "auto", eps: float = 1e-3, shared_vocab_size: int = 0
+    ):
         self.student = student
         self.teacher = teacher
         self.terms = terms
@@ -71,7 +73,7 @@ class DistillStep:
         self.shared_vocab_size = shared_vocab_size  # KL / TIDAL compare ids below it (0: all shared ids)
         self.needs = terms.needs
 
-    def with_teacher(self, teacher) -> "DistillStep":
+    def with_teacher(self, teacher) -> DistillStep:
         """A copy of this step that calls `teacher` (a placed one), sharing everything else."""
         placed = copy.copy(self)
         placed.teacher = teacher
@@ -85,8 +87,9 @@ class DistillStep:
         if chunk_ids is None:
             chunk_ids = identity_chunks(maskable)
         num_chunks = batch.get("num_chunks", x0.shape[1])
-        n = noise_batch(x0, maskable, self.student.mask_token_id, eps=self.eps, chunk_ids=chunk_ids,
-                        generator=generator)
+        n = noise_batch(
+            x0, maskable, self.student.mask_token_id, eps=self.eps, chunk_ids=chunk_ids, generator=generator
+        )
         active = chunk_masked(n.masked, chunk_ids, num_chunks)
         if own_ids:
             teacher_x0, teacher_chunk_ids = batch["teacher_input_ids"], batch["teacher_chunk_ids"]
@@ -94,10 +97,19 @@ class DistillStep:
             teacher_x0, teacher_chunk_ids = x0, chunk_ids
         inputs, pass1_masked = self._teacher_inputs(teacher_x0, teacher_chunk_ids, active, generator)
         return Noised(
-            x0=x0, x_t=n.x_t, masked=n.masked, maskable=maskable, t=n.t, chunk_ids=chunk_ids,
-            chunk_mask=active, teacher_x0=teacher_x0, teacher_chunk_ids=teacher_chunk_ids,
-            teacher_attention_mask=batch.get("teacher_attention_mask"), teacher_pass_inputs=inputs,
-            teacher_pass_masked=pass1_masked, has_teacher_ids=own_ids,
+            x0=x0,
+            x_t=n.x_t,
+            masked=n.masked,
+            maskable=maskable,
+            t=n.t,
+            chunk_ids=chunk_ids,
+            chunk_mask=active,
+            teacher_x0=teacher_x0,
+            teacher_chunk_ids=teacher_chunk_ids,
+            teacher_attention_mask=batch.get("teacher_attention_mask"),
+            teacher_pass_inputs=inputs,
+            teacher_pass_masked=pass1_masked,
+            has_teacher_ids=own_ids,
         )
 
     def _teacher_inputs(self, teacher_x0, teacher_chunk_ids, active, generator):
@@ -118,8 +130,10 @@ class DistillStep:
         if self.teacher is None or not self.needs:
             return TeacherTargets()
         # The one teacher call site: one pass, or CompDemo's two passes merged per position.
-        hidden = [self.teacher.hidden_states(x, noised.teacher_attention_mask, x0=noised.teacher_x0)
-                  for x in noised.teacher_pass_inputs]
+        hidden = [
+            self.teacher.hidden_states(x, noised.teacher_attention_mask, x0=noised.teacher_x0)
+            for x in noised.teacher_pass_inputs
+        ]
         h = hidden[0] if len(hidden) == 1 else comp_demo_merge(hidden[0], hidden[1], noised.teacher_pass_masked)
         w, bias = self.teacher.output_weight, self.teacher.output_bias
         out = TeacherTargets()
@@ -140,8 +154,13 @@ class DistillStep:
         hidden = self.student.hidden_states(noised.x_t, noised.x0)
         rows = noised.masked_rows
         x = TermInputs(
-            progress=progress, t=noised.t, masked=noised.masked, maskable=noised.maskable,
-            row_t=noised.t[rows[0]], teacher=targets.rows, row_valid=targets.row_valid,
+            progress=progress,
+            t=noised.t,
+            masked=noised.masked,
+            maskable=noised.maskable,
+            row_t=noised.t[rows[0]],
+            teacher=targets.rows,
+            row_valid=targets.row_valid,
         )
         groups, num_chunks = None, noised.chunk_mask.shape[1]
         if CHUNKS in self.needs:
@@ -170,8 +189,14 @@ class DistillStep:
             spec = None if n is None else dataclasses.replace(kl_terms[n], coef=term.weight * kl_terms[n].coef)
             first = i == 0 and bool(by_logprob)
             loss, lp, kl_vals = kernels.fused_head_loss(
-                h, targets=noised.x0[rows] if first else None, logprob_loss=logprob_loss if first else None,
-                groups=groups, num_groups=noised.x0.shape[0] * num_chunks, kl=spec, **head)
+                h,
+                targets=noised.x0[rows] if first else None,
+                logprob_loss=logprob_loss if first else None,
+                groups=groups,
+                num_groups=noised.x0.shape[0] * num_chunks,
+                kl=spec,
+                **head,
+            )
             total = loss if total is None else total + loss
             if n is not None:
                 values[n] = (kl_terms[n].coef * kl_vals).sum()

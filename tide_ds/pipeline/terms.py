@@ -8,10 +8,12 @@ The step evaluates all of them in one tiled pass over the student's output proje
 (`tide_ds.kernels.fused_head_loss`). TIDAL has a chunk form (pipeline A, two tokenizers) and a token
 form (pipeline B, one vocabulary); the pipeline picks the form here, never in the step.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
@@ -84,6 +86,7 @@ class RunTerms:
 
 # -- term forms: each takes its hyper-parameters and returns a function of TermInputs ----------
 
+
 def ce_term(normalization: str):
     return lambda x: bd3lm_ce(x.student_token_logprobs, x.masked, x.maskable, x.t, normalization)
 
@@ -91,36 +94,51 @@ def ce_term(normalization: str):
 def kl_term(temperature: float, reverse: bool):
     def term(x: TermInputs) -> kernels.KLRows:
         te = x.teacher
-        return kernels.kl_rows(te.hidden, te.weight, x.row_valid, temperature=temperature, reverse=reverse,
-                               teacher_bias=te.bias)
+        return kernels.kl_rows(
+            te.hidden, te.weight, x.row_valid, temperature=temperature, reverse=reverse, teacher_bias=te.bias
+        )
 
     return term
 
 
 def calm_term(temperature: float, reverse: bool):
-    return lambda x: calm(x.student_chunk_logprobs, x.teacher_chunk_logprobs, x.chunk_mask,
-                          temperature=temperature, reverse=reverse)
+    return lambda x: calm(
+        x.student_chunk_logprobs, x.teacher_chunk_logprobs, x.chunk_mask, temperature=temperature, reverse=reverse
+    )
 
 
 def _lambda(t: torch.Tensor, progress: float, c: TidalConfig) -> torch.Tensor:
-    return tidal_lambda(t, progress, lambda_init=c.lambda_init, lambda_max=c.lambda_max, schedule=c.schedule,
-                        axis=c.axis)
+    return tidal_lambda(
+        t, progress, lambda_init=c.lambda_init, lambda_max=c.lambda_max, schedule=c.schedule, axis=c.axis
+    )
 
 
 def chunk_tidal_term(temperature: float, c: TidalConfig):
     """TIDAL over chunks, lambda and weight per row from each sequence's t."""
-    return lambda x: chunk_tidal(x.student_chunk_logprobs, x.teacher_chunk_logprobs, x.chunk_mask,
-                                 _lambda(x.t, x.progress, c), weight=timestep_weighting(x.t, c.timestep_weight),
-                                 temperature=temperature)
+    return lambda x: chunk_tidal(
+        x.student_chunk_logprobs,
+        x.teacher_chunk_logprobs,
+        x.chunk_mask,
+        _lambda(x.t, x.progress, c),
+        weight=timestep_weighting(x.t, c.timestep_weight),
+        temperature=temperature,
+    )
 
 
 def token_tidal_term(temperature: float, c: TidalConfig):
     """TIDAL over the shared vocabulary, lambda and weight per masked row."""
+
     def term(x: TermInputs) -> kernels.KLRows:
         te = x.teacher
-        return kernels.kl_rows(te.hidden, te.weight, x.row_valid, temperature=temperature,
-                               lam=_lambda(x.row_t, x.progress, c),
-                               row_weight=timestep_weighting(x.row_t, c.timestep_weight), teacher_bias=te.bias)
+        return kernels.kl_rows(
+            te.hidden,
+            te.weight,
+            x.row_valid,
+            temperature=temperature,
+            lam=_lambda(x.row_t, x.progress, c),
+            row_weight=timestep_weighting(x.row_t, c.timestep_weight),
+            teacher_bias=te.bias,
+        )
 
     return term
 
@@ -143,18 +161,23 @@ def _same(form: Form) -> dict[str, Form]:
 FORMS: dict[str, dict[str, Form]] = {
     "ce": _same(Form(LOGPROB, frozenset(), lambda s, o: ce_term(o.ce_normalization))),
     "kl": _same(Form(ROWS, frozenset({TEACHER_ROWS}), lambda s, o: kl_term(s.temperature, reverse=False), True)),
-    "reverse_kl": _same(Form(ROWS, frozenset({TEACHER_ROWS}), lambda s, o: kl_term(s.temperature, reverse=True),
-                             True)),
+    "reverse_kl": _same(Form(ROWS, frozenset({TEACHER_ROWS}), lambda s, o: kl_term(s.temperature, reverse=True), True)),
     "calm": _same(Form(LOGPROB, frozenset({CHUNKS}), lambda s, o: calm_term(s.temperature, reverse=False))),
     "reverse_calm": _same(Form(LOGPROB, frozenset({CHUNKS}), lambda s, o: calm_term(s.temperature, reverse=True))),
-    "tidal": {"cross": Form(LOGPROB, frozenset({CHUNKS}), lambda s, o: chunk_tidal_term(s.temperature, s.tidal)),
-              "shared": Form(ROWS, frozenset({TEACHER_ROWS}), lambda s, o: token_tidal_term(s.temperature, s.tidal))},
+    "tidal": {
+        "cross": Form(LOGPROB, frozenset({CHUNKS}), lambda s, o: chunk_tidal_term(s.temperature, s.tidal)),
+        "shared": Form(ROWS, frozenset({TEACHER_ROWS}), lambda s, o: token_tidal_term(s.temperature, s.tidal)),
+    },
 }
 assert set(FORMS) == set(TERM_NAMES), "every term name in tide_ds.config has a form here"
 
 
-def resolve_terms(recipe: str, terms: dict[str, float | TermConfig] | None = None, pipeline: Pipeline = "shared",
-                  objective: ObjectiveConfig | None = None) -> RunTerms:
+def resolve_terms(
+    recipe: str,
+    terms: dict[str, float | TermConfig] | None = None,
+    pipeline: Pipeline = "shared",
+    objective: ObjectiveConfig | None = None,
+) -> RunTerms:
     """The run's terms (the recipe's, or the explicit `terms`), each bound to its form for `pipeline`
     ("shared": one vocabulary, "cross": two tokenizers) and to its hyper-parameters."""
     objective = objective or ObjectiveConfig()
@@ -162,6 +185,7 @@ def resolve_terms(recipe: str, terms: dict[str, float | TermConfig] | None = Non
     bound = []
     for name, spec in specs.items():
         form = FORMS[name][pipeline]
-        bound.append(Term(name, form.kind, spec.weight, form.build(spec, objective), form.needs,
-                          form.shared_vocab_only, spec))
+        bound.append(
+            Term(name, form.kind, spec.weight, form.build(spec, objective), form.needs, form.shared_vocab_only, spec)
+        )
     return RunTerms(tuple(bound), comp_demo=RECIPES[recipe].comp_demo, demo_ratio=objective.demo_ratio)
