@@ -33,6 +33,7 @@ def gen():
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     """A tokenizer trained on a few standard-library files and a tiny random teacher saved with it."""
+    from tiny import SAVED_TEACHER_INIT
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     from tide_ds.data.corpus import corpus_files, train_tokenizer
@@ -41,16 +42,7 @@ def tiny_assets(tmp_path_factory):
     files = corpus_files("stdlib", 30)
     tok = train_tokenizer(files, 400, str(root / "tokenizer"))
     torch.manual_seed(0)
-    cfg = Qwen3Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        tie_word_embeddings=True,
-    )
+    cfg = Qwen3Config(vocab_size=len(tok), **SAVED_TEACHER_INIT)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "teacher")
     tok.save_pretrained(root / "teacher")
     return {"root": root, "tokenizer": str(root / "tokenizer"), "teacher": str(root / "teacher"), "files": files}

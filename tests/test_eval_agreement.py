@@ -3,25 +3,15 @@
 import pytest
 import torch
 
-from tests.tiny import llada2, word_tokenizer
+from tests.tiny import STUDENT_INIT, llada2, word_tokenizer
 from tide_ds.config import ModelConfig
 from tide_ds.eval.agreement import chunk_agreement
 from tide_ds.models import LLaDA2Teacher, build_student
 
-INIT = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    max_position_embeddings=256,
-)
-
 
 def test_chunk_agreement_with_everything_masked():
     torch.manual_seed(0)
-    student = build_student(ModelConfig(init=INIT), word_tokenizer(), 4, "<|mask|>").eval()
+    student = build_student(ModelConfig(init=STUDENT_INIT), word_tokenizer(), 4, "<|mask|>").eval()
     teacher = LLaDA2Teacher(llada2(seed=1, vocab_size=40, mask_token_id=39), 39)
     x0 = torch.randint(1, 27, (2, 8))
     t_x0 = torch.randint(1, 38, (2, 10))

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from tiny import decoder, word_tokenizer
+from tiny import STUDENT_INIT, decoder, word_tokenizer
 
 from tide_ds.config import ConfigError, ModelConfig
 from tide_ds.diffusion.sampler import fill_most_confident, generate, unmask_schedule
@@ -107,17 +107,7 @@ def test_student_trained_on_a_repetitive_pattern_reproduces_it():
     seconds on one CPU thread. Sampling then continues the cycle from any phase."""
     torch.manual_seed(0)
     tokenizer = word_tokenizer()
-    cfg = ModelConfig(
-        init=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=64,
-        )
-    )
+    cfg = ModelConfig(init=dict(STUDENT_INIT, max_position_embeddings=64))
     s = build_student(cfg, tokenizer, block_size=4, mask_token="<|mask|>")
     cycle = torch.tensor(tokenizer("a b c d e f", add_special_tokens=False)["input_ids"])
     step = DistillStep(s, None, resolve_terms("ce"))

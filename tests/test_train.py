@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from tiny import SAVED_TEACHER_INIT
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
 
 from tide_ds.config import ConfigError, load_config
@@ -93,16 +94,7 @@ def cross_data(tiny_assets, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cross")
     teacher_tok = train_tokenizer(tiny_assets["files"][5:20], 500, str(root / "teacher"))
-    cfg = Qwen3Config(
-        vocab_size=len(teacher_tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        tie_word_embeddings=True,
-    )
+    cfg = Qwen3Config(vocab_size=len(teacher_tok), **SAVED_TEACHER_INIT)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "teacher")
     lines = [ln for p in tiny_assets["files"][:10] for ln in read_text(p).splitlines() if ln.strip()]
     rows = [

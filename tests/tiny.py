@@ -24,19 +24,31 @@ def word_tokenizer(mask_token: str | None = "<|mask|>") -> PreTrainedTokenizerFa
     return fast
 
 
+STUDENT_INIT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=256,
+)
+
+
+# the teacher the CLI tests save with a trained tokenizer: one layer, tied head
+SAVED_TEACHER_INIT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    tie_word_embeddings=True,
+)
+
+
 def decoder_config(family: str = "qwen3", vocab_size: int = 64, **kw):
-    args = dict(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-    )
-    args.update(kw)
-    return AutoConfig.for_model(family, **args)
+    return AutoConfig.for_model(family, **{**STUDENT_INIT, "vocab_size": vocab_size, **kw})
 
 
 def decoder(family: str = "qwen3", vocab_size: int = 64, seed: int = 0, **kw):
@@ -77,17 +89,6 @@ def llada2(seed: int = 0, **kw) -> LLaDA2MoeModelLM:
         for layer in model.model.layers[model.config.first_k_dense_replace :]:
             layer.mlp.gate.expert_bias.normal_(0.0, 0.3)
     return model
-
-
-STUDENT_INIT = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    max_position_embeddings=256,
-)
 
 
 def saved_student(path, block_size: int = 4):
