@@ -81,6 +81,8 @@ def check_rows(data, student_path, teacher_path, teacher_drops_whitespace=False)
             for side in (chunks, t_chunks):  # a chunk is one run of tokens
                 at = np.flatnonzero(side == c)
                 assert at[-1] - at[0] + 1 == len(at)
+        if n:  # the teacher's sequence ends with its last chunk token, as in the paper's runs
+            assert t_chunks[-1] == n - 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -113,9 +113,11 @@ def align_row(
         raise SkipRow("teacher_prompt_too_long")
     s_cut = min(len(s_ids), student.max_length)
     t_cut = min(len(t_ids), teacher.max_length)
-    if s_cut < len(s_ids):
-        kept = _kept_chunks(s_chunks, t_chunks, s_cut, t_cut)
-        t_last = _last_token(t_chunks, kept)
+    truncated = s_cut < len(s_ids) or t_cut < len(t_ids)
+    # The teacher reads up to its last token in a chunk both sides keep, as in the paper's runs: what
+    # follows has no student counterpart (the template's closing tokens, or text the student lost).
+    t_last = _last_token(t_chunks, _kept_chunks(s_chunks, t_chunks, s_cut, t_cut))
+    if t_last >= 0 or s_cut < len(s_ids):
         t_cut = min(t_cut, max(t_prompt, t_last + 1))
     kept = _kept_chunks(s_chunks, t_chunks, s_cut, t_cut)
     s_chunks, t_chunks = s_chunks[:s_cut], t_chunks[:t_cut]
@@ -133,7 +135,7 @@ def align_row(
         num_chunks=int(kept.sum()),
         response_bytes=sum(max(0, min(e, cut_byte) - s) for s, e in s_rendered.contents),
         chunk_bytes=int(s_lengths[s_chunks >= 0].sum()),
-        truncated=s_cut < len(s_ids) or t_cut < len(t_ids),
+        truncated=truncated,
     )
 
 
