@@ -50,3 +50,10 @@ def test_unknown_stage_and_recipe_are_refused():
         demo.load_job(argparse.Namespace(redo=None, long=False, recipes="tide", overrides=[]))
     with pytest.raises(ConfigError, match="ar_steps=300 must be"):
         demo.load_job(argparse.Namespace(redo=None, long=False, recipes=None, overrides=["teacher.train.ar_steps=300"]))
+
+
+def test_the_long_run_has_its_own_folder():
+    """--long never reuses a short run's finished stages (a stage is reused when its folder is done)."""
+    assert demo.output_dir(argparse.Namespace(out=None, long=True)) == "runs/demo_long"
+    assert demo.output_dir(argparse.Namespace(out=None, long=False)) == "runs/demo"
+    assert demo.output_dir(argparse.Namespace(out="x", long=True)) == "x"

@@ -30,7 +30,7 @@ STAGES = ("data", "teacher", "init", "distill", "eval", "report")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--out", help="output folder (default runs/demo, or runs/demo_long with --long)")
     p.add_argument(
         "--redo",
         nargs="?",
@@ -47,6 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="key=value",
         help="overrides of configs/demo.yaml, e.g. seed=1 student_steps=400 eval.humaneval_problems=20",
     )
+
+
+def output_dir(args) -> str:
+    """Where the stages go: the long run has its own folder, so that it never reuses a short run's stages."""
+    return args.out or ("runs/demo_long" if args.long else "runs/demo")
 
 
 def load_job(args):
@@ -101,7 +106,7 @@ def run(args) -> int:
     cfg = load_job(args)
     report.check_dependencies()  # before hours of work, not after
     torch.set_num_threads(cfg.threads)
-    out = args.out
+    out = output_dir(args)
     stages = Stages(out, args.redo)
     timings: dict[str, dict] = {}
     data_dir, teacher_dir, init_dir = (os.path.join(out, d) for d in ("data", "teacher", "student_init"))
