@@ -105,19 +105,7 @@ def test_teacher_rows_pair_single_token_chunks_only():
 
 def test_step_fused_equals_reference_for_every_recipe(tiny_assets):
     """The same step with the tiled ops and with plain PyTorch: same loss terms and gradients."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tide_ds.models import BD3LMStudent, HFBidirectionalTeacher
-
-    tok = AutoTokenizer.from_pretrained(tiny_assets["tokenizer"])
-    teacher = HFBidirectionalTeacher(AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"]), tok.mask_token_id)
-    torch.manual_seed(0)
-    student = BD3LMStudent(AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"]), 4, tok.mask_token_id)
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    x0 = torch.randint(0, len(tok) - 2, (3, 16))
-    batch = {"input_ids": x0, "maskable": torch.ones_like(x0, dtype=torch.bool)}
+    student, teacher, batch = _tiny_pair(tiny_assets)
     batch["maskable"][0, :4] = False
     for name in RECIPES:
         results = []

@@ -213,7 +213,7 @@ def distill(cfg: Config) -> dict:
     # The plan first: every batch / precision disagreement is reported before anything is loaded.
     ds_json = load_ds_config(cfg.engine.ds_config) if cfg.engine.ds_config else None
     plan, ds_config = settle(cfg, ds_json, launched_world())
-    dist = init_distributed(plan.config)
+    dist = init_distributed(plan.config, plan.deepspeed)
     with Preemption() as signals:
         return fail_fast(lambda: _distill(plan, ds_config, dist, signals))
 

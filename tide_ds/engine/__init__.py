@@ -6,7 +6,7 @@ and wraps the student in a plain or a DeepSpeed engine.
 """
 
 from tide_ds.engine.build import DeepSpeedEngine, Engine, PlainEngine, build_engine
-from tide_ds.engine.dist import Dist, init_distributed, launched_world, wants_deepspeed
+from tide_ds.engine.dist import Dist, init_distributed, launched_world
 from tide_ds.engine.plan import RunPlan, load_ds_config, settle
 
 __all__ = [
@@ -20,5 +20,4 @@ __all__ = [
     "launched_world",
     "load_ds_config",
     "settle",
-    "wants_deepspeed",
 ]

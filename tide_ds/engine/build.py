@@ -40,11 +40,6 @@ class Engine:
         self._finite = finite if self._finite is None else self._finite & finite
         self._backward(loss)
 
-    def backward_step(self, loss: torch.Tensor) -> None:
-        """Backward of one micro-batch; the optimizer steps after `accumulation` of them."""
-        self.backward(loss)
-        self.step()
-
     def step_finite(self) -> torch.Tensor:
         """Whether every loss and the gradient norm of the last optimizer step were finite (a device
         bool, no sync); resets for the next step."""

@@ -39,10 +39,6 @@ def launched_world() -> int:
     return 1
 
 
-def wants_deepspeed(cfg: Config) -> bool:
-    return cfg.engine.ds_config is not None or launched_world() > 1
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -86,10 +82,10 @@ def local_size_for_autotp() -> None:
             os.environ["LOCAL_SIZE"] = m.group(1)
 
 
-def init_distributed(cfg: Config) -> Dist:
-    """Starts the process group when DeepSpeed is wanted; a plain process otherwise."""
+def init_distributed(cfg: Config, use_deepspeed: bool) -> Dist:
+    """Starts the process group for a DeepSpeed run (the run plan's choice); a plain process otherwise."""
     want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    if not wants_deepspeed(cfg):
+    if not use_deepspeed:
         return Dist(device=torch.device("cuda" if want_cuda else "cpu"))
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if want_cuda else "cpu")
     _slurm_env()

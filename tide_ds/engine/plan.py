@@ -70,8 +70,6 @@ def settle(cfg: Config, ds_json: dict[str, Any] | None, world: int) -> tuple[Run
         value = _get(ds, ds_key)
         if value is None or value == "auto" or key == "global_batch_size":  # the batch: checked below
             continue
-        if ds_key.startswith("optimizer.") and "optimizer" not in ds:
-            continue
         if f"train.{key}" in cfg.given and not _same(value, getattr(cfg.train, key)):
             raise ConfigError(
                 f"{source} sets {ds_key}={value} but the YAML config sets train.{key}="
