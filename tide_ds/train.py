@@ -230,37 +230,59 @@ def preempted(engine, cfg: Config, step: int, tokenizer, signum: int) -> dict:
     return {"preempted": signum, "checkpoint": path, "steps": step, "world": engine.dist.world}
 
 
+@dataclass
+class Run:
+    """What the loop and the finish need, built once by `build_run`."""
+
+    cfg: Config  # with train.steps worked out from epochs
+    dist: Any
+    signals: Preemption
+    tokenizer: Any
+    data: Data
+    terms: RunTerms
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
+    step: DistillStep
+    engine: Any
+    first: int  # the step to start from (0, or the resumed checkpoint's)
+    eval_batches: list
+    log: Callable
+
+
+@dataclass
+class LoopResult:
+    history: list  # the logged records
+    seconds: float
+    teacher_calls: dict
+    preempted: dict | None = None  # set when a signal stopped the loop (a checkpoint was saved)
+
+
 def _distill(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) -> dict:
+    run = build_run(plan, ds_config, dist, signals)
+    before = masked_token_loss(run.student, run.eval_batches, eps=run.cfg.diffusion.eps)
+    run.log(f"held-out masked-token loss before: {before:.4f}")
+    loop = train_loop(run)
+    if loop.preempted is not None:
+        return loop.preempted
+    return finish(run, loop, before)
+
+
+def build_run(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) -> Run:
+    """Seed, resume point, data, run length, terms, models, placement and engine, in that order:
+    everything that can be refused from the config and the data is refused before a model loads."""
     cfg = plan.config
     torch.manual_seed(cfg.train.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = dist.device
-    wants_teacher = needs_teacher(run_terms(cfg.recipe, cfg.terms, cfg.objective))
     log = print if dist.is_main else (lambda *a, **k: None)
     resume = checkpoint.resolve_resume(cfg, log)  # a missing or incomplete checkpoint stops here
     tokenizer = student_tokenizer(cfg)
     data = build_data(cfg, tokenizer)
     plan = dataclasses.replace(plan, config=run_length(cfg, data))
-    cfg, t = plan.config, plan.config.train
+    cfg = plan.config
     terms = resolve_terms(cfg.recipe, cfg.terms, "cross" if data.cross_tokenizer else "shared", cfg.objective)
-    teacher = None
-    if wants_teacher:
-        check_teacher_fits(cfg, terms, data, tokenizer)
-        # the megatron placement reads only this rank's slices of the weights itself
-        lazy = cfg.engine.teacher_placement == "megatron"
-        teacher = build_teacher(
-            cfg.teacher, cfg.diffusion.mask_token, block_size=cfg.diffusion.block_size, weights=not lazy
-        )
-        teacher = teacher if lazy else teacher.to(device)
-    student = build_student(cfg.student, tokenizer, cfg.diffusion.block_size, cfg.diffusion.mask_token).to(device)
-    eval_batches = list(
-        itertools.islice(
-            torch.utils.data.DataLoader(data.held_out, batch_size=t.micro_batch_size, collate_fn=data.collate),
-            t.eval_batches,
-        )
-    )
-
+    teacher, student = build_models(cfg, terms, data, tokenizer, dist.device)
+    held_out = eval_batches(cfg, data)  # before the engine, as the global RNG has always been drawn
     step = DistillStep(
         student,
         teacher,
@@ -270,45 +292,75 @@ def _distill(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) -
         shared_vocab_size=cfg.objective.shared_vocab_size,
     )
     engine = build_engine(plan, ds_config, step, dist)
-    accum, micro = t.gradient_accumulation_steps, t.micro_batch_size
-    first = 0
-    if resume is not None:
-        first = checkpoint.load(engine, *resume)
+    first = checkpoint.load(engine, *resume) if resume is not None else 0
+    run = Run(cfg, dist, signals, tokenizer, data, terms, student, teacher, step, engine, first, held_out, log)
+    log_start(run)
+    return run
 
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())
-    guard = StepGuard(cfg, engine, signals, log)
-    log(
-        f"recipe {cfg.recipe}: {' + '.join(f'{term.weight:g}*{term.name}' for term in terms.terms)}"
-        f"{' (CompDemo)' if terms.comp_demo else ''}; student {n_params / 1e6:.2f}M params; "
-        f"{len(data.train)} train / {len(data.held_out)} held-out rows; device {device}; "
-        f"{dist.world} rank(s) x {accum} accumulation x {micro} = global batch {t.global_batch_size}"
+
+def build_models(cfg: Config, terms: RunTerms, data: Data, tokenizer, device: torch.device):
+    """(teacher or None, student), each on `device` (a megatron teacher is placed later, lazily)."""
+    teacher = None
+    if needs_teacher(run_terms(cfg.recipe, cfg.terms, cfg.objective)):
+        check_teacher_fits(cfg, terms, data, tokenizer)
+        # the megatron placement reads only this rank's slices of the weights itself
+        lazy = cfg.engine.teacher_placement == "megatron"
+        teacher = build_teacher(
+            cfg.teacher, cfg.diffusion.mask_token, block_size=cfg.diffusion.block_size, weights=not lazy
+        )
+        teacher = teacher if lazy else teacher.to(device)
+    student = build_student(cfg.student, tokenizer, cfg.diffusion.block_size, cfg.diffusion.mask_token).to(device)
+    return teacher, student
+
+
+def eval_batches(cfg: Config, data: Data) -> list:
+    """The held-out micro-batches measured before and after training."""
+    t = cfg.train
+    loader = torch.utils.data.DataLoader(data.held_out, batch_size=t.micro_batch_size, collate_fn=data.collate)
+    return list(itertools.islice(loader, t.eval_batches))
+
+
+def log_start(run: Run) -> None:
+    cfg, t = run.cfg, run.cfg.train
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in run.student.parameters())
+    run.log(
+        f"recipe {cfg.recipe}: {' + '.join(f'{term.weight:g}*{term.name}' for term in run.terms.terms)}"
+        f"{' (CompDemo)' if run.terms.comp_demo else ''}; student {n_params / 1e6:.2f}M params; "
+        f"{len(run.data.train)} train / {len(run.data.held_out)} held-out rows; device {run.dist.device}; "
+        f"{run.dist.world} rank(s) x {t.gradient_accumulation_steps} accumulation x {t.micro_batch_size} = "
+        f"global batch {t.global_batch_size}"
     )
-    before = masked_token_loss(student, eval_batches, eps=cfg.diffusion.eps)
-    log(f"held-out masked-token loss before: {before:.4f}")
 
+
+def train_loop(run: Run) -> LoopResult:
+    """Steps run.first .. train.steps: this rank's micro-batches, the teacher call against the
+    student's work, logging, periodic saves; a stop signal saves and returns at once."""
+    cfg, t, dist, engine = run.cfg, run.cfg.train, run.dist, run.engine
+    accum = t.gradient_accumulation_steps
     ranks = RankBatches(
-        data.train,
-        data.collate,
-        step.noise,
+        run.data.train,
+        run.data.collate,
+        run.step.noise,
         global_batch=t.global_batch_size,
-        micro_batch=micro,
+        micro_batch=t.micro_batch_size,
         accumulation=accum,
         rank=dist.rank,
         seed=t.seed,
     )
-    micro_batches = Prefetch(ranks.iterate(first, t.steps), depth=t.data_prefetch, pin=device.type == "cuda")
-    phases = Phases(device)
+    micro_batches = Prefetch(ranks.iterate(run.first, t.steps), depth=t.data_prefetch, pin=dist.device.type == "cuda")
+    phases = Phases(dist.device)
     schedule = build_scheduler(
         t.scheduler,
         engine.teacher_targets,
-        device,
+        dist.device,
         phases,
         prefetch=t.teacher_prefetch,
         guard=fail_fast,
         ready=engine.overlap_ready,
     )
+    guard = StepGuard(cfg, engine, run.signals, run.log)
     metrics = MetricsLog(cfg.output_dir, enabled=dist.is_main)
-    bar = tqdm(range(first, t.steps), desc="distill", dynamic_ncols=True, mininterval=1.0, disable=not dist.is_main)
+    bar = tqdm(range(run.first, t.steps), desc="distill", dynamic_ncols=True, mininterval=1.0, disable=not dist.is_main)
     start = since_log = time.perf_counter()
     history, tokens = [], 0
     try:
@@ -323,7 +375,9 @@ def _distill(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) -
                 tokens += noised.x0.numel()
             stop = guard.after_step(i, sums)  # one sync per optimizer step: a stop signal, non-finite values
             if stop:
-                return preempted(engine, cfg, i + 1, tokenizer, stop)
+                return LoopResult(
+                    history, time.perf_counter() - start, {}, preempted(engine, cfg, i + 1, run.tokenizer, stop)
+                )
             if i % t.log_every == 0 or i == t.steps - 1:
                 record = log_record(i, sums, tokens, engine, phases, time.perf_counter() - since_log, dist)
                 metrics.write(record)
@@ -334,38 +388,45 @@ def _distill(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) -
                 tokens, since_log = 0, time.perf_counter()
             if t.save_every and (i + 1) % t.save_every == 0 and i + 1 < t.steps:
                 saving = time.perf_counter()
-                checkpoint.save(engine, cfg, i + 1, tokenizer)
+                checkpoint.save(engine, cfg, i + 1, run.tokenizer)
                 since_log += time.perf_counter() - saving  # a save is no part of the steps' time
     finally:
         schedule.close()
         micro_batches.close()
         metrics.close()
-    elapsed = time.perf_counter() - start
-    if first < t.steps:
-        checkpoint.save(engine, cfg, t.steps, tokenizer)
+    if run.teacher is not None:
+        run.log(
+            f"scheduler {t.scheduler}: {schedule.ahead} of {schedule.calls} teacher calls ran under the student's work"
+        )
+    return LoopResult(history, time.perf_counter() - start, {"total": schedule.calls, "overlapped": schedule.ahead})
 
-    after = masked_token_loss(student, eval_batches, eps=cfg.diffusion.eps)
-    log(
-        f"held-out masked-token loss after:  {after:.4f} (before {before:.4f}; {t.steps - first} steps in "
-        f"{elapsed:.0f} s)"
+
+def finish(run: Run, loop: LoopResult, before: float) -> dict:
+    """The final checkpoint, the held-out loss after, the student as a transformers model in
+    output_dir/final, and the run's config.yaml and metrics.json."""
+    cfg, t, dist = run.cfg, run.cfg.train, run.dist
+    if run.first < t.steps:
+        checkpoint.save(run.engine, cfg, t.steps, run.tokenizer)
+    after = masked_token_loss(run.student, run.eval_batches, eps=cfg.diffusion.eps)
+    run.log(
+        f"held-out masked-token loss after:  {after:.4f} (before {before:.4f}; {t.steps - run.first} steps in "
+        f"{loop.seconds:.0f} s)"
     )
-    if teacher is not None:
-        log(f"scheduler {t.scheduler}: {schedule.ahead} of {schedule.calls} teacher calls ran under the student's work")
     out = os.path.join(cfg.output_dir, "final")
-    with engine.gathered():
+    with run.engine.gathered():
         if dist.is_main:
-            student.model.save_pretrained(out)
-            tokenizer.save_pretrained(out)
+            run.student.model.save_pretrained(out)
+            run.tokenizer.save_pretrained(out)
     result = {
         "heldout_loss_before": before,
         "heldout_loss_after": after,
         "steps": t.steps,
-        "seconds": elapsed,
-        "history": history,
+        "seconds": loop.seconds,
+        "history": loop.history,
         "student_dir": out,
-        "first_step": first,
+        "first_step": run.first,
         "world": dist.world,
-        "teacher_calls": {"total": schedule.calls, "overlapped": schedule.ahead},
+        "teacher_calls": loop.teacher_calls,
     }
     if dist.is_main:
         with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
