@@ -1002,3 +1002,44 @@ def test_fused_head_loss_refuses_mismatched_rows():
         fused_head_loss(hidden, weight, None)
     with pytest.raises(ValueError, match="forward KL"):
         kl_rows(torch.zeros(6, 8), weight.detach(), reverse=True, lam=torch.rand(6))
+
+
+def test_wheel_ships_the_kernel_sources(tmp_path):
+    """A non-editable install carries the C++/CUDA sources, and the loader finds them there (not in
+    a source checkout), so a wheel user on GPU gets the compiled op, not silently the twin."""
+    import zipfile
+
+    env = {**os.environ, "TIDE_DS_NO_CUDA_EXT": "1"}
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = tmp_path.glob("tide_ds-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for f in ("binding.cpp", "tide_kernels.cu", "tide_kernels.h", "tide_lse.h"):
+        assert f"tide_ds/kernels/csrc/{f}" in names, f"{f} missing from {wheel.name}"
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)  # what `pip install` of the wheel lays out
+    probe = "from tide_ds.kernels import _ext; print(_ext.SOURCES); print(all(p.exists() for p in _ext.source_paths()))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(site)},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    where, found = out.stdout.split()
+    assert Path(where).is_relative_to(site) and found == "True", out.stdout
