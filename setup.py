@@ -24,7 +24,7 @@ def cuda_extension():
         return {}
     ext = CUDAExtension(
         "tide_ds.kernels._cuda",
-        ["kernels/binding.cpp", "kernels/tide_kernels.cu"],
+        ["tide_ds/kernels/csrc/binding.cpp", "tide_ds/kernels/csrc/tide_kernels.cu"],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
@@ -38,7 +38,12 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["tide_ds", "tide_ds.*"]),
-    package_data={"tide_ds": ["configs/*.yaml", "configs/paper/*.yaml"]},
+    # the C++/CUDA sources ship inside the package, so that an installed (non-editable) copy can
+    # JIT-build the CUDA extension on a GPU machine (tide_ds/kernels/_ext.py)
+    package_data={
+        "tide_ds": ["configs/*.yaml", "configs/paper/*.yaml"],
+        "tide_ds.kernels": ["csrc/*.cpp", "csrc/*.cu", "csrc/*.h", "csrc/README.md"],
+    },
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",

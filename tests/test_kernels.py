@@ -3,6 +3,7 @@ in tide_ds.objectives: values and gradients for hidden, weight and bias."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -27,6 +28,7 @@ from tide_ds.kernels import (
     twin,
 )
 from tide_ds.objectives import bd3lm_ce, calm, chunk_logprobs
+from tide_ds.objectives.kl import kl_per_position
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -404,6 +406,130 @@ def test_fused_head_loss_with_no_rows():
     assert not weight.grad.any()
 
 
+# ---------------------------------------------------------------- edge cases of the row kernels
+# The twin is checked against torch (the references) here, on CPU; the GPU tests below check the
+# CUDA kernels against the twin on the same blocks.
+
+INF = float("inf")
+
+
+def edge_blocks(dtype=torch.float32):
+    """{name: (z [R, V], targets [R])}: +inf and -inf logits, and odd shapes (one column, just
+    under and over a 512-wide tile, one row, no rows)."""
+    g = torch.Generator().manual_seed(17)
+    z = torch.randn(4, 600, generator=g) * 3
+    z[0, 5] = INF  # +inf beside the target
+    z[1, 7] = INF  # +inf at the target
+    z[2, [3, 550]] = INF  # two +inf, in different tiles
+    plus = (z, torch.tensor([1, 7, 3, 9]))
+    z = torch.randn(4, 600, generator=g) * 3
+    z[:, 100:140] = -INF  # masked-out ids, as a padded vocabulary has
+    z[1, :] = -INF
+    z[1, 599] = 0.0  # all -inf but one
+    minus = (z, torch.tensor([0, 599, 520, 99]))
+    blocks = {"plus_inf": plus, "minus_inf": minus}
+    for rows, vocab in ((3, 1), (5, 511), (5, 513), (1, 1537), (0, 50)):
+        blocks[f"{rows}x{vocab}"] = (
+            torch.randn(rows, vocab, generator=g) * 4,
+            torch.randint(0, vocab, (rows,), generator=g),
+        )
+    return {k: (z.to(dtype), y) for k, (z, y) in blocks.items()}
+
+
+def test_twin_lse_target_edge_cases_match_torch():
+    for name, (z, y) in edge_blocks().items():
+        lse, tgt = twin.lse_target(z, y, 0.7)
+        torch.testing.assert_close(lse, torch.logsumexp(z * 0.7, 1), equal_nan=True, msg=name)
+        torch.testing.assert_close(tgt, (z * 0.7).gather(1, y[:, None]).squeeze(1), equal_nan=True, msg=name)
+    lse, _ = twin.lse_target(*edge_blocks()["plus_inf"], 1.0)
+    assert lse[:3].isposinf().all()  # rows with a +inf: +inf, not NaN
+    lse, tgt = twin.lse_target(*edge_blocks()["minus_inf"], 1.0)
+    assert lse.isfinite().all() and tgt.isfinite().all()
+
+
+def test_twin_logit_grad_edge_cases_match_torch():
+    g = torch.Generator().manual_seed(3)
+    for name, (z, y) in edge_blocks().items():
+        zr = z.clone().requires_grad_()
+        lse = torch.logsumexp(zr * 0.7, 1)
+        logp = (zr * 0.7).gather(1, y[:, None]).squeeze(1) - lse
+        up_lp, up_lse = torch.randn(z.shape[0], generator=g), torch.randn(z.shape[0], generator=g)
+        ((logp * up_lp).sum() + (lse * up_lse).sum()).backward()
+        got = twin.logit_grad_(z.clone(), y, lse.detach(), up_lp, up_lse - up_lp, 0.7)
+        if name == "plus_inf":  # a +inf logit has no gradient (NaN in the reference too); the lse is +inf above
+            continue
+        torch.testing.assert_close(got, zr.grad, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "tidal"])
+def test_twin_kl_grad_with_minus_inf_logits(kind):
+    """Ids that are -inf on both sides (a padded vocabulary) add nothing: the KL and gradient equal
+    the reference's on the other ids, the gradient there is 0, and nothing is NaN (the reference's
+    autograd gives NaN for the reverse KL)."""
+    g = torch.Generator().manual_seed(8)
+    zs, zt = torch.randn(5, 700, generator=g) * 3, torch.randn(5, 650, generator=g) * 3
+    dead = torch.zeros(650, dtype=torch.bool)
+    dead[[0, 37, 300, 511, 512, 649]] = True
+    zs[:, :650][:, dead], zt[:, dead] = -INF, -INF
+    keep = (~dead).nonzero().squeeze(1)
+    coef, lam = torch.rand(5, generator=g), torch.rand(5, generator=g) if kind == "tidal" else None
+    lse = torch.logsumexp(zs, 1)
+    y = torch.tensor([1, 2, 650, 699, 5])
+    coef_t = torch.randn(5, generator=g)
+    got = zs.clone()
+    kl = twin.kl_grad_(got, zt, coef, 2.0, lam, kind == "reverse", lse, y, coef_t)
+    a = zs[:, keep].clone().requires_grad_()
+    want = kl_per_position(a, zt[:, keep], temperature=2.0, reverse=kind == "reverse", lam=lam)
+    (coef * want).sum().backward()
+    torch.testing.assert_close(kl, want.detach())
+    logp_grad = coef_t[:, None] * (torch.nn.functional.one_hot(y, 700) - (zs - lse[:, None]).exp())
+    torch.testing.assert_close(got[:, keep], a.grad + logp_grad[:, keep])
+    torch.testing.assert_close(got[:, :650][:, dead], torch.zeros(5, int(dead.sum())))
+    assert got.isfinite().all()
+
+
+@pytest.mark.parametrize("name", ["3x1", "5x511", "5x513", "1x1537", "0x50"])
+def test_twin_kl_grad_odd_shapes_match_torch(name):
+    zs, _ = edge_blocks()[name]
+    g = torch.Generator().manual_seed(4)
+    zt = torch.randn(zs.shape[0], zs.shape[1], generator=g) * 2
+    coef = torch.rand(zs.shape[0], generator=g)
+    for reverse in (False, True):
+        got = zs.clone()
+        kl = twin.kl_grad_(got, zt, coef, 1.5, None, reverse)
+        a = zs.clone().requires_grad_()
+        want = kl_per_position(a, zt, temperature=1.5, reverse=reverse)
+        (coef * want).sum().backward()
+        torch.testing.assert_close(kl, want.detach())
+        torch.testing.assert_close(got, a.grad)
+
+
+def test_out_of_range_targets_are_refused():
+    """Targets outside [0, V) stop the twin with one line (the CUDA binding checks the same), never
+    read another logit; through every fused op, not only the row kernels."""
+    z, y = torch.randn(3, 40), torch.tensor([0, 40, 2])
+    message = r"targets must lie in \[0, 40\), got values in \[0, 40\]"
+    with pytest.raises(ValueError, match=message):
+        twin.lse_target(z, y, 1.0)
+    with pytest.raises(ValueError, match=message):
+        twin.logit_grad_(z, y, torch.zeros(3), torch.ones(3), torch.ones(3), 1.0)
+    with pytest.raises(ValueError, match=message):
+        twin.kl_grad_(z, z[:, :30].clone(), torch.ones(3), 1.0, None, False, torch.zeros(3), y, torch.ones(3))
+    g = torch.Generator().manual_seed(0)
+    hidden, weight, _ = projection(g, (2, 6), 8, 40, torch.float32)
+    for bad in (-1, 40):
+        targets = torch.zeros(2, 6, dtype=torch.long)
+        targets[1, 3] = bad
+        ids = torch.arange(12).view(2, 6) // 2
+        with pytest.raises(ValueError, match="targets must lie in"):
+            target_logprobs(hidden, weight, targets, impl="twin", block_rows=5)
+        with pytest.raises(ValueError, match="targets must lie in"):
+            fused_calm(hidden, weight, targets, ids, -torch.rand(2, 6), torch.ones(2, 6, dtype=torch.bool), impl="twin")
+        kl = kl_rows(torch.randn(12, 8), weight.detach())
+        with pytest.raises(ValueError, match="targets must lie in"):
+            fused_head_loss(hidden.view(12, 8), weight, targets.view(12), lambda lp: lp.sum(), kl=kl, impl="twin")
+
+
 # ---------------------------------------------------------------- modules, dispatch, memory
 
 
@@ -542,59 +668,150 @@ def test_bench_kernel_prints_figures(capsys):
 
 # ---------------------------------------------------------------- build
 
+CSRC = ROOT / "tide_ds" / "kernels" / "csrc"
+
+
+def _nvcc() -> str | None:
+    """nvcc: $TIDE_DS_NVCC (set by .ci/run to the one it installs from the package registry), else PATH."""
+    path = os.environ.get("TIDE_DS_NVCC")
+    if path:
+        assert Path(path).is_file(), f"TIDE_DS_NVCC={path} is not a file"
+        return path
+    return shutil.which("nvcc")
+
 
 def _cuda_include() -> Path | None:
-    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if root and (Path(root) / "include" / "cuda_runtime.h").exists():
-            return Path(root) / "include"
+    nvcc = _nvcc()
+    roots = [Path(nvcc).resolve().parents[1]] if nvcc else []
+    roots += [Path(r) for r in (os.environ.get("CUDA_HOME"), "/usr/local/cuda") if r]
+    return next((r / "include" for r in roots if (r / "include" / "cuda_runtime.h").exists()), None)
+
+
+def _torch_cuda_include() -> list[Path] | None:
+    """Include dirs of a CUDA build of torch: $TIDE_DS_CUDA_TORCH_INCLUDE (.ci/run extracts them from
+    the registry's torch wheel), or this torch's when it is a CUDA build."""
+    root = os.environ.get("TIDE_DS_CUDA_TORCH_INCLUDE")
+    if root:
+        assert (Path(root) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists(), f"{root}: no CUDA torch headers"
+        return [Path(root), Path(root) / "torch" / "csrc" / "api" / "include"]
+    if torch.version.cuda is not None:
+        from torch.utils.cpp_extension import include_paths
+
+        return [Path(p) for p in include_paths()]
     return None
 
 
-@pytest.mark.skipif(shutil.which("g++") is None or _cuda_include() is None, reason="needs g++ and the CUDA headers")
-def test_cuda_binding_compiles(tmp_path):
-    """The PyTorch binding compiles against this torch's headers (syntax and types; nothing links)."""
-    from torch.utils.cpp_extension import include_paths
+@pytest.mark.skipif(
+    shutil.which("g++") is None or _cuda_include() is None or _torch_cuda_include() is None,
+    reason="needs g++, the CUDA headers and a CUDA torch's headers (TIDE_DS_NVCC, TIDE_DS_CUDA_TORCH_INCLUDE)",
+)
+def test_cuda_binding_compiles():
+    """The PyTorch binding compiles against a CUDA torch's headers (syntax and types; nothing links)."""
+    import sysconfig
 
-    stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"  # generated only in CUDA builds
-    stub.parent.mkdir(parents=True)
-    stub.write_text("#pragma once\n")
-    py_include = subprocess.run(
-        [sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['include'])"],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
     cmd = [
         "g++",
         "-std=c++17",
         "-fsyntax-only",
-        f"-I{tmp_path}",
-        *(f"-I{p}" for p in include_paths()),
+        "-Wall",
+        "-Werror",
+        *(f"-I{p}" for p in _torch_cuda_include()),
         f"-I{_cuda_include()}",
-        f"-I{py_include}",
+        f"-I{sysconfig.get_paths()['include']}",
         "-DTORCH_EXTENSION_NAME=tide_ds_kernels",
-        str(ROOT / "kernels" / "binding.cpp"),
+        str(CSRC / "binding.cpp"),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-def test_cuda_source_compiles(tmp_path):
-    """The pure CUDA source (no torch headers) compiles for Hopper."""
-    out = subprocess.run(
-        [
-            "nvcc",
-            "-c",
-            "-arch=sm_90",
-            str(ROOT / "kernels" / "tide_kernels.cu"),
-            "-o",
-            str(tmp_path / "tide_kernels.o"),
-        ],
+@pytest.mark.skipif(_nvcc() is None, reason="needs nvcc (TIDE_DS_NVCC or PATH)")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_source_compiles(tmp_path, arch):
+    """The CUDA source (no torch headers) compiles for Ampere and Hopper with every warning an
+    error, and ptxas spills no register."""
+    cmd = [_nvcc(), "-c", f"-arch={arch}", "-O3", "-Werror", "all-warnings", "-Xptxas", "-v"]
+    cmd += [str(CSRC / "tide_kernels.cu"), "-o", str(tmp_path / "tide_kernels.o")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    report = [line for line in out.stderr.splitlines() if "spill" in line]
+    assert report and all(" 0 bytes spill stores, 0 bytes spill loads" in line for line in report), out.stderr
+
+
+# The running log-sum-exp of the CUDA kernels (csrc/tide_lse.h), compiled as host C++: each input
+# line is one row; prints the sequential add() and a tree of merge()s over chunks of 3 (as the
+# warps' partial sums are merged).
+LSE_DRIVER = r"""
+#include <cstdio>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+#include "tide_lse.h"
+int main() {
+  std::string line;
+  while (std::getline(std::cin, line)) {
+    std::istringstream in(line);
+    std::vector<float> xs;
+    std::string w;
+    while (in >> w) xs.push_back(std::stof(w));
+    Lse seq{-INFINITY, 0.f};
+    for (float x : xs) seq.add(x);
+    std::vector<Lse> parts;
+    for (size_t i = 0; i < xs.size() || parts.empty(); i += 3) {
+      Lse p{-INFINITY, 0.f};
+      for (size_t j = i; j < i + 3 && j < xs.size(); ++j) p.add(xs[j]);
+      parts.push_back(p);
+    }
+    while (parts.size() > 1) {
+      std::vector<Lse> next;
+      for (size_t i = 0; i < parts.size(); i += 2)
+        next.push_back(i + 1 < parts.size() ? Lse::merge(parts[i], parts[i + 1]) : parts[i]);
+      parts = next;
+    }
+    std::printf("%.9g %.9g\n", seq.value(), parts[0].value());
+  }
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_lse_merge_on_host_matches_torch(tmp_path):
+    """The kernels' online log-sum-exp (add and merge) equals torch.logsumexp on +inf, -inf, NaN,
+    empty and ordinary rows: a +inf logit gives +inf, never NaN."""
+    (tmp_path / "driver.cpp").write_text(LSE_DRIVER)
+    exe = tmp_path / "driver"
+    build = subprocess.run(
+        ["g++", "-std=c++17", "-O1", "-Wall", "-Werror", f"-I{CSRC}", str(tmp_path / "driver.cpp"), "-o", str(exe)],
         capture_output=True,
         text=True,
         timeout=120,
     )
+    assert build.returncode == 0, build.stderr
+    inf, nan = float("inf"), float("nan")
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        [inf, 1.0],
+        [1.0, 2.0, inf],
+        [inf, inf, inf, 3.0],
+        [2.0, inf, -inf, inf, 0.5, -1.0, inf],
+        [-inf, -inf, -inf, -inf],
+        [-inf, 0.0, -inf, -inf, -inf],
+        [nan, 1.0, 2.0, 3.0],
+        [1.0, 2.0, 3.0, nan],
+        [-inf, -inf, -inf, nan],
+        [80.0, 80.0, 80.0, 80.0, 80.0],
+        [1e30, -1e30, 0.0],
+        (torch.randn(37, generator=g) * 20).tolist(),
+        [],
+    ]
+    text = "\n".join(" ".join(repr(float(x)) for x in r) for r in rows) + "\n"
+    out = subprocess.run([str(exe)], input=text, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+    got = torch.tensor([[float(v) for v in line.split()] for line in out.stdout.splitlines()])
+    want = torch.stack([torch.logsumexp(torch.tensor(r, dtype=torch.float32), 0) for r in rows])
+    for col, how in ((0, "add"), (1, "merge")):
+        torch.testing.assert_close(got[:, col], want, rtol=1e-6, atol=1e-6, equal_nan=True, msg=how)
 
 
 def test_setup_builds_no_cuda_extension_without_cuda():
@@ -609,10 +826,66 @@ def test_setup_builds_no_cuda_extension_without_cuda():
 
 
 def _cuda_kernels():
+    """The CUDA extension; on a GPU machine a failed build fails the test (it must not pass on the twin)."""
+    if os.environ.get("TIDE_DS_NO_CUDA_EXT"):
+        pytest.skip("TIDE_DS_NO_CUDA_EXT is set")
     ext = cuda_extension()
-    if ext is None:
-        pytest.skip("the CUDA extension could not be built here")
+    assert ext is not None, "the CUDA extension did not build (see the warning above)"
     return ext
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_row_kernels_edge_cases_match_twin(dtype):
+    """+inf / -inf logits and odd shapes (edge_blocks): the CUDA kernels give what the twin gives,
+    NaN for NaN (a +inf logit: +inf log-sum-exp, never NaN)."""
+    ext = _cuda_kernels()
+    g = torch.Generator().manual_seed(1)
+    close = functools.partial(torch.testing.assert_close, equal_nan=True, rtol=TOL[dtype], atol=1e-5)
+    for name, (z, y) in edge_blocks(dtype).items():
+        rows = z.shape[0]
+        lse, tgt = ext.lse_target(z.cuda(), y.cuda(), 0.7)
+        want_lse, want_tgt = twin.lse_target(z, y, 0.7)
+        close(lse.cpu(), want_lse, msg=f"{name} lse")
+        close(tgt.cpu(), want_tgt, msg=f"{name} target")
+        coef_t, coef_p = torch.randn(rows, generator=g), torch.randn(rows, generator=g)
+        got = ext.logit_grad_(z.cuda(), y.cuda(), want_lse.cuda(), coef_t.cuda(), coef_p.cuda(), 0.7)
+        close(got.cpu().float(), twin.logit_grad_(z.clone(), y, want_lse, coef_t, coef_p, 0.7).float(), msg=name)
+        if name == "plus_inf":  # a +inf student logit: NaN KL rows both ways; the lse above is what matters
+            continue
+        zt = z.clone() if name == "minus_inf" else (torch.randn(z.shape, generator=g) * 2).to(dtype)
+        coef, lam = torch.rand(rows, generator=g), torch.rand(rows, generator=g)
+        lse1 = twin.lse_target(z, y, 1.0)[0]
+        for mix, reverse in ((None, False), (None, True), (lam, False)):
+            zs_gpu, zs_cpu = z.cuda(), z.clone()
+            extra = (lse1, y, coef_t)
+            mix_gpu = None if mix is None else mix.cuda()
+            kl = ext.kl_grad_(zs_gpu, zt.cuda(), coef.cuda(), 2.0, mix_gpu, reverse, *(x.cuda() for x in extra))
+            want = twin.kl_grad_(zs_cpu, zt, coef, 2.0, mix, reverse, *extra)
+            what = f"{name} kl reverse={reverse} tidal={mix is not None}"
+            close(kl.cpu(), want, msg=what)
+            close(zs_gpu.cpu().float(), zs_cpu.float(), msg=what + " grad")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_row_kernels_refuse_out_of_range_targets():
+    ext = _cuda_kernels()
+    z = torch.randn(3, 40, device="cuda")
+    message = r"targets must lie in \[0, 40\), got values in \[-1, 2\]"
+    y = torch.tensor([0, -1, 2], device="cuda")
+    with pytest.raises(ValueError, match=message):
+        ext.lse_target(z, y, 1.0)
+    ones = torch.ones(3, device="cuda")
+    with pytest.raises(ValueError, match=message):
+        ext.logit_grad_(z, y, ones, ones, ones, 1.0)
+    with pytest.raises(ValueError, match=message):
+        ext.kl_grad_(z, z[:, :30].contiguous(), ones, 1.0, None, False, ones, y, ones)
+    g = torch.Generator().manual_seed(0)
+    hidden, weight, _ = (x.detach().cuda().requires_grad_() for x in projection(g, (6,), 8, 40, torch.float32))
+    with pytest.raises(ValueError, match="targets must lie in"):
+        target_logprobs(hidden, weight, torch.tensor([0, 1, 2, 40, 3, 4], device="cuda"))
 
 
 @pytest.mark.gpu
@@ -729,3 +1002,44 @@ def test_fused_head_loss_refuses_mismatched_rows():
         fused_head_loss(hidden, weight, None)
     with pytest.raises(ValueError, match="forward KL"):
         kl_rows(torch.zeros(6, 8), weight.detach(), reverse=True, lam=torch.rand(6))
+
+
+def test_wheel_ships_the_kernel_sources(tmp_path):
+    """A non-editable install carries the C++/CUDA sources, and the loader finds them there (not in
+    a source checkout), so a wheel user on GPU gets the compiled op, not silently the twin."""
+    import zipfile
+
+    env = {**os.environ, "TIDE_DS_NO_CUDA_EXT": "1"}
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = tmp_path.glob("tide_ds-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for f in ("binding.cpp", "tide_kernels.cu", "tide_kernels.h", "tide_lse.h"):
+        assert f"tide_ds/kernels/csrc/{f}" in names, f"{f} missing from {wheel.name}"
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)  # what `pip install` of the wheel lays out
+    probe = "from tide_ds.kernels import _ext; print(_ext.SOURCES); print(all(p.exists() for p in _ext.source_paths()))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(site)},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    where, found = out.stdout.split()
+    assert Path(where).is_relative_to(site) and found == "True", out.stdout

@@ -1,5 +1,6 @@
 """Loads the CUDA extension: built by setup.py (`tide_ds.kernels._cuda`), else JIT-built from the
-sources in the repository's kernels/ folder when a CUDA torch and nvcc are present."""
+sources shipped inside the package (tide_ds/kernels/csrc/, installed with it, editable or not)
+when a CUDA torch and nvcc are present."""
 
 from __future__ import annotations
 
@@ -10,39 +11,54 @@ from pathlib import Path
 
 import torch
 
-SOURCES = Path(__file__).resolve().parents[2] / "kernels"
+SOURCES = Path(__file__).resolve().parent / "csrc"
 SOURCE_FILES = ("binding.cpp", "tide_kernels.cu")
+HEADERS = ("tide_kernels.h", "tide_lse.h")
+
+
+def source_paths() -> list[Path]:
+    """The C++/CUDA sources the extension is built from (setup.py and the JIT build alike)."""
+    return [SOURCES / f for f in SOURCE_FILES]
+
+
+def _fall_back(why: str) -> None:
+    warnings.warn(
+        f"tide_ds.kernels: no CUDA extension ({why}); the fused ops run on the slower PyTorch twin on GPU "
+        "(set TIDE_DS_NO_CUDA_EXT=1 to choose the twin without this warning)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 @functools.cache
 def cuda_extension():
-    """The compiled CUDA row kernels, or None (with a warning) when they cannot be had."""
+    """The compiled CUDA row kernels, or None. Tried once per process; a failure is said once, in
+    one warning naming the cause, and the twin runs instead."""
     if not torch.cuda.is_available() or os.environ.get("TIDE_DS_NO_CUDA_EXT"):
         return None
     try:
-        from tide_ds.kernels import _cuda  # built by `pip install --no-build-isolation -e .`
+        from tide_ds.kernels import _cuda  # built by `pip install --no-build-isolation .`
 
         return _cuda
     except ImportError:
         pass
     from torch.utils.cpp_extension import CUDA_HOME, load
 
-    sources = [SOURCES / f for f in SOURCE_FILES]
-    if CUDA_HOME is None or not all(p.exists() for p in sources):
-        warnings.warn(
-            "tide_ds.kernels: no CUDA extension (needs nvcc and the kernels/ sources); using the PyTorch twin on GPU",
-            stacklevel=3,
-        )
+    missing = [str(p) for p in source_paths() + [SOURCES / h for h in HEADERS] if not p.exists()]
+    if missing:
+        _fall_back(f"sources missing from the installed package: {', '.join(missing)}")
+        return None
+    if CUDA_HOME is None:
+        _fall_back("nvcc not found: set CUDA_HOME or put nvcc on PATH")
         return None
     try:
         return load(
             name="tide_ds_kernels",
-            sources=[str(p) for p in sources],
+            sources=[str(p) for p in source_paths()],
             extra_cflags=["-O3"],
             extra_cuda_cflags=["-O3", "-lineinfo"],
         )
     except Exception as e:  # a failed build must not stop training: the twin is correct, only slower
-        warnings.warn(
-            f"tide_ds.kernels: building the CUDA extension failed ({e}); using the PyTorch twin", stacklevel=3
-        )
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        _fall_back(f"building it from {SOURCES} failed: {first}")
         return None

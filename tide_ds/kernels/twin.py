@@ -14,8 +14,18 @@ import torch.nn.functional as F
 from tide_ds.objectives.ce import fp32
 
 
+def check_targets(targets: torch.Tensor, vocab: int) -> None:
+    """Targets outside [0, vocab) are refused (the CUDA binding checks the same, with the same words)."""
+    if targets.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(targets))
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"tide kernels: targets must lie in [0, {vocab}), got values in [{lo}, {hi}]")
+
+
 def lse_target(z: torch.Tensor, targets: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(logsumexp(scale * z), scale * z[target]) per row, in fp32."""
+    check_targets(targets, z.shape[1])
     x = fp32(z)
     if scale != 1.0:
         x = x * scale
@@ -34,6 +44,7 @@ def logit_grad_(
 
     With coef_target = dL/dlogp(target) and coef_prob = dL/dlse - dL/dlogp(target) this is
     dL/dz for a loss of the per-token target log-prob and log-normaliser."""
+    check_targets(targets, z.shape[1])
     p = z if z.dtype == fp32(z).dtype else z.float()  # fp32 work buffer (z itself when fp32)
     if scale != 1.0:
         p.mul_(scale)
@@ -66,6 +77,8 @@ def kl_grad_(
     [R] is given, the gradient of coef_target * log p(target) at temperature 1:
     coef_target * (onehot(targets) - exp(zs - lse)), over the whole row. Works on a few fp32
     [R, Vs] buffers."""
+    if targets is not None:
+        check_targets(targets, zs.shape[1])
     v = zt.shape[1]
     zs32, zt32 = fp32(zs[:, :v]), fp32(zt)
     log_s = F.log_softmax(zs32 / temperature, dim=-1)
@@ -84,8 +97,8 @@ def kl_grad_(
     terms = p * diff
     terms.masked_fill_(p == 0, 0.0)  # 0 log 0 = 0, as the reference
     kl = terms.sum(-1)
-    if reverse:
-        grad = diff.sub_(kl[:, None]).mul_(p)
+    if reverse:  # where p_s = 0 (a -inf logit) the limit 0, not 0 * inf = NaN
+        grad = diff.sub_(kl[:, None]).mul_(p).masked_fill_(p == 0, 0.0)
     else:
         grad = log_s.exp_().mul_(p.sum(-1, keepdim=True)).sub_(p)
     grad.mul_((coef.to(grad.dtype) / temperature)[:, None])

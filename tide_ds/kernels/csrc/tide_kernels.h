@@ -12,8 +12,9 @@
 
 enum TideDtype : int { kTideF32 = 0, kTideF16 = 1, kTideBF16 = 2 };
 
-// lse[r] = logsumexp_j(scale * z[r, j]); target_logit[r] = scale * z[r, targets[r]]
-// (0 when targets[r] is outside [0, vocab)).
+// lse[r] = logsumexp_j(scale * z[r, j]) (+inf if a logit is +inf, -inf if all are -inf);
+// target_logit[r] = scale * z[r, targets[r]]. Targets must lie in [0, vocab) (binding.cpp checks
+// before the launch; an unchecked caller gets NaN there, never another logit).
 cudaError_t tide_lse_target(const void* z, int dtype, const int64_t* targets, int64_t rows, int64_t vocab,
                             float scale, float* lse, float* target_logit, cudaStream_t stream);
 

@@ -1,18 +1,25 @@
 // CUDA row kernels of the fused chunk-likelihood and shared-vocabulary ops; see tide_kernels.h.
 // The PyTorch twin of every kernel is in tide_ds/kernels/twin.py (same arguments, same results).
 #include "tide_kernels.h"
+#include "tide_lse.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
 
+#include <climits>
 #include <type_traits>
 
 namespace {
 
-constexpr int kThreads = 512;  // threads per row; the row is swept in tiles of kThreads elements
+// Threads per row; the row is swept in tiles of kThreads elements. Every kernel is launched with
+// exactly kThreads threads (launch() below) and strides and reduces by it: whole warps (the
+// shuffles use a full mask), at most the 1024 threads of a block.
+constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
+static_assert(kThreads % 32 == 0 && kThreads >= 32 && kThreads <= 1024,
+              "kThreads must be a whole number of warps, at most 1024");
 
 template <typename T>
 __device__ __forceinline__ float load(const T* p);
@@ -32,42 +39,24 @@ __device__ __forceinline__ void store<__half>(__half* p, float v) { *p = __float
 template <>
 __device__ __forceinline__ void store<__nv_bfloat16>(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
-// Running log-sum-exp: m = largest value seen, s = sum of exp(x - m). Empty: m = -inf, s = 0.
-struct Lse {
-  float m, s;
-
-  __device__ __forceinline__ void add(float x) {
-    if (x == -INFINITY) return;  // exp(-inf) adds nothing (and -inf - -inf would be NaN)
-    if (x > m) {
-      s = s * expf(m - x) + 1.f;
-      m = x;
-    } else {
-      s += expf(x - m);
-    }
-  }
-  __device__ __forceinline__ static Lse merge(Lse a, Lse b) {
-    const float m = fmaxf(a.m, b.m);
-    if (m == -INFINITY) return a;  // both empty
-    return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
-  }
-  __device__ __forceinline__ Lse shfl_xor(int lane_mask) const {
-    return {__shfl_xor_sync(kFullMask, m, lane_mask), __shfl_xor_sync(kFullMask, s, lane_mask)};
-  }
-  __device__ __forceinline__ float value() const { return m + logf(s); }  // -inf when empty
-};
+__device__ __forceinline__ Lse shfl_xor(Lse v, int lane_mask) {
+  return {__shfl_xor_sync(kFullMask, v.m, lane_mask), __shfl_xor_sync(kFullMask, v.s, lane_mask)};
+}
 
 struct Sum {
   float v;
 
   __device__ __forceinline__ static Sum merge(Sum a, Sum b) { return {a.v + b.v}; }
-  __device__ __forceinline__ Sum shfl_xor(int lane_mask) const { return {__shfl_xor_sync(kFullMask, v, lane_mask)}; }
 };
 
-// Reduces one value per thread over the whole thread block (blockDim.x == kThreads); every thread
-// gets the result. scratch holds kWarps values and may be reused by the next call.
+__device__ __forceinline__ Sum shfl_xor(Sum v, int lane_mask) { return {__shfl_xor_sync(kFullMask, v.v, lane_mask)}; }
+
+// Reduces one value per thread over the whole thread block (blockDim.x == kThreads, checked by
+// launch()); every thread gets the result. scratch holds kWarps values and may be reused by the
+// next call.
 template <typename S>
 __device__ __forceinline__ S block_reduce(S v, S* scratch) {
-  for (int offset = 16; offset > 0; offset >>= 1) v = S::merge(v, v.shfl_xor(offset));
+  for (int offset = 16; offset > 0; offset >>= 1) v = S::merge(v, shfl_xor(v, offset));
   __syncthreads();  // a previous reduction may still be reading scratch
   if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
   __syncthreads();
@@ -89,7 +78,7 @@ lse_target_kernel(const T* __restrict__ z, const int64_t* __restrict__ targets, 
   if (threadIdx.x == 0) {
     const int64_t t = targets[row];
     lse[row] = acc.value();
-    target_logit[row] = (t >= 0 && t < vocab) ? load(zr + t) * scale : 0.f;
+    target_logit[row] = (t >= 0 && t < vocab) ? load(zr + t) * scale : NAN;  // the binding refuses it first
   }
 }
 
@@ -171,7 +160,8 @@ kl_grad_kernel(TS* __restrict__ zs, int64_t vocab_s, const TT* __restrict__ zt, 
       float grad = 0.f;
       if (j < vocab) {
         const float log_s = z * inv_t - lse_s, log_t = load(ztr + j) * inv_t - lse_d;
-        grad = g * expf(log_s) * (log_s - log_t - kl.v);
+        const float p_s = expf(log_s);  // p_s = 0 (a -inf logit): the limit 0, not 0 * (-inf - log_t) = NaN
+        if (p_s > 0.f) grad = g * p_s * (log_s - log_t - kl.v);
       }
       store(zsr + j, grad + logp_grad(j, z));
     }
@@ -179,17 +169,23 @@ kl_grad_kernel(TS* __restrict__ zs, int64_t vocab_s, const TT* __restrict__ zt, 
   if (threadIdx.x == 0) kl_out[row] = kl.v;
 }
 
-dim3 grid(int64_t rows) { return dim3(static_cast<unsigned>(rows)); }  // one thread block per row
+// One thread block of kThreads per row; a grid has at most 2^31 - 1 blocks.
+template <typename Kernel, typename... Args>
+cudaError_t launch(Kernel kernel, int64_t rows, cudaStream_t stream, Args... args) {
+  if (rows > INT_MAX) return cudaErrorInvalidValue;
+  kernel<<<dim3(static_cast<unsigned>(rows)), dim3(kThreads), 0, stream>>>(args...);
+  return cudaGetLastError();
+}
 
+// Calls launch with a null T* for the logits' element type T; an unknown dtype is refused.
 template <typename F>
 cudaError_t dispatch(int dtype, F&& launch) {
   switch (dtype) {
-    case kTideF32: launch(static_cast<float*>(nullptr)); break;
-    case kTideF16: launch(static_cast<__half*>(nullptr)); break;
-    case kTideBF16: launch(static_cast<__nv_bfloat16*>(nullptr)); break;
+    case kTideF32: return launch(static_cast<float*>(nullptr));
+    case kTideF16: return launch(static_cast<__half*>(nullptr));
+    case kTideBF16: return launch(static_cast<__nv_bfloat16*>(nullptr));
     default: return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
 }
 
 }  // namespace
@@ -199,8 +195,8 @@ cudaError_t tide_lse_target(const void* z, int dtype, const int64_t* targets, in
   if (rows == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto* tag) {
     using T = typename std::remove_pointer<decltype(tag)>::type;
-    lse_target_kernel<T><<<grid(rows), kThreads, 0, stream>>>(static_cast<const T*>(z), targets, vocab, scale, lse,
-                                                        target_logit);
+    return launch(lse_target_kernel<T>, rows, stream, static_cast<const T*>(z), targets, vocab, scale, lse,
+                  target_logit);
   });
 }
 
@@ -209,8 +205,8 @@ cudaError_t tide_logit_grad(void* z, int dtype, const int64_t* targets, int64_t 
   if (rows == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto* tag) {
     using T = typename std::remove_pointer<decltype(tag)>::type;
-    logit_grad_kernel<T><<<grid(rows), kThreads, 0, stream>>>(static_cast<T*>(z), targets, vocab, scale, lse,
-                                                        coef_target, coef_prob);
+    return launch(logit_grad_kernel<T>, rows, stream, static_cast<T*>(z), targets, vocab, scale, lse, coef_target,
+                  coef_prob);
   });
 }
 
@@ -219,17 +215,15 @@ cudaError_t tide_kl_grad(void* zs, int zs_dtype, int64_t vocab_s, const void* zt
                          const float* lse1, const int64_t* targets, const float* coef_target, float* kl,
                          cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  if (zt_dtype != kTideF32 && zt_dtype != kTideF16 && zt_dtype != kTideBF16) return cudaErrorInvalidValue;
   if (vocab > vocab_s || (coef_target != nullptr && (lse1 == nullptr || targets == nullptr))) {
     return cudaErrorInvalidValue;
   }
   return dispatch(zs_dtype, [&](auto* s_tag) {
     using TS = typename std::remove_pointer<decltype(s_tag)>::type;
-    dispatch(zt_dtype, [&](auto* t_tag) {
+    return dispatch(zt_dtype, [&](auto* t_tag) {
       using TT = typename std::remove_pointer<decltype(t_tag)>::type;
-      kl_grad_kernel<TS, TT><<<grid(rows), kThreads, 0, stream>>>(static_cast<TS*>(zs), vocab_s,
-                                                                  static_cast<const TT*>(zt), vocab, inv_temperature,
-                                                                  coef, lam, reverse, lse1, targets, coef_target, kl);
+      return launch(kl_grad_kernel<TS, TT>, rows, stream, static_cast<TS*>(zs), vocab_s, static_cast<const TT*>(zt),
+                    vocab, inv_temperature, coef, lam, reverse, lse1, targets, coef_target, kl);
     });
   });
 }

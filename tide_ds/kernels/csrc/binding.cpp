@@ -34,6 +34,16 @@ at::Tensor per_row(const at::Tensor& t, int64_t rows, at::ScalarType type, const
   return t.reshape({rows}).to(type).contiguous();
 }
 
+// Targets outside [0, vocab) are refused before any launch, as the twin refuses them (one host
+// sync per call).
+void check_targets(const at::Tensor& y, int64_t vocab) {
+  if (y.numel() == 0) return;
+  const auto range = at::aminmax(y);
+  const int64_t lo = std::get<0>(range).item<int64_t>(), hi = std::get<1>(range).item<int64_t>();
+  TORCH_CHECK_VALUE(lo >= 0 && hi < vocab, "tide kernels: targets must lie in [0, ", vocab, "), got values in [", lo,
+                    ", ", hi, "]");
+}
+
 void check(cudaError_t e) { TORCH_CHECK(e == cudaSuccess, "tide kernels: ", cudaGetErrorString(e)); }
 
 }  // namespace
@@ -43,6 +53,7 @@ std::tuple<at::Tensor, at::Tensor> lse_target(const at::Tensor& z, const at::Ten
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t rows = z.size(0);
   const at::Tensor y = per_row(targets, rows, at::kLong, "targets");
+  check_targets(y, z.size(1));
   at::Tensor lse = at::empty({rows}, z.options().dtype(at::kFloat));
   at::Tensor target_logit = at::empty_like(lse);
   check(tide_lse_target(z.data_ptr(), dtype_code(z), y.data_ptr<int64_t>(), rows, z.size(1), static_cast<float>(scale),
@@ -56,6 +67,7 @@ at::Tensor logit_grad_(at::Tensor z, const at::Tensor& targets, const at::Tensor
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t rows = z.size(0);
   const at::Tensor y = per_row(targets, rows, at::kLong, "targets");
+  check_targets(y, z.size(1));
   const at::Tensor l = per_row(lse, rows, at::kFloat, "lse");
   const at::Tensor ct = per_row(coef_target, rows, at::kFloat, "coef_target");
   const at::Tensor cp = per_row(coef_prob, rows, at::kFloat, "coef_prob");
@@ -83,6 +95,7 @@ at::Tensor kl_grad_(at::Tensor zs, const at::Tensor& zt, const at::Tensor& coef,
   if (coef_target.has_value()) {
     l1 = per_row(*lse, rows, at::kFloat, "lse");
     y = per_row(*targets, rows, at::kLong, "targets");
+    check_targets(y, zs.size(1));
     ct = per_row(*coef_target, rows, at::kFloat, "coef_target");
   }
   at::Tensor kl = at::empty({rows}, zs.options().dtype(at::kFloat));
