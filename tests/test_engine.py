@@ -176,7 +176,7 @@ def test_a_batch_disagreement_stops_distill_in_seconds_before_anything_is_built(
         ),
         ([], {"train_micro_batch_size_per_gpu": 4}, r"train_micro_batch_size_per_gpu=4 .* train\.micro_batch_size=2"),
         (["train.precision=fp16"], {}, r"fp16 is not supported .* use train\.precision=bf16"),
-        ([], {"fp16": {"enabled": True}}, r"fp16\.enabled in .*my\.json\): fp16 is not supported .* bf16"),
+        ([], {"fp16": {"enabled": True}}, r"fp16\.enabled in .*my\.json\): fp16 is not supported .*=bf16"),
     ]
     for extra, ds, message in cases:
         cfg = load_config(None, tiny_overrides + huge + extra + _json(tmp_path, ds))
