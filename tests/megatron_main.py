@@ -21,9 +21,9 @@ def main(prefix: str, hf_dir: str, ckpt_dir: str) -> None:
     hf = llada2(seed=0, **MOE)
     whole = LLaDA2Teacher(hf, mask_token_id=63)
     g = torch.Generator().manual_seed(100 + rank)
-    ids = torch.randint(0, 64, (3, 16), generator=g)
+    ids = torch.randint(0, 64, (3, 16) if rank == 0 else (2, 8), generator=g)  # shapes differ by rank
     pad = torch.ones_like(ids)
-    pad[rank, 11:] = 0
+    pad[rank, 6:] = 0
     with torch.no_grad():
         expected = whole.hidden_states(ids, pad)
 

@@ -1,6 +1,6 @@
 """Entry used by tests/test_engine.py: on each of 2 ranks, a tiny Qwen3 teacher split by AutoTP
-(tp_size=2) against this rank's own unsharded copy, on this rank's own inputs (the tensor-parallel
-teacher gathers the group's micro-batches and hands each rank its rows)."""
+(tp_size=2) against this rank's own unsharded copy, on this rank's own inputs, of another shape on
+each rank (the tensor-parallel teacher gathers the group's micro-batches and hands each rank its rows)."""
 
 import copy
 import json
@@ -24,9 +24,10 @@ for name, cls, kw in (("bidirectional", HFBidirectionalTeacher, {}), ("wedlm", W
     whole = copy.deepcopy(teacher)
     split = tensor_parallel(teacher, 2)
     g = torch.Generator().manual_seed(100 + rank)
-    ids, x0 = torch.randint(0, 64, (3, 16), generator=g), torch.randint(0, 64, (3, 16), generator=g)
+    shape = (3, 16) if rank == 0 else (2, 8)  # the ranks' micro-batches differ in rows and length
+    ids, x0 = torch.randint(0, 64, shape, generator=g), torch.randint(0, 64, shape, generator=g)
     pad = torch.ones_like(ids)
-    pad[rank, 10:] = 0
+    pad[rank, 6:] = 0
     with torch.no_grad():
         expected, got = whole.hidden_states(ids, pad, x0=x0), split.hidden_states(ids, pad, x0=x0)
     result[name] = {

@@ -147,6 +147,17 @@ def test_precision_conflict_and_global_batch_conflict(tiny_overrides, tmp_path):
         settle(cfg, {}, world=2)
 
 
+def test_fp16_is_refused_by_the_run_plan_with_or_without_deepspeed(tiny_overrides):
+    """The fused loss writes its gradients in the forward, before the loss scale: fp16 would lose
+    small gradient terms, so the plan refuses it and names bf16."""
+    cfg = load_config(None, tiny_overrides + ["train.precision=fp16"])
+    for ds, world in ((None, 1), ({}, 1), ({}, 2)):
+        with pytest.raises(ConfigError, match=r"^train\.precision=fp16.*: fp16 is not supported .*bf16$"):
+            settle(cfg, ds, world=world)
+    plan, ds = settle(load_config(None, tiny_overrides + ["train.precision=bf16"]), {}, world=2)
+    assert plan.config.train.precision == "bf16" and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+
+
 def test_a_batch_disagreement_stops_distill_in_seconds_before_anything_is_built(tiny_overrides, tmp_path, monkeypatch):
     """Whatever the models' size, the plan is settled first: nothing is loaded before the error."""
     from tide_ds import train
@@ -164,6 +175,8 @@ def test_a_batch_disagreement_stops_distill_in_seconds_before_anything_is_built(
             r"global batch \(7\) must be a multiple of micro batch \(2\) x ranks \(1\)",
         ),
         ([], {"train_micro_batch_size_per_gpu": 4}, r"train_micro_batch_size_per_gpu=4 .* train\.micro_batch_size=2"),
+        (["train.precision=fp16"], {}, r"fp16 is not supported .* use train\.precision=bf16"),
+        ([], {"fp16": {"enabled": True}}, r"fp16\.enabled in .*my\.json\): fp16 is not supported .*=bf16"),
     ]
     for extra, ds, message in cases:
         cfg = load_config(None, tiny_overrides + huge + extra + _json(tmp_path, ds))

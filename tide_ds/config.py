@@ -143,7 +143,7 @@ class TrainConfig:
     micro_batch_size: int = 8  # per rank and micro-step
     gradient_accumulation_steps: int = 1
     global_batch_size: int = 0  # 0: micro_batch_size x gradient_accumulation_steps x ranks
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # mixed precision of the DeepSpeed engine
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # mixed precision; fp16 is refused (engine/plan.py)
     lr: float = 5e-5
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20

@@ -450,7 +450,8 @@ def student_step(engine, phases: Phases, noised, targets, progress: float):
 
 def log_record(step: int, sums: dict, tokens: int, engine, phases: Phases, wall: float, dist) -> dict:
     """The metrics of a log step, averaged over ranks (the loop's one sync point)."""
-    stacked = torch.stack([*sums.values(), torch.tensor(float(tokens))])
+    loss = sums["loss"]  # the step's sums live on the loss's device: so does the token count
+    stacked = torch.stack([*sums.values(), torch.tensor(float(tokens), device=loss.device)])
     if dist.world > 1:
         torch.distributed.all_reduce(stacked)
         stacked[:-1] /= dist.world

@@ -27,9 +27,10 @@ class RowStreams:
         if shape[0] != len(self.keys):
             raise ValueError(f"RowStreams has {len(self.keys)} rows, asked for a draw of shape {tuple(shape)}")
         k, self.draws = self.draws, self.draws + 1
-        rows = [
-            torch.rand(tuple(shape[1:]), generator=torch.Generator().manual_seed(mix_seed(key, k))) for key in self.keys
-        ]
+        rows = []
+        for key in self.keys:
+            g = torch.Generator().manual_seed(mix_seed(key, k))
+            rows.append(torch.rand(tuple(shape[1:]), generator=g))  # host: a CPU generator's numbers, then moved
         return torch.stack(rows).to(device)
 
 

@@ -78,7 +78,8 @@ def generate(
         if pad_token_id is None:
             raise ConfigError("align_prompt needs a pad token id (the tokenizer's pad or EOS token)")
         pad = -prompt_len % block
-        prompt_ids = torch.cat([torch.full((b, pad), pad_token_id, dtype=prompt_ids.dtype), prompt_ids.cpu()], 1)
+        left = torch.full((b, pad), pad_token_id, dtype=prompt_ids.dtype)  # host: joined on the host, then moved
+        prompt_ids = torch.cat([left, prompt_ids.cpu()], 1)
         prompt_len += pad
     total = prompt_len + max_new_tokens
     x = torch.cat([prompt_ids.to(device), torch.full((b, max_new_tokens), mask_id, device=device)], dim=1)

@@ -197,11 +197,9 @@ def lr_lambda(cfg: Config):
 
 def _in_precision(fn: Callable, precision: str, device: torch.device) -> Callable:
     """One process: bf16 mixed precision by autocast (fp32 master weights and optimizer state; the
-    losses reduce in fp32 as always). fp16 needs loss scaling, which only the DeepSpeed engine has."""
+    losses reduce in fp32 as always). fp16 is refused by the run plan (`settle`)."""
     if precision == "fp32":
         return fn
-    if precision == "fp16":
-        raise ConfigError("train.precision=fp16 needs DeepSpeed's loss scaling: set engine.ds_config, or use bf16")
 
     def call(*args, **kwargs):
         with torch.autocast(device.type, dtype=torch.bfloat16):

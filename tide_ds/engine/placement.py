@@ -113,9 +113,12 @@ def consecutive_group(size: int, dist: Dist):
 
 
 class TensorParallelTeacher(nn.Module):
-    """A teacher split by AutoTP. The ranks of a tensor-parallel group compute one batch together,
-    but each holds its own micro-batch: every call gathers the group's micro-batches (equal shapes,
-    as every rank slices the same global batch), runs them at once, and keeps this rank's rows."""
+    """A teacher split by AutoTP. The ranks of a tensor-parallel group compute every call together,
+    but each holds its own micro-batch, padded by the collator to its own longest row: shapes differ
+    between ranks. Every call gathers the group's shapes, then its micro-batches (sent padded to the
+    group's largest shape), and runs the teacher once per rank on that rank's micro-batch exactly
+    as it came (no padding the teacher would read): so each rank makes the same number of calls
+    (tp_size), whatever the shapes, and the results equal the unsplit teacher's on each micro-batch."""
 
     def __init__(self, teacher, group):
         super().__init__()
@@ -135,19 +138,42 @@ class TensorParallelTeacher(nn.Module):
         return self.teacher.vocab_size
 
     def hidden_states(self, input_ids, attention_mask=None, x0=None):
-        size, rank = torch.distributed.get_world_size(self.group), torch.distributed.get_rank(self.group)
+        inputs = [input_ids, attention_mask, x0]  # None or not alike on every rank (the config decides)
+        parts = gather_group_tensors([t for t in inputs if t is not None], self.group)
+        mine = torch.distributed.get_rank(self.group)
+        out = None
+        for rank, tensors in enumerate(parts):
+            it = iter(tensors)
+            ids, mask, x = (None if t is None else next(it) for t in inputs)
+            hidden = self.teacher.hidden_states(ids, mask, x0=x)
+            if rank == mine:
+                out = hidden
+        return out
 
-        def gather(t):
-            if t is None:
-                return None
-            parts = [torch.empty_like(t) for _ in range(size)]
-            torch.distributed.all_gather(parts, t.contiguous(), group=self.group)
-            return torch.cat(parts)
 
-        b = input_ids.shape[0]
-        return self.teacher.hidden_states(gather(input_ids), gather(attention_mask), gather(x0))[
-            rank * b : (rank + 1) * b
-        ]
+def gather_group_tensors(tensors: list[torch.Tensor], group) -> list[list[torch.Tensor]]:
+    """Every rank's `tensors` (one list per rank of `group`, in rank order), of any shapes: the
+    shapes are gathered first, then each tensor padded to the group's largest shape is gathered
+    and cut back. Every tensor must have the same number of dimensions and dtype on every rank."""
+    size = torch.distributed.get_world_size(group)
+    device = tensors[0].device
+    shape = torch.tensor([n for t in tensors for n in t.shape], dtype=torch.long, device=device)
+    shapes = [torch.empty_like(shape) for _ in range(size)]
+    torch.distributed.all_gather(shapes, shape, group=group)
+    shapes = torch.stack(shapes).tolist()  # sync point: the group's shapes, once per call
+    out: list[list[torch.Tensor]] = [[] for _ in range(size)]
+    offset = 0
+    for t in tensors:
+        dims = [row[offset : offset + t.dim()] for row in shapes]
+        offset += t.dim()
+        largest = [max(d) for d in zip(*dims)]
+        padded = t.new_zeros(largest)
+        padded[tuple(slice(0, n) for n in t.shape)] = t
+        received = [torch.empty_like(padded) for _ in range(size)]
+        torch.distributed.all_gather(received, padded, group=group)
+        for rank, (r, d) in enumerate(zip(received, dims)):
+            out[rank].append(r[tuple(slice(0, n) for n in d)])
+    return out
 
 
 def place_replicate(step, cfg: Config, dist: Dist, ds_config: dict | None) -> PlacedTeacher:

@@ -54,6 +54,7 @@ def settle(cfg: Config, ds_json: dict[str, Any] | None, world: int) -> tuple[Run
     ds_config: `ds_json` None and `world` 1). Raises ConfigError on any disagreement."""
     deepspeed = ds_json is not None or world > 1
     if not deepspeed:
+        _refuse_fp16(cfg.train.precision, "train.precision=fp16")
         train = _settle_batch(cfg, {}, 1, "config")
         return RunPlan(dataclasses.replace(cfg, train=train), world, deepspeed=False), None
     if cfg.train.nonfinite == "skip":  # several ranks without a ds_config
@@ -76,9 +77,9 @@ def settle(cfg: Config, ds_json: dict[str, Any] | None, world: int) -> tuple[Run
                 f'{getattr(cfg.train, key)}; set it in one place (or write "auto" in the JSON)'
             )
         adopted[key] = tuple(value) if isinstance(value, list) else value
-    cfg = dataclasses.replace(
-        cfg, train=dataclasses.replace(cfg.train, **adopted, precision=_precision(cfg, ds, source))
-    )
+    precision = _precision(cfg, ds, source)
+    _refuse_fp16(precision, f"train.precision=fp16 (or fp16.enabled in {source})")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **adopted, precision=precision))
     cfg = dataclasses.replace(cfg, train=_settle_batch(cfg, ds, world, source))
     return RunPlan(cfg, world, deepspeed=True), _written(cfg, ds)
 
@@ -118,6 +119,16 @@ def _precision(cfg: Config, ds: dict, source: str) -> str:
             f"config sets train.precision={cfg.train.precision}; set it in one place"
         )
     return json_precision
+
+
+def _refuse_fp16(precision: str, where: str) -> None:
+    """The fused loss writes its gradients in the forward, in the hidden states' dtype, before the
+    backward brings DeepSpeed's fp16 loss scale: in fp16 their small terms would flush to zero."""
+    if precision == "fp16":
+        raise ConfigError(
+            f"{where}: fp16 is not supported (the fused loss computes its gradients before the loss "
+            f"scale is applied, so small ones underflow); use train.precision=bf16"
+        )
 
 
 def _settle_batch(cfg: Config, ds: dict, world: int, source: str):

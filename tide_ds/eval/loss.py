@@ -27,7 +27,7 @@ def masked_token_loss(
     device = student.output_weight.device
     for batch in batches:
         x0, maskable = batch["input_ids"], batch["maskable"]
-        t = None if ratio is None else torch.full((x0.shape[0],), float(ratio))
+        t = None if ratio is None else torch.full((x0.shape[0],), float(ratio))  # host: noise is drawn on the host
         n = noise_batch(
             x0, maskable, student.mask_token_id, t=t, eps=eps, chunk_ids=batch.get("chunk_ids"), generator=gen
         )

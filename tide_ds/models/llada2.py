@@ -131,7 +131,8 @@ class PartialRotary(nn.Module):
     @staticmethod
     def inv_freq_for(config: LLaDA2MoeConfig) -> torch.Tensor:
         dim, theta = config.rope_dim, config.rope_parameters["rope_theta"]
-        return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        steps = torch.arange(0, dim, 2, dtype=torch.float32)  # host: a buffer's value, moved with the module
+        return 1.0 / theta ** (steps / dim)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.float()
