@@ -72,3 +72,43 @@ def tiny_overrides(tiny_assets, tmp_path):
         "train.log_every=1",
         "train.lr=1e-3",
     ]
+
+
+@pytest.fixture(scope="session")
+def cross_data(tiny_assets, tmp_path_factory):
+    """Chat rows prepared for the tiny student tokenizer and a different teacher tokenizer, plus a
+    tiny teacher on that tokenizer."""
+    import json
+
+    from tiny import SAVED_TEACHER_INIT
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from tide_ds.data.corpus import read_text, train_tokenizer
+    from tide_ds.data.prepare import PrepareConfig, SideConfig, prepare
+
+    root = tmp_path_factory.mktemp("cross")
+    teacher_tok = train_tokenizer(tiny_assets["files"][5:20], 500, str(root / "teacher"))
+    cfg = Qwen3Config(vocab_size=len(teacher_tok), **SAVED_TEACHER_INIT)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "teacher")
+    lines = [ln for p in tiny_assets["files"][:10] for ln in read_text(p).splitlines() if ln.strip()]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "Continue: " + lines[i]},
+                {"role": "assistant", "content": "\n".join(lines[i + 1 : i + 4])},
+            ]
+        }
+        for i in range(0, 240, 4)
+    ]
+    with open(root / "chat.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    report = prepare(
+        PrepareConfig(
+            data_files=[str(root / "chat.jsonl")],
+            output_dir=str(root / "prepared"),
+            student=SideConfig(tokenizer=tiny_assets["tokenizer"], max_length=64),
+            teacher=SideConfig(tokenizer=str(root / "teacher"), max_length=96),
+        )
+    )
+    assert report["kept"] >= 50 and report["chunks"] > 0
+    return {"prepared": str(root / "prepared"), "teacher": str(root / "teacher")}

@@ -12,6 +12,10 @@ from tide_ds.config import ConfigError
 SUBCOMMANDS = {
     "demo": ("tide_ds.demo", "the main job: MoE teacher, cross-tokenizer distillation with four recipes, evaluation"),
     "distill": ("tide_ds.train", "distill a teacher into a BD3LM student from a YAML config"),
+    "teach": (
+        "tide_ds.teach",
+        "run the teacher once over a run and write its targets (distill teacher.targets=DIR)",
+    ),
     "prepare": ("tide_ds.data.prepare", "tokenize and align a chat/text dataset offline"),
     "generate": ("tide_ds.generate", "generate with a BD3LM student"),
     "eval": ("tide_ds.eval.cli", "evaluate a student: held-out NLL, teacher agreement, samples, HumanEval"),

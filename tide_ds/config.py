@@ -49,6 +49,7 @@ class ModelConfig:
     mask_token_id: int | None = None  # teacher: overrides the id found through its tokenizer / config
     block_size: int | None = None  # wedlm teacher: its block (None: diffusion.block_size)
     block_order: Literal["x0_xt", "xt_x0"] = "x0_xt"  # wedlm teacher: which half comes first
+    targets: str | None = None  # teacher only: a `tide-ds teach` directory read instead of calling it
 
     def __post_init__(self):
         _require([(self.block_size is None or self.block_size >= 1, "block_size must be >= 1")])
@@ -457,8 +458,15 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         )
     if cfg.student.path is None and not cfg.student.init:
         raise ConfigError("student: set student.path to a model directory or student.init to a config for a new model")
-    if needs_teacher(terms) and cfg.teacher.path is None:
-        raise ConfigError(f"recipe '{cfg.recipe}' needs a teacher: set teacher.path to a trained model directory")
+    if cfg.student.targets is not None:
+        raise ConfigError("student.targets is not a student key; teacher targets go in teacher.targets")
+    if check_files and cfg.teacher.targets is not None and not os.path.isdir(cfg.teacher.targets):
+        raise ConfigError(f"teacher.targets not found: {cfg.teacher.targets} (give a directory from `tide-ds teach`)")
+    if needs_teacher(terms) and cfg.teacher.path is None and cfg.teacher.targets is None:
+        raise ConfigError(
+            f"recipe '{cfg.recipe}' needs a teacher: set teacher.path to a trained model directory "
+            f"(or teacher.targets to a `tide-ds teach` directory)"
+        )
 
 
 def epoch_steps(epochs: float, rows: int, global_batch: int) -> int:

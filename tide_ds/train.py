@@ -41,6 +41,7 @@ from tide_ds.eval import masked_token_loss
 from tide_ds.metrics import MetricsLog, Phases, overlap_fraction
 from tide_ds.models import build_student, build_teacher, load_tokenizer
 from tide_ds.pipeline import DistillStep, RunTerms, build_scheduler, resolve_terms
+from tide_ds.pipeline import targets as stored
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -73,6 +74,11 @@ def run(args) -> int:
         return 0
     result = distill(load_config(args.config, overrides))
     code = 128 + result["preempted"] if result.get("preempted") else 0  # 143 SIGTERM, 130 SIGINT, 138 SIGUSR1
+    return close_distributed(code)
+
+
+def close_distributed(code: int) -> int:
+    """Ends the process group once every rank is done; a multi-rank process then exits with `code`."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         multi = torch.distributed.get_world_size() > 1
         torch.distributed.barrier()
@@ -247,6 +253,7 @@ class Run:
     first: int  # the step to start from (0, or the resumed checkpoint's)
     eval_batches: list
     log: Callable
+    targets: stored.TargetsReader | None = None  # teacher.targets: the teacher's outputs read from disk
 
 
 @dataclass
@@ -281,6 +288,7 @@ def build_run(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) 
     plan = dataclasses.replace(plan, config=run_length(cfg, data))
     cfg = plan.config
     terms = resolve_terms(cfg.recipe, cfg.terms, "cross" if data.cross_tokenizer else "shared", cfg.objective)
+    targets = open_targets(cfg, terms, data, tokenizer, log) if cfg.teacher.targets else None
     teacher, student = build_models(cfg, terms, data, tokenizer, dist.device)
     held_out = eval_batches(cfg, data)  # before the engine, as the global RNG has always been drawn
     step = DistillStep(
@@ -293,7 +301,7 @@ def build_run(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) 
     )
     engine = build_engine(plan, ds_config, step, dist)
     first = checkpoint.load(engine, *resume) if resume is not None else 0
-    run = Run(cfg, dist, signals, tokenizer, data, terms, student, teacher, step, engine, first, held_out, log)
+    run = Run(cfg, dist, signals, tokenizer, data, terms, student, teacher, step, engine, first, held_out, log, targets)
     log_start(run)
     return run
 
@@ -301,16 +309,39 @@ def build_run(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) 
 def build_models(cfg: Config, terms: RunTerms, data: Data, tokenizer, device: torch.device):
     """(teacher or None, student), each on `device` (a megatron teacher is placed later, lazily)."""
     teacher = None
-    if needs_teacher(run_terms(cfg.recipe, cfg.terms, cfg.objective)):
-        check_teacher_fits(cfg, terms, data, tokenizer)
-        # the megatron placement reads only this rank's slices of the weights itself
-        lazy = cfg.engine.teacher_placement == "megatron"
-        teacher = build_teacher(
-            cfg.teacher, cfg.diffusion.mask_token, block_size=cfg.diffusion.block_size, weights=not lazy
-        )
-        teacher = teacher if lazy else teacher.to(device)
+    if needs_teacher(run_terms(cfg.recipe, cfg.terms, cfg.objective)) and not cfg.teacher.targets:
+        teacher = build_teacher_model(cfg, terms, data, tokenizer, device)
     student = build_student(cfg.student, tokenizer, cfg.diffusion.block_size, cfg.diffusion.mask_token).to(device)
     return teacher, student
+
+
+def targets_fingerprint(cfg: Config, terms: RunTerms, data: Data, tokenizer) -> dict:
+    """What decides a run's teacher targets (`tide_ds.pipeline.targets.fingerprint`); `tokenizer`
+    as loaded, before the student adds its mask token."""
+    prepared = os.path.isfile(os.path.join(cfg.data.source, REPORT_NAME))
+    text_files = None if prepared else corpus_files(cfg.data.source, cfg.data.max_files)
+    return stored.fingerprint(
+        cfg, terms, rows=len(data.train), text_files=text_files, student_vocab=vocab_fingerprint(tokenizer)
+    )
+
+
+def open_targets(cfg: Config, terms: RunTerms, data: Data, tokenizer, log) -> stored.TargetsReader:
+    """teacher.targets, checked against this run before any model loads."""
+    stored.check_storable(cfg, terms)
+    reader = stored.open_targets(cfg.teacher.targets, targets_fingerprint(cfg, terms, data, tokenizer))
+    log(f"teacher targets from {cfg.teacher.targets} (no teacher is built)")
+    return reader
+
+
+def build_teacher_model(cfg: Config, terms: RunTerms, data: Data, tokenizer, device: torch.device):
+    """The teacher on `device`, once it is known to fit the recipe and data (a megatron teacher is
+    built on the meta device: its placement reads only this rank's slices of the weights)."""
+    check_teacher_fits(cfg, terms, data, tokenizer)
+    lazy = cfg.engine.teacher_placement == "megatron"
+    teacher = build_teacher(
+        cfg.teacher, cfg.diffusion.mask_token, block_size=cfg.diffusion.block_size, weights=not lazy
+    )
+    return teacher if lazy else teacher.to(device)
 
 
 def eval_batches(cfg: Config, data: Data) -> list:
@@ -346,6 +377,7 @@ def train_loop(run: Run) -> LoopResult:
         accumulation=accum,
         rank=dist.rank,
         seed=t.seed,
+        targets=None if run.targets is None else run.targets.attach,
     )
     micro_batches = Prefetch(ranks.iterate(run.first, t.steps), depth=t.data_prefetch, pin=dist.device.type == "cuda")
     phases = Phases(dist.device)

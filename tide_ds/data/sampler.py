@@ -6,7 +6,8 @@ Global batch i is positions [0, G) of the epoch's shuffled order, from i's place
 and noises only its own rows. The noise of a row is a pure function of (seed, step, position in
 the global batch) (`tide_ds.diffusion.RowStreams`), so any split of one global batch over ranks
 and accumulation steps sees the same rows with the same noise, and a resumed run continues with
-exactly the data and noise of an uninterrupted one.
+exactly the data and noise of an uninterrupted one. With `targets` (a `tide-ds teach` directory's
+reader) each micro-batch also gets the teacher's stored outputs for its (step, positions) rows.
 
 `Prefetch` runs the building on a background thread, a bounded queue ahead of the loop.
 """
@@ -48,6 +49,7 @@ class RankBatches:
         accumulation: int,
         rank: int,
         seed: int,
+        targets: Callable[[int, range, Any], Any] | None = None,
     ):
         self.per_epoch = batches_per_epoch(len(dataset), global_batch)
         self.dataset, self.collate, self.noise = dataset, collate, noise
@@ -58,6 +60,7 @@ class RankBatches:
             rank,
             seed,
         )
+        self.targets = targets  # (step, positions, noised) -> noised with stored teacher targets
         self._epoch, self._order = -1, None
 
     def order(self, epoch: int) -> torch.Tensor:
@@ -81,7 +84,8 @@ class RankBatches:
     def build(self, step: int, j: int):
         batch = self.collate([self.dataset[i] for i in self.rows(step, j)])
         streams = RowStreams([mix_seed(self.seed, step, p) for p in self.positions(j)])
-        return self.noise(batch, generator=streams)
+        noised = self.noise(batch, generator=streams)
+        return noised if self.targets is None else self.targets(step, self.positions(j), noised)
 
     def iterate(self, first: int, last: int) -> Iterator:
         """Micro-batches of steps [first, last), accumulation steps in order."""

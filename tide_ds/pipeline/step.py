@@ -41,6 +41,7 @@ class Noised:
     teacher_pass_inputs: list[torch.Tensor]  # one teacher input per pass (two with CompDemo)
     teacher_pass_masked: torch.Tensor | None  # [b, lt] bool: positions masked in pass 1 (M_B)
     has_teacher_ids: bool  # the teacher reads its own token sequence (another tokenizer or template)
+    stored: TeacherTargets | None = None  # read from a `tide-ds teach` directory (no teacher is called)
 
     @functools.cached_property
     def masked_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,6 +128,8 @@ class DistillStep:
     # -- 2. teacher ----------------------------------------------------------------------------
     @torch.no_grad()
     def teacher_targets(self, noised: Noised) -> TeacherTargets:
+        if noised.stored is not None:
+            return noised.stored
         if self.teacher is None or not self.needs:
             return TeacherTargets()
         # The one teacher call site: one pass, or CompDemo's two passes merged per position.
