@@ -3,8 +3,25 @@
 import os
 import shutil
 import sys
+from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+KERNELS = Path("kernels")  # the C++/CUDA sources, at the top of the repository
+KERNEL_FILES = ("binding.cpp", "tide_kernels.cu", "tide_kernels.h", "tide_lse.h", "README.md")
+
+
+class BuildPyWithKernels(build_py):
+    """Copies kernels/ into the built package as tide_ds/kernels/csrc/, so that an installed
+    (non-editable) copy can JIT-build the CUDA extension on a GPU machine (tide_ds/kernels/_ext.py)."""
+
+    def run(self):
+        super().run()
+        dest = Path(self.build_lib) / "tide_ds" / "kernels" / "csrc"
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in KERNEL_FILES:
+            self.copy_file(str(KERNELS / name), str(dest / name))
 
 
 def cuda_extension():
@@ -24,12 +41,14 @@ def cuda_extension():
         return {}
     ext = CUDAExtension(
         "tide_ds.kernels._cuda",
-        ["tide_ds/kernels/csrc/binding.cpp", "tide_ds/kernels/csrc/tide_kernels.cu"],
+        [str(KERNELS / "binding.cpp"), str(KERNELS / "tide_kernels.cu")],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
 
 
+extension = cuda_extension()
+cmdclass = {"build_py": BuildPyWithKernels, **extension.pop("cmdclass", {})}
 setup(
     name="tide_ds",
     version="0.1.0",
@@ -38,12 +57,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["tide_ds", "tide_ds.*"]),
-    # the C++/CUDA sources ship inside the package, so that an installed (non-editable) copy can
-    # JIT-build the CUDA extension on a GPU machine (tide_ds/kernels/_ext.py)
-    package_data={
-        "tide_ds": ["configs/*.yaml", "configs/paper/*.yaml"],
-        "tide_ds.kernels": ["csrc/*.cpp", "csrc/*.cu", "csrc/*.h", "csrc/README.md"],
-    },
+    package_data={"tide_ds": ["configs/*.yaml", "configs/paper/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",
@@ -79,5 +93,6 @@ setup(
         ],
     },
     entry_points={"console_scripts": ["tide-ds=tide_ds.cli:main"]},
-    **cuda_extension(),
+    cmdclass=cmdclass,
+    **extension,
 )

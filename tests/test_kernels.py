@@ -668,7 +668,7 @@ def test_bench_kernel_prints_figures(capsys):
 
 # ---------------------------------------------------------------- build
 
-CSRC = ROOT / "tide_ds" / "kernels" / "csrc"
+CSRC = ROOT / "kernels"
 
 
 def _nvcc() -> str | None:

@@ -1,6 +1,6 @@
 """Loads the CUDA extension: built by setup.py (`tide_ds.kernels._cuda`), else JIT-built from the
-sources shipped inside the package (tide_ds/kernels/csrc/, installed with it, editable or not)
-when a CUDA torch and nvcc are present."""
+sources when a CUDA torch and nvcc are present. The sources live in the repository's kernels/; an
+installed (non-editable) copy carries them as tide_ds/kernels/csrc/ (setup.py copies them there)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = Path(__file__).resolve().parent / "csrc"
+_INSTALLED = Path(__file__).resolve().parent / "csrc"
+SOURCES = _INSTALLED if _INSTALLED.is_dir() else Path(__file__).resolve().parents[2] / "kernels"
 SOURCE_FILES = ("binding.cpp", "tide_kernels.cu")
 HEADERS = ("tide_kernels.h", "tide_lse.h")
 

@@ -208,7 +208,7 @@ class TargetsReader:
                     f"teacher targets {self.dir}: step {step}, row {p} holds {len(v)} chunk log-probs but this "
                     f"run's noise gives {n} active chunks; the targets were written for other data"
                 )
-        chunk = torch.zeros(noised.chunk_mask.shape, dtype=torch.float32)
+        chunk = torch.zeros(noised.chunk_mask.shape, dtype=torch.float32, device=noised.chunk_mask.device)
         noised.stored = TeacherTargets(chunk_logprobs=chunk.masked_scatter(noised.chunk_mask, torch.cat(values)))
         return noised
 
