@@ -188,3 +188,34 @@ def test_on_2_ranks_targets_from_one_rank_equal_the_online_run_bitwise(recipe, t
         )
     assert runs["online"]["world"] == 2
     same_run(runs["online"], runs["offline"], TERM[recipe])
+
+
+@pytest.mark.slow
+def test_bench_targets_prints_both_runs_and_a_projection_from_the_targets_it_wrote(
+    tiny_overrides, cross_data, tmp_path
+):
+    over = [o for o in run_overrides(tiny_overrides, cross_data, "tide_cross", steps=3) if "output_dir" not in o]
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "tide_ds.cli", "bench", "targets", "--work", str(work), "--project-rows", "1000"]
+    out = subprocess.run(cmd + ["--project-epochs", "2", "--project-length", "64", "--", *over],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert any(ln.startswith("online ") for ln in lines) and any(ln.startswith("targets ") for ln in lines)
+    assert any(ln.startswith("targets / online: time ") for ln in lines)
+    # the projection from the shards themselves: 8 offset bytes + 4 per active chunk, scaled to 64 tokens a row
+    values = rows = 0
+    for shard in (work / "targets").glob("shard-*.pt"):
+        s = torch.load(shard, weights_only=True)
+        values, rows = values + s["values"].numel(), rows + s["offsets"].numel() - 1
+    length = json.loads((Path(cross_data["prepared"]) / "prepare_report.json").read_text())["config"]["student"]
+    per_row = 8 + 4 * values / rows / length["max_length"] * 64
+    (projected,) = [ln for ln in lines if ln.startswith("projected: ")]
+    assert f"{per_row:.0f} bytes a row, {per_row * 1000 * 2 / 2**30:.2f} GiB" in projected
+
+
+def test_bench_targets_refuses_a_used_work_directory_before_any_run(tmp_path):
+    (tmp_path / "old").write_text("x")
+    cmd = [sys.executable, "-m", "tide_ds.cli", "bench", "targets", "--work", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and f"--work {tmp_path} is not empty" in out.stderr

@@ -8,6 +8,7 @@ BENCHMARKS = {
     "align": "tide_ds.bench.align",
     "step": "tide_ds.bench.step",
     "schedule": "tide_ds.bench.schedule",
+    "targets": "tide_ds.bench.targets",
 }
 
 
