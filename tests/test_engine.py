@@ -34,8 +34,15 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def launch(launcher: str, args: list[str], entry: str = "tide_ds.cli", timeout: int = 600, env: dict | None = None):
-    """Starts 2 CPU ranks with `launcher` running `python -m entry distill args` (extra `env` variables)."""
+def launch(
+    launcher: str,
+    args: list[str],
+    entry: str = "tide_ds.cli",
+    timeout: int = 600,
+    env: dict | None = None,
+    command: str = "distill",
+):
+    """Starts 2 CPU ranks with `launcher` running `python -m entry command args` (extra `env` variables)."""
     path = os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
     env = {
         **os.environ,
@@ -68,7 +75,7 @@ def launch(launcher: str, args: list[str], entry: str = "tide_ds.cli", timeout: 
     else:
         raise ValueError(launcher)
     start = time.time()
-    out = subprocess.run(cmd + ["distill", *args], env=env, capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(cmd + [command, *args], env=env, capture_output=True, text=True, timeout=timeout)
     return out, time.time() - start
 
 

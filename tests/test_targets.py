@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine import launch
+from test_engine import ZERO3, launch
 from transformers import AutoModelForCausalLM
 
 import tide_ds
 from tide_ds.config import ConfigError, load_config
+from tide_ds.pipeline.targets import TargetsReader
 from tide_ds.teach import teach
 from tide_ds.train import distill
 
@@ -188,6 +189,24 @@ def test_on_2_ranks_targets_from_one_rank_equal_the_online_run_bitwise(recipe, t
         )
     assert runs["online"]["world"] == 2
     same_run(runs["online"], runs["offline"], TERM[recipe])
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_teach_on_2_ranks_with_a_zero3_teacher_writes_the_one_process_values(tiny_overrides, cross_data, tmp_path):
+    """Each rank writes its own global-batch positions; a ZeRO-3 teacher gathers its weights for
+    every call, so the values equal a whole teacher's (one process, 2 accumulation steps) to rounding."""
+    over = run_overrides(tiny_overrides, cross_data, "tide_cross", steps=3)
+    teach(load_config(None, over + ["train.gradient_accumulation_steps=2"]), str(tmp_path / "one"))
+    sharded = over + [f"engine.ds_config={ZERO3}", "engine.teacher_placement=zero3"]
+    out, _ = launch("torchrun", ["--out", str(tmp_path / "two"), *sharded], command="teach")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    one, two = TargetsReader(str(tmp_path / "one")), TargetsReader(str(tmp_path / "two"))
+    assert {r.start for s in two.shards.values() for r in s} == {0, 2}  # each rank its own positions
+    rows = [(one.row(s, p), two.row(s, p)) for s in range(3) for p in range(4)]
+    assert sum(a.numel() for a, _ in rows) > 0
+    for a, b in rows:
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow
