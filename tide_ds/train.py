@@ -366,7 +366,7 @@ def log_start(run: Run) -> None:
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in run.student.parameters())
     run.log(
         f"recipe {cfg.recipe}: {' + '.join(f'{term.weight:g}*{term.name}' for term in run.terms.terms)}"
-        f"{' (CompDemo)' if run.terms.comp_demo else ''}; student {n_params / 1e6:.2f}M params; "
+        f"; CompDemo {'on' if run.terms.comp_demo else 'off'}; student {n_params / 1e6:.2f}M params; "
         f"{len(run.data.train)} train / {len(run.data.held_out)} held-out rows; device {run.dist.device}; "
         f"{run.dist.world} rank(s) x {t.gradient_accumulation_steps} accumulation x {t.micro_batch_size} = "
         f"global batch {t.global_batch_size}"
