@@ -99,3 +99,19 @@ def test_preset_dry_run_prints_the_official_values(name, capsys, monkeypatch):
 def test_dry_run_still_refuses_bad_values(capsys):
     assert main(["distill", "--config", str(PAPER / "b_kl.yaml"), "--dry-run", "terms.kl.temperature=0"]) == 2
     assert "terms.kl.temperature must be > 0" in capsys.readouterr().err
+
+
+def test_comp_demo_is_one_checked_key_defaulting_from_the_recipe():
+    from tide_ds.config import ConfigError, load_config
+    from tide_ds.pipeline import resolve_terms
+
+    def comp_demo(*over):
+        cfg = load_config(None, ["student.path=s", "teacher.path=t", *over], check_files=False)
+        return resolve_terms(cfg.recipe, cfg.terms, "shared", cfg.objective).comp_demo
+
+    assert comp_demo("recipe=tide_shared") and not comp_demo("recipe=kl")
+    assert not comp_demo("recipe=tide_shared", "terms={ce: 1, kl: 1}", "objective.comp_demo=false")
+    assert comp_demo("recipe=kl", "objective.comp_demo=true")
+    assert not comp_demo("recipe=tide_shared", "terms={ce: 1}")  # no term reads the teacher
+    with pytest.raises(ConfigError, match=r"^objective\.comp_demo=true but no term reads the teacher"):
+        load_config(None, ["student.path=s", "recipe=ce", "objective.comp_demo=true"], check_files=False)

@@ -127,6 +127,113 @@ def test_overlap_runs_in_turn_until_ready_then_ahead_on_its_worker():
     assert (schedule.calls, schedule.ahead) == (6, 4) and threads == {"tide-ds-teacher"}
 
 
+SHARDED = ("zero3", "expert_parallel", "tensor_parallel", "megatron")
+
+
+def test_overlap_with_a_sharded_teacher_on_nccl_is_refused_with_one_line():
+    from tide_ds.pipeline import check_overlap
+
+    for placement in SHARDED:
+        line = rf"^train\.scheduler=overlap with engine\.teacher_placement={placement} on NCCL: .*"
+        with pytest.raises(ConfigError, match=line + r"use train\.scheduler=sequential[^\n]*$"):
+            check_overlap("overlap", placement, "nccl")
+        check_overlap("overlap", placement, "gloo")  # gloo: each group its own connections
+        check_overlap("sequential", placement, "nccl")
+    check_overlap("overlap", "replicate", "nccl")  # no teacher collectives
+    check_overlap("overlap", "zero3", None)  # one process, no process group
+
+
+def test_distill_refuses_overlap_with_a_sharded_teacher_on_nccl_before_anything_loads(tiny_overrides, monkeypatch):
+    from tide_ds import train
+    from tide_ds.engine.dist import Dist
+
+    def never(*args, **kwargs):
+        raise AssertionError("loaded before the schedule was checked")
+
+    for name in ("student_tokenizer", "build_data", "build_student", "build_teacher"):
+        monkeypatch.setattr(train, name, never)
+    monkeypatch.setattr(train, "init_distributed", lambda cfg, deepspeed: Dist(0, 2))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+    over = tiny_overrides + [f"engine.ds_config={ZERO3}", "train.scheduler=overlap", "engine.teacher_placement=zero3"]
+    with pytest.raises(ConfigError, match="use train.scheduler=sequential"):
+        train.distill(load_config(None, over))
+
+
+def _slow_teacher(finished, delays):
+    def teacher(noised):
+        time.sleep(delays[int(noised)])
+        finished.append(int(noised))
+        return int(noised) * 10
+
+    return teacher
+
+
+def test_overlap_submits_teacher_calls_at_the_same_points_of_the_student_work_whatever_their_speed():
+    """Where each teacher call is issued against the student's work depends only on the prefetch
+    and the data, never on how long calls take: the same on every rank."""
+    import random
+
+    from tide_ds.metrics import Phases
+    from tide_ds.pipeline import Overlap
+
+    seen = []
+    for seed in range(3):
+        rng = random.Random(seed)
+        finished = []
+        teacher = _slow_teacher(finished, [rng.uniform(0, 0.02) for _ in range(7)])
+        schedule = Overlap(teacher, torch.device("cpu"), Phases(torch.device("cpu")), prefetch=2)
+        issued = []  # teacher calls issued when the student starts on each micro-batch
+        for _ in schedule(torch.arange(7)):
+            issued.append(schedule.calls)
+            time.sleep(rng.uniform(0, 0.02))  # the student's work
+        schedule.close()
+        assert finished == list(range(7))  # the worker runs them in order
+        seen.append(issued)
+    assert seen[0] == [3, 4, 5, 6, 7, 7, 7] and seen[0] == seen[1] == seen[2]
+
+
+def test_drain_waits_for_every_teacher_call_in_flight():
+    from tide_ds.metrics import Phases
+    from tide_ds.pipeline import Overlap
+
+    finished = []
+    schedule = Overlap(
+        _slow_teacher(finished, [0.0] + [0.3] * 5), torch.device("cpu"), Phases(torch.device("cpu")), prefetch=3
+    )
+    pairs = schedule(torch.arange(6))
+    next(pairs)  # micro-batch 0; calls 1, 2, 3 are in flight
+    assert schedule.calls == 4 and len(finished) < 4
+    schedule.drain()
+    assert finished == [0, 1, 2, 3]
+    assert [int(n) for n, _ in pairs] == [1, 2, 3, 4, 5]  # the drained results are still handed out
+    schedule.close()
+
+
+def test_the_preemption_save_starts_after_the_teacher_calls_in_flight_finish(monkeypatch):
+    from types import SimpleNamespace
+
+    from tide_ds import train
+    from tide_ds.engine.dist import Dist
+    from tide_ds.metrics import Phases
+    from tide_ds.pipeline import Overlap
+
+    finished, at_save = [], []
+    schedule = Overlap(
+        _slow_teacher(finished, [0.0, 0.3, 0.3]), torch.device("cpu"), Phases(torch.device("cpu")), prefetch=2
+    )
+    pairs = schedule(torch.arange(3))
+    next(pairs)
+    monkeypatch.setattr(
+        train.checkpoint, "save", lambda engine, cfg, step, tok: at_save.append(list(finished)) or "ckpt"
+    )
+    engine = SimpleNamespace(dist=Dist())
+    cfg = SimpleNamespace(train=SimpleNamespace(steps=5))
+    out = train.preempted(engine, cfg, 1, None, signal.SIGTERM, schedule)
+    schedule.close()
+    assert at_save == [[0, 1, 2]] and out["preempted"] == signal.SIGTERM
+
+
 class CountingRows(torch.utils.data.Dataset):
     def __init__(self, n):
         self.n, self.fetched = n, []

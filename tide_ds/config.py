@@ -109,6 +109,9 @@ class ObjectiveConfig:
     ce_normalization: Literal["token", "sequence", "batch"] = "token"
     tidal: TidalConfig = field(default_factory=TidalConfig)
     demo_ratio: float = 0.5
+    # CompDemo's two teacher passes (true / false); unset: the recipe's preset (on for tide_shared)
+    # where a term reads the teacher
+    comp_demo: bool | None = None
     shared_vocab_size: int = 0  # ids that KL / TIDAL compare (0: min of both vocabularies)
     kernels: Literal["auto", "twin", "reference"] = "auto"  # fused ops: CUDA/CPU twin, or plain PyTorch
 
@@ -238,7 +241,12 @@ class Config:
 
     def __post_init__(self):
         """What spans sections: the recipe and its terms, the sequence length against the block size."""
-        run_terms(self.recipe, self.terms, self.objective)  # names an unknown recipe or term
+        terms = run_terms(self.recipe, self.terms, self.objective)  # names an unknown recipe or term
+        if self.objective.comp_demo and not needs_teacher(terms):
+            raise ConfigError(
+                f"objective.comp_demo=true but no term reads the teacher (terms: {', '.join(terms)}); add a "
+                f"teacher term or set objective.comp_demo=false"
+            )
         _require(
             [
                 (
@@ -303,6 +311,13 @@ def run_terms(
 
 def needs_teacher(terms: dict[str, TermConfig]) -> bool:
     return any(name != "ce" for name in terms)
+
+
+def uses_comp_demo(recipe: str, terms: dict[str, TermConfig], objective: ObjectiveConfig) -> bool:
+    """Whether the teacher runs CompDemo's two passes: objective.comp_demo, or where it is unset the
+    recipe's preset; never without a term that reads the teacher."""
+    preset = RECIPES[recipe].comp_demo if objective.comp_demo is None else objective.comp_demo
+    return preset and needs_teacher(terms)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,9 +503,10 @@ def resolved(cfg: Config) -> tuple[dict[str, Any], list[str]]:
     out["terms"] = {
         name: {k: v for k, v in dataclasses.asdict(spec).items() if v is not None} for name, spec in terms.items()
     }
+    out["objective"]["comp_demo"] = uses_comp_demo(cfg.recipe, terms, cfg.objective)
     notes = [
         f"recipe {cfg.recipe}: {' + '.join(terms)}"
-        + (" with CompDemo's two teacher passes" if RECIPES[cfg.recipe].comp_demo else "")
+        + (" with CompDemo's two teacher passes" if uses_comp_demo(cfg.recipe, terms, cfg.objective) else "")
     ]
     if "tidal" in terms:
         notes.append("tidal acts on chunks on data prepared for two tokenizers, on tokens with one vocabulary")

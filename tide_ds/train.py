@@ -40,7 +40,7 @@ from tide_ds.engine.preempt import Preemption, resume_command
 from tide_ds.eval import masked_token_loss
 from tide_ds.metrics import MetricsLog, Phases, overlap_fraction
 from tide_ds.models import build_student, build_teacher, load_tokenizer
-from tide_ds.pipeline import DistillStep, RunTerms, build_scheduler, resolve_terms
+from tide_ds.pipeline import DistillStep, RunTerms, build_scheduler, check_overlap, resolve_terms
 from tide_ds.pipeline import targets as stored
 
 
@@ -220,12 +220,17 @@ def distill(cfg: Config) -> dict:
     ds_json = load_ds_config(cfg.engine.ds_config) if cfg.engine.ds_config else None
     plan, ds_config = settle(cfg, ds_json, launched_world())
     dist = init_distributed(plan.config, plan.deepspeed)
+    if builds_teacher(plan.config):  # teacher targets read from disk make no collectives
+        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
+        check_overlap(plan.config.train.scheduler, plan.config.engine.teacher_placement, backend)
     with Preemption() as signals:
         return fail_fast(lambda: _distill(plan, ds_config, dist, signals))
 
 
-def preempted(engine, cfg: Config, step: int, tokenizer, signum: int) -> dict:
-    """A signal asked to stop: save a complete checkpoint of `step` on every rank, say how to resume."""
+def preempted(engine, cfg: Config, step: int, tokenizer, signum: int, schedule) -> dict:
+    """A signal asked to stop: save a complete checkpoint of `step` on every rank, say how to resume.
+    The teacher calls still in flight finish first, so that no collective of theirs meets the save's."""
+    schedule.drain()
     path = checkpoint.save(engine, cfg, step, tokenizer)
     if engine.dist.is_main:
         print(
@@ -309,10 +314,15 @@ def build_run(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) 
 def build_models(cfg: Config, terms: RunTerms, data: Data, tokenizer, device: torch.device):
     """(teacher or None, student), each on `device` (a megatron teacher is placed later, lazily)."""
     teacher = None
-    if needs_teacher(run_terms(cfg.recipe, cfg.terms, cfg.objective)) and not cfg.teacher.targets:
+    if builds_teacher(cfg):
         teacher = build_teacher_model(cfg, terms, data, tokenizer, device)
     student = build_student(cfg.student, tokenizer, cfg.diffusion.block_size, cfg.diffusion.mask_token).to(device)
     return teacher, student
+
+
+def builds_teacher(cfg: Config) -> bool:
+    """Whether the run calls a teacher model (a term reads it and no stored targets stand in for it)."""
+    return needs_teacher(run_terms(cfg.recipe, cfg.terms, cfg.objective)) and not cfg.teacher.targets
 
 
 def targets_fingerprint(cfg: Config, terms: RunTerms, data: Data, tokenizer) -> dict:
@@ -356,7 +366,7 @@ def log_start(run: Run) -> None:
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in run.student.parameters())
     run.log(
         f"recipe {cfg.recipe}: {' + '.join(f'{term.weight:g}*{term.name}' for term in run.terms.terms)}"
-        f"{' (CompDemo)' if run.terms.comp_demo else ''}; student {n_params / 1e6:.2f}M params; "
+        f"; CompDemo {'on' if run.terms.comp_demo else 'off'}; student {n_params / 1e6:.2f}M params; "
         f"{len(run.data.train)} train / {len(run.data.held_out)} held-out rows; device {run.dist.device}; "
         f"{run.dist.world} rank(s) x {t.gradient_accumulation_steps} accumulation x {t.micro_batch_size} = "
         f"global batch {t.global_batch_size}"
@@ -407,9 +417,8 @@ def train_loop(run: Run) -> LoopResult:
                 tokens += noised.x0.numel()
             stop = guard.after_step(i, sums)  # one sync per optimizer step: a stop signal, non-finite values
             if stop:
-                return LoopResult(
-                    history, time.perf_counter() - start, {}, preempted(engine, cfg, i + 1, run.tokenizer, stop)
-                )
+                saved = preempted(engine, cfg, i + 1, run.tokenizer, stop, schedule)
+                return LoopResult(history, time.perf_counter() - start, {}, saved)
             if i % t.log_every == 0 or i == t.steps - 1:
                 record = log_record(i, sums, tokens, engine, phases, time.perf_counter() - since_log, dist)
                 metrics.write(record)
@@ -420,6 +429,7 @@ def train_loop(run: Run) -> LoopResult:
                 tokens, since_log = 0, time.perf_counter()
             if t.save_every and (i + 1) % t.save_every == 0 and i + 1 < t.steps:
                 saving = time.perf_counter()
+                schedule.drain()  # no teacher collective in flight meets the save's
                 checkpoint.save(engine, cfg, i + 1, run.tokenizer)
                 since_log += time.perf_counter() - saving  # a save is no part of the steps' time
     finally:

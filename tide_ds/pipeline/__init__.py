@@ -1,6 +1,6 @@
 """The distillation step (noise -> teacher -> student loss), its schedulers and the run's resolved loss terms."""
 
-from tide_ds.pipeline.schedule import SCHEDULERS, Overlap, Sequential, build_scheduler
+from tide_ds.pipeline.schedule import SCHEDULERS, Overlap, Sequential, build_scheduler, check_overlap
 from tide_ds.pipeline.step import DistillStep, Noised, TeacherTargets
 from tide_ds.pipeline.terms import RunTerms, Term, TermInputs, resolve_terms
 
@@ -15,5 +15,6 @@ __all__ = [
     "Term",
     "TermInputs",
     "build_scheduler",
+    "check_overlap",
     "resolve_terms",
 ]

@@ -14,14 +14,23 @@ Overlap on CUDA: the worker thread runs the teacher on its own stream (`torch.cu
 thread). The student's stream waits on an event recorded after the teacher call before it reads
 the results, and every tensor made on the teacher's stream is marked as used by the student's
 (`record_stream`), so that the caching allocator never hands its memory to the teacher's next
-call while the student still reads it. A sharded teacher's collectives (ZeRO-3 gathers, expert
-all-to-all, AutoTP all-reduce and gathers) run on process groups of their own
-(`tide_ds.engine`), issued by the worker thread alone, so they keep one order on every rank and
-never interleave with the student's. On CPU the same schedule runs on the worker thread.
+call while the student still reads it.
+
+Collectives: a sharded teacher's (ZeRO-3 gathers, expert all-to-all, AutoTP all-reduce and
+gathers) run on process groups of their own (`tide_ds.engine`), issued by the worker thread in
+one order on every rank, the student's by the main thread in one order on every rank; but how the
+two streams interleave differs between ranks. Over gloo that is safe: each group has its own
+connections and a blocked call holds no other group up. Over NCCL it is not: a collective's
+kernel waits on the GPU for its peers, and another communicator's kernel queued behind it on a
+peer that issued them the other way round never runs (NCCL's user guide, "Using multiple NCCL
+communicators concurrently"). `check_overlap` therefore refuses overlap with a sharded teacher
+on NCCL before anything loads; a replicated teacher makes no collectives and overlaps anywhere.
+`drain` waits for every teacher call in flight, so that a save's collectives never meet one.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import queue
 import threading
@@ -31,6 +40,7 @@ from concurrent.futures import Future
 
 import torch
 
+from tide_ds.config import ConfigError
 from tide_ds.metrics import Phases
 from tide_ds.tree import tensors_of, to_device
 
@@ -39,6 +49,18 @@ SCHEDULERS = ("sequential", "overlap")
 
 def _no_guard(fn):
     return fn()
+
+
+def check_overlap(scheduler: str, placement: str, backend: str | None) -> None:
+    """Refuses, before anything loads, the one combination whose collectives could deadlock: a
+    sharded teacher (its collectives on the worker thread) overlapped with the student over NCCL."""
+    if scheduler == "overlap" and placement != "replicate" and "nccl" in (backend or ""):
+        raise ConfigError(
+            f"train.scheduler=overlap with engine.teacher_placement={placement} on NCCL: the teacher's "
+            f"collectives (worker thread) and the student's (main thread) could interleave in another order "
+            f"on each rank and deadlock; use train.scheduler=sequential, or engine.teacher_placement=replicate "
+            f"to keep the overlap"
+        )
 
 
 class Sequential:
@@ -60,6 +82,9 @@ class Sequential:
     def _next(self, batches):
         with self.phases("data", host=True):
             return next(batches, None)
+
+    def drain(self) -> None:
+        """Waits for the teacher calls in flight (none here: each runs before its student work)."""
 
     def close(self) -> None:
         pass
@@ -90,10 +115,11 @@ class Overlap(Sequential):
             self.stream = torch.cuda.Stream(device)
             self.stream.wait_stream(self.consumer)  # the teacher's weights were copied on the student's stream
         self.worker = _Worker(device)
+        self.pending: deque[Future] = deque()  # teacher calls submitted, their results not yet taken
 
     def __call__(self, micro_batches: Iterable) -> Iterator:
         batches = iter(micro_batches)
-        pending: deque[Future] = deque()
+        pending = self.pending
 
         def submit(ahead: bool = False) -> bool:
             cpu = self._next(batches)
@@ -128,6 +154,13 @@ class Overlap(Sequential):
                 if not isinstance(t, torch.nn.Parameter):  # parameters belong to the model, not to this call
                     t.record_stream(self.consumer)
             return noised, targets, done
+
+    def drain(self) -> None:
+        """Waits until every submitted teacher call has finished (its result kept for the loop): on
+        every rank the same calls, so their collectives are complete everywhere, e.g. before a save."""
+        concurrent.futures.wait(list(self.pending))
+        if self.cuda:  # a returned call may still have kernels (its collectives too) queued on its stream
+            self.stream.synchronize()
 
     def close(self) -> None:
         self.worker.close()

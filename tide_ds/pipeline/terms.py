@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from tide_ds import kernels
-from tide_ds.config import RECIPES, TERM_NAMES, ObjectiveConfig, TermConfig, TidalConfig, run_terms
+from tide_ds.config import TERM_NAMES, ObjectiveConfig, TermConfig, TidalConfig, run_terms, uses_comp_demo
 from tide_ds.objectives import bd3lm_ce, calm, chunk_tidal, tidal_lambda, timestep_weighting
 
 LOGPROB, ROWS = "logprob", "rows"
@@ -188,4 +188,5 @@ def resolve_terms(
         bound.append(
             Term(name, form.kind, spec.weight, form.build(spec, objective), form.needs, form.shared_vocab_only, spec)
         )
-    return RunTerms(tuple(bound), comp_demo=RECIPES[recipe].comp_demo, demo_ratio=objective.demo_ratio)
+    comp_demo = uses_comp_demo(recipe, specs, objective)
+    return RunTerms(tuple(bound), comp_demo=comp_demo, demo_ratio=objective.demo_ratio)
