@@ -282,7 +282,7 @@ def build_run(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     log = print if dist.is_main else (lambda *a, **k: None)
-    resume = checkpoint.resolve_resume(cfg, log)  # a missing or incomplete checkpoint stops here
+    resume = checkpoint.start(cfg, dist, log)  # a missing or incomplete checkpoint, a used output_dir stop here
     tokenizer = student_tokenizer(cfg)
     data = build_data(cfg, tokenizer)
     plan = dataclasses.replace(plan, config=run_length(cfg, data))
