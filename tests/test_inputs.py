@@ -2,12 +2,17 @@
 rank, unchecked model configs, overwritten outputs, held-out rows shared with training, resumes
 that change the model, and the one-line refusals. The worst cases run end to end through the CLI."""
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import signal
+import subprocess
+import time
 
 import pytest
-from test_engine import REPO, _args, launch
+from test_engine import BIN, REPO, _args, _port, launch
 
 from tide_ds import checkpoint, cli
 
@@ -80,3 +85,46 @@ def test_rank_0_decides_the_checkpoint_every_rank_resumes(tiny_overrides, tmp_pa
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(
         marker["files"]
     )
+
+
+# -- no rank waits forever ------------------------------------------------------------------------
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_a_stopped_rank_ends_the_job_within_the_timeout_naming_it(tiny_overrides, tmp_path):
+    timeout = 15
+    args = _args(
+        tiny_overrides,
+        tmp_path / "run",
+        "recipe=ce",
+        "train.steps=1000",
+        f"engine.ds_config={ZERO2}",
+        f"engine.timeout_s={timeout}",
+    )
+    path = os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env["TIDE_TEST_SIGNAL"] = "SIGSTOP@3@1"  # rank 1 stops itself in its 4th step
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_port()), "-m", "preempt_main"]
+    proc = subprocess.Popen(
+        [*cmd, "distill", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=240)  # a hang (the old behaviour) fails here
+        ended = time.time()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the stopped rank too, whatever happened
+        proc.wait()
+    assert proc.returncode != 0
+    m = re.search(r"\[rank 0\] tide-ds: error: rank 1 has sent no heartbeat for (\d+) s .*engine.timeout_s=15", err)
+    assert m, err[-3000:]
+    assert timeout <= int(m.group(1)) <= timeout + 5
+    stopped = float(re.search(r"rank 1 gets SIGSTOP at ([\d.]+)", out).group(1))
+    # torchrun gives a rank 30 s to take its SIGTERM (a stopped one cannot) before SIGKILL
+    assert ended - stopped <= timeout + 5 + 30 + 10, (ended - stopped, err[-3000:])
