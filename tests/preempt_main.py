@@ -4,6 +4,7 @@ middle of a chosen optimizer step, as a cluster scheduler would (TIDE_TEST_SIGNA
 import os
 import signal
 import sys
+import time
 
 import torch
 
@@ -19,6 +20,7 @@ def loss_then_signal(self, *args, **kwargs):
     global calls
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if rank == int(RANK) and calls == int(AT):  # one micro-batch per step in these tests
+        print(f"rank {rank} gets {NAME} at {time.time():.1f}", flush=True)
         os.kill(os.getpid(), getattr(signal, NAME))
     calls += 1
     return _loss(self, *args, **kwargs)

@@ -97,7 +97,7 @@ def test_rotation_keeps_the_newest_complete_checkpoints(tiny_overrides, tmp_path
     distill(
         load_config(None, tiny_overrides + ["recipe=ce", "train.steps=5", "train.save_every=1", "train.keep_last=2"])
     )
-    assert sorted(os.listdir(root)) == ["hf", "latest", "step4", "step5"]
+    assert sorted(os.listdir(root)) == ["hf", "latest", "run", "step4", "step5"]
     assert (root / "latest").read_text() == "step5"
     assert all(checkpoint.why_incomplete(str(root), t) is None for t in ("step4", "step5"))
 
@@ -226,6 +226,7 @@ def test_skip_counts_non_finite_steps_and_keeps_the_weights_finite(tiny_override
                     "train.lr=1e30",
                     "train.warmup_steps=0",
                     "train.steps=8",
+                    "train.overwrite=true",  # the first run's checkpoints are in the same output_dir
                 ],
             )
         )
@@ -273,8 +274,6 @@ def test_a_full_disk_names_the_directory_and_keeps_the_earlier_checkpoint(tiny_o
 
 
 # -- bad input: one test per row of docs/faults.md --------------------------------------------------
-
-from test_train import cross_data  # noqa: E402,F401  (a prepared cross-tokenizer dataset, module-scoped)
 
 
 def no_model_loads(monkeypatch):

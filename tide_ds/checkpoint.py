@@ -7,7 +7,14 @@ Layout under `<output_dir>/checkpoints/`:
                            every file's size (a truncated shard is found before it is read)
   step<N>.partial/         a save in progress, or one that was interrupted: never read, removed later
   hf/                      the student's transformers config and tokenizer (what `export` builds on)
-  latest                   the newest complete tag (for DeepSpeed's tools; resume scans the directories)
+  run                      the id of the run that owns the directory (written when it starts)
+  latest                   the newest complete tag (for DeepSpeed's tools)
+
+A run owns its checkpoints directory: a fresh run refuses one that holds another run's checkpoints
+(unless `train.overwrite`, which deletes them first), every marker records the run id, resume takes
+the newest complete checkpoint of the owning run, and rotation deletes only that run's checkpoints.
+Rank 0 alone decides where a run starts and broadcasts it (`start`): ranks whose views of a shared
+filesystem differ still resume one checkpoint.
 
 A save writes everything into step<N>.partial, fsyncs it, writes the marker there and renames the
 directory to step<N>; only then is `latest` replaced, by a rename. A kill at any point of a save
@@ -28,6 +35,7 @@ import os
 import re
 import shutil
 import signal
+import uuid
 
 import torch
 
@@ -35,6 +43,7 @@ from tide_ds.config import Config, ConfigError
 from tide_ds.engine.build import PLAIN_STATE
 
 MARKER = "tide_state.json"
+RUN = "run"
 PARTIAL = ".partial"
 KILL_AT = "TIDE_DS_KILL_AT"  # fault injection for tests: "<point>@<step>" kills the process there (SIGKILL)
 _TAG = re.compile(r"step(\d+)$")
@@ -85,8 +94,29 @@ def _steps(root: str) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
+def run_id(root: str) -> str | None:
+    """The id of the run that owns root (None: none has started there, or an older layout)."""
+    try:
+        with open(os.path.join(root, RUN)) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+def _marker(root: str, tag: str) -> dict:
+    with open(os.path.join(root, tag, MARKER)) as f:
+        return json.load(f)
+
+
+def _owned(root: str, tag: str, owner: str | None) -> bool:
+    """Whether the complete checkpoint tag belongs to run `owner` (every one does in an older layout)."""
+    return owner is None or _marker(root, tag).get("run") == owner
+
+
 def newest_complete(root: str) -> tuple[str | None, list[str]]:
-    """The complete step<N> with the highest N, and what was skipped on the way, and why."""
+    """The complete step<N> with the highest N of the run that owns root, and what was skipped on
+    the way, and why."""
+    owner = run_id(root)
     skipped = (
         [
             f"{name} (an interrupted save)"
@@ -98,9 +128,9 @@ def newest_complete(root: str) -> tuple[str | None, list[str]]:
     )
     for _, tag in _steps(root):
         reason = why_incomplete(root, tag)
-        if reason is None:
+        if reason is None and _owned(root, tag, owner):
             return tag, skipped
-        skipped.append(f"{tag} ({reason})")
+        skipped.append(f"{tag} ({reason or 'another run'})")
     return None, skipped
 
 
@@ -136,6 +166,56 @@ def resolve_resume(cfg: Config, log=print) -> tuple[str, str] | None:
         hint = f"resume from {os.path.join(root, other)}" if other else f"no complete checkpoint in {root}"
         raise ConfigError(f"train.resume: checkpoint {os.path.join(root, tag)} is {reason}; {hint}")
     return root, tag
+
+
+def start(cfg: Config, dist, log=print) -> tuple[str, str] | None:
+    """Where this run starts, decided on rank 0 and broadcast: (root, tag) to resume from, or None
+    for a fresh start. Rank 0 also takes the output directory for the run (`claim`)."""
+    decided = None
+    if dist.is_main:
+        try:
+            resume = resolve_resume(cfg, log)
+            claim(cfg, resume, log)
+            decided = ("resume", resume)
+        except ConfigError as e:
+            decided = ("error", str(e))
+    if dist.world > 1:
+        box = [decided]
+        torch.distributed.broadcast_object_list(box, src=0)
+        decided = box[0]
+    kind, value = decided
+    if kind == "error":
+        raise ConfigError(value)
+    return None if value is None else tuple(value)
+
+
+def claim(cfg: Config, resume: tuple[str, str] | None, log=print) -> None:
+    """Makes this run the owner of its checkpoints directory. Resuming there changes nothing; a
+    fresh run (or one resumed from another directory) refuses a directory with another run's
+    checkpoints unless train.overwrite, which deletes them, and writes its run id."""
+    root = root_of(cfg)
+    if resume is not None and os.path.realpath(resume[0]) == os.path.realpath(root):
+        return
+    held = [t for _, t in _steps(root) if why_incomplete(root, t) is None]
+    if held and not cfg.train.overwrite:
+        how = "continue it with --resume latest, " if resume is None else ""
+        raise ConfigError(
+            f"output_dir={cfg.output_dir} holds the checkpoints of another run ({', '.join(held)}); "
+            f"{how}set train.overwrite=true to delete them and start over, or choose another output_dir"
+        )
+    if held:
+        log(f"train.overwrite: deleting the checkpoints of the previous run in {root} ({', '.join(held)})")
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if _TAG.match(name.removesuffix(PARTIAL)):
+                _remove(os.path.join(root, name))
+        shutil.rmtree(os.path.join(root, "hf"), ignore_errors=True)
+    os.makedirs(root, exist_ok=True)
+    for name in ("latest", RUN):
+        if os.path.isfile(os.path.join(root, name)):
+            os.unlink(os.path.join(root, name))
+    resumed_run = _marker(*resume).get("run") if resume is not None else None
+    _write_atomic(os.path.join(root, RUN), resumed_run or uuid.uuid4().hex[:12])
 
 
 # -- saving ---------------------------------------------------------------------------------------
@@ -198,6 +278,25 @@ def _weights_finite(engine) -> bool:
     return bool(ok)  # sync point: once per save
 
 
+_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
+
+
+def _own_files(partial: str, rank: int) -> dict[str, int]:
+    """Fsyncs the files of partial that this rank wrote (DeepSpeed's per-rank shards by name, the
+    rest on rank 0) and returns their sizes: only the writer's view of a file is sure to be current."""
+    files = {}
+    for folder, _, names in os.walk(partial):
+        for name in names:
+            m = _RANK_FILE.match(name)
+            if (int(m.group(1)) if m else 0) != rank:
+                continue
+            path = os.path.join(folder, name)
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+            files[os.path.relpath(path, partial)] = os.path.getsize(path)
+    return files
+
+
 def _barrier(dist) -> None:
     if dist.world > 1:
         torch.distributed.barrier()
@@ -221,16 +320,17 @@ def save(engine, cfg: Config, step: int, tokenizer) -> str:
         _barrier(dist)
         engine.save(root, tag + PARTIAL, state)
         _kill_point("states", step)
-        _barrier(dist)
+        files = _own_files(partial, dist.rank)
+        if dist.world > 1:
+            every = [None] * dist.world
+            torch.distributed.all_gather_object(every, files)
+            files = {k: v for rank_files in every for k, v in rank_files.items()}
         if dist.is_main:
             _save_hf(root, engine, tokenizer)
-            _fsync_tree(partial)
-            files = {
-                os.path.relpath(os.path.join(d, n), partial): os.path.getsize(os.path.join(d, n))
-                for d, _, names in os.walk(partial)
-                for n in names
-            }
+            for folder, _, _ in os.walk(partial):  # each rank fsynced its own files
+                _fsync_dir(folder)
             marker = {
+                "run": run_id(root),
                 "step": step,
                 "world": dist.world,
                 "deepspeed": engine.deepspeed,
@@ -304,7 +404,8 @@ def rotate(root: str, keep_last: int, keep: str) -> None:
             _remove(os.path.join(root, name))
     if keep_last <= 0:
         return
-    others = [t for _, t in _steps(root) if t != keep and why_incomplete(root, t) is None]
+    owner = run_id(root)
+    others = [t for _, t in _steps(root) if t != keep and why_incomplete(root, t) is None and _owned(root, t, owner)]
     for tag in others[keep_last - 1 :]:
         _remove(os.path.join(root, tag))
 

@@ -167,6 +167,7 @@ class TrainConfig:
     teacher_prefetch: int = 1  # overlap: teacher calls in flight ahead of the student
     data_prefetch: int = 4  # micro-batches built ahead on a background thread
     resume: str | None = None  # a checkpoint directory, "latest" (must exist) or "auto" (newest complete, else fresh)
+    overwrite: bool = False  # a fresh run may delete another run's checkpoints in output_dir
     # fault tolerance (docs/faults.md)
     keep_last: int = 2  # complete checkpoints kept (0: all); the newest is never deleted
     nonfinite: Literal["stop", "skip"] = "stop"  # a non-finite loss / gradient norm: stop, or skip the step

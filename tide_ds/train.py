@@ -37,6 +37,7 @@ from tide_ds.engine import RunPlan, build_engine, init_distributed, launched_wor
 from tide_ds.engine.dist import fail_fast
 from tide_ds.engine.guard import StepGuard
 from tide_ds.engine.preempt import Preemption, resume_command
+from tide_ds.engine.watchdog import Watchdog, beat
 from tide_ds.eval import masked_token_loss
 from tide_ds.metrics import MetricsLog, Phases, overlap_fraction
 from tide_ds.models import build_student, build_teacher, load_tokenizer
@@ -273,7 +274,8 @@ def _distill(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) -
     run = build_run(plan, ds_config, dist, signals)
     before = masked_token_loss(run.student, run.eval_batches, eps=run.cfg.diffusion.eps)
     run.log(f"held-out masked-token loss before: {before:.4f}")
-    loop = train_loop(run)
+    with Watchdog(dist, run.cfg.engine.timeout_s):  # a rank that stalls stops the job, named
+        loop = train_loop(run)
     if loop.preempted is not None:
         return loop.preempted
     return finish(run, loop, before)
@@ -287,7 +289,7 @@ def build_run(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     log = print if dist.is_main else (lambda *a, **k: None)
-    resume = checkpoint.resolve_resume(cfg, log)  # a missing or incomplete checkpoint stops here
+    resume = checkpoint.start(cfg, dist, log)  # a missing or incomplete checkpoint, a used output_dir stop here
     tokenizer = student_tokenizer(cfg)
     data = build_data(cfg, tokenizer)
     plan = dataclasses.replace(plan, config=run_length(cfg, data))
@@ -481,12 +483,16 @@ def finish(run: Run, loop: LoopResult, before: float) -> dict:
 
 def student_step(engine, phases: Phases, noised, targets, progress: float):
     """The student's work on one micro-batch: loss, backward, optimizer step (at accumulation boundaries)."""
+    beat()
     with phases("student_fwd"):
         loss, terms = engine.loss(noised, targets, progress=progress)
+    beat()
     with phases("backward"):
         engine.backward(loss)
+    beat()
     with phases("optimizer"):
         engine.step()
+    beat()
     return loss, terms
 
 

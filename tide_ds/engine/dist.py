@@ -98,12 +98,13 @@ def init_distributed(cfg: Config, use_deepspeed: bool) -> Dist:
     import deepspeed
 
     backend = cfg.engine.backend if cfg.engine.backend != "auto" else ("nccl" if want_cuda else "gloo")
+    timeout = group_timeout(cfg.engine.timeout_s)
     deepspeed.init_distributed(
         dist_backend=backend,
         auto_mpi_discovery=True,
         verbose=False,
         distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
-        timeout=datetime.timedelta(seconds=cfg.engine.timeout_s),
+        timeout=timeout,
     )
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -112,6 +113,22 @@ def init_distributed(cfg: Config, use_deepspeed: bool) -> Dist:
     if want_cuda:
         torch.cuda.set_device(local_rank)
     return Dist(rank, world, local_rank, torch.device(f"cuda:{local_rank}" if want_cuda else "cpu"))
+
+
+WATCHDOG_GRACE_S = 10  # the collectives time out this much after the watchdog, which can name the rank
+
+
+def group_timeout(timeout_s: int) -> datetime.timedelta:
+    """The timeout of every process group of the run. torch gives a group made by new_group()
+    without a timeout (DeepSpeed makes its data-parallel and expert groups so) its own default, 10
+    or 30 minutes, not the world group's: the defaults are set to engine.timeout_s too."""
+    from torch.distributed import distributed_c10d
+
+    timeout = datetime.timedelta(seconds=timeout_s + WATCHDOG_GRACE_S)
+    distributed_c10d.default_pg_timeout = timeout
+    if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        distributed_c10d.default_pg_nccl_timeout = timeout
+    return timeout
 
 
 SHM_WORKSPACE = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
