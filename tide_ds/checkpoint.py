@@ -175,7 +175,7 @@ def start(cfg: Config, dist, log=print) -> tuple[str, str] | None:
     if dist.is_main:
         try:
             resume = resolve_resume(cfg, log)
-            claim(cfg, resume, log)
+            check_claim(cfg, resume)
             decided = ("resume", resume)
         except ConfigError as e:
             decided = ("error", str(e))
@@ -189,20 +189,37 @@ def start(cfg: Config, dist, log=print) -> tuple[str, str] | None:
     return None if value is None else tuple(value)
 
 
-def claim(cfg: Config, resume: tuple[str, str] | None, log=print) -> None:
-    """Makes this run the owner of its checkpoints directory. Resuming there changes nothing; a
-    fresh run (or one resumed from another directory) refuses a directory with another run's
-    checkpoints unless train.overwrite, which deletes them, and writes its run id."""
+def _held_by_another(cfg: Config, resume: tuple[str, str] | None) -> list[str]:
+    """The complete checkpoints in this run's directory that another run left (none when resuming there)."""
     root = root_of(cfg)
     if resume is not None and os.path.realpath(resume[0]) == os.path.realpath(root):
-        return
-    held = [t for _, t in _steps(root) if why_incomplete(root, t) is None]
+        return []
+    return [t for _, t in _steps(root) if why_incomplete(root, t) is None]
+
+
+def check_claim(cfg: Config, resume: tuple[str, str] | None) -> None:
+    """A fresh run (or one resumed from another directory) refuses a directory with another run's
+    checkpoints unless train.overwrite. Nothing is written: the run claims it (`claim`) only once
+    everything else that can be refused has been."""
+    held = _held_by_another(cfg, resume)
     if held and not cfg.train.overwrite:
         how = "continue it with --resume latest, " if resume is None else ""
         raise ConfigError(
             f"output_dir={cfg.output_dir} holds the checkpoints of another run ({', '.join(held)}); "
             f"{how}set train.overwrite=true to delete them and start over, or choose another output_dir"
         )
+
+
+def claim(cfg: Config, resume: tuple[str, str] | None, dist, log=print) -> None:
+    """Rank 0 makes this run the owner of its checkpoints directory. Resuming there changes
+    nothing; otherwise train.overwrite's deletions are done and the run id is written."""
+    if not dist.is_main:
+        return
+    root = root_of(cfg)
+    if resume is not None and os.path.realpath(resume[0]) == os.path.realpath(root):
+        return
+    held = _held_by_another(cfg, resume)
+    check_claim(cfg, resume)
     if held:
         log(f"train.overwrite: deleting the checkpoints of the previous run in {root} ({', '.join(held)})")
     if os.path.isdir(root):

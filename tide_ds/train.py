@@ -298,6 +298,7 @@ def build_run(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) 
     targets = open_targets(cfg, terms, data, tokenizer, log) if cfg.teacher.targets else None
     teacher, student = build_models(cfg, terms, data, tokenizer, dist.device)
     held_out = eval_batches(cfg, data)  # before the engine, as the global RNG has always been drawn
+    checkpoint.claim(cfg, resume, dist, log)  # every refusal is behind: the output directory is taken
     step = DistillStep(
         student,
         teacher,
