@@ -29,12 +29,13 @@ from tide_ds.engine import RunPlan, init_distributed, launched_world, load_ds_co
 from tide_ds.engine.build import place_teacher
 from tide_ds.engine.dist import fail_fast
 from tide_ds.models.build import ensure_mask_token
-from tide_ds.pipeline import DistillStep, resolve_terms
+from tide_ds.pipeline import resolve_terms
 from tide_ds.pipeline import targets as stored
 from tide_ds.train import (
     build_data,
     build_teacher_model,
     close_distributed,
+    distill_step,
     run_length,
     student_tokenizer,
     targets_fingerprint,
@@ -92,14 +93,7 @@ def _teach(plan: RunPlan, ds_config: dict | None, dist, out: Path, shard_steps: 
     # noise reads only the student's mask id: teach builds no student
     student = SimpleNamespace(mask_token_id=ensure_mask_token(tokenizer, cfg.diffusion.mask_token))
     teacher = build_teacher_model(cfg, terms, data, tokenizer, dist.device)
-    step = DistillStep(
-        student,
-        teacher,
-        terms,
-        kernels=cfg.objective.kernels,
-        eps=cfg.diffusion.eps,
-        shared_vocab_size=cfg.objective.shared_vocab_size,
-    )
+    step = distill_step(cfg, student, teacher, terms)
     call = place_teacher(plan, ds_config, step, dist).call
     accum, micro = t.gradient_accumulation_steps, t.micro_batch_size
     ranks = RankBatches(

@@ -299,7 +299,17 @@ def build_run(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) 
     teacher, student = build_models(cfg, terms, data, tokenizer, dist.device)
     held_out = eval_batches(cfg, data)  # before the engine, as the global RNG has always been drawn
     checkpoint.claim(cfg, resume, dist, log)  # every refusal is behind: the output directory is taken
-    step = DistillStep(
+    step = distill_step(cfg, student, teacher, terms)
+    engine = build_engine(plan, ds_config, step, dist)
+    first = checkpoint.load(engine, *resume) if resume is not None else 0
+    run = Run(cfg, dist, signals, tokenizer, data, terms, student, teacher, step, engine, first, held_out, log, targets)
+    log_start(run)
+    return run
+
+
+def distill_step(cfg: Config, student, teacher, terms: RunTerms) -> DistillStep:
+    """The run's one distillation step (noise, teacher call, student loss) from its config."""
+    return DistillStep(
         student,
         teacher,
         terms,
@@ -307,11 +317,6 @@ def build_run(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) 
         eps=cfg.diffusion.eps,
         shared_vocab_size=cfg.objective.shared_vocab_size,
     )
-    engine = build_engine(plan, ds_config, step, dist)
-    first = checkpoint.load(engine, *resume) if resume is not None else 0
-    run = Run(cfg, dist, signals, tokenizer, data, terms, student, teacher, step, engine, first, held_out, log, targets)
-    log_start(run)
-    return run
 
 
 def build_models(cfg: Config, terms: RunTerms, data: Data, tokenizer, device: torch.device):
