@@ -189,12 +189,14 @@ def start(cfg: Config, dist, log=print) -> tuple[str, str] | None:
     return None if value is None else tuple(value)
 
 
+def _resumes_here(cfg: Config, resume: tuple[str, str] | None) -> bool:
+    return resume is not None and os.path.realpath(resume[0]) == os.path.realpath(root_of(cfg))
+
+
 def _held_by_another(cfg: Config, resume: tuple[str, str] | None) -> list[str]:
     """The complete checkpoints in this run's directory that another run left (none when resuming there)."""
     root = root_of(cfg)
-    if resume is not None and os.path.realpath(resume[0]) == os.path.realpath(root):
-        return []
-    return [t for _, t in _steps(root) if why_incomplete(root, t) is None]
+    return [] if _resumes_here(cfg, resume) else [t for _, t in _steps(root) if why_incomplete(root, t) is None]
 
 
 def check_claim(cfg: Config, resume: tuple[str, str] | None) -> None:
@@ -211,15 +213,13 @@ def check_claim(cfg: Config, resume: tuple[str, str] | None) -> None:
 
 
 def claim(cfg: Config, resume: tuple[str, str] | None, dist, log=print) -> None:
-    """Rank 0 makes this run the owner of its checkpoints directory. Resuming there changes
-    nothing; otherwise train.overwrite's deletions are done and the run id is written."""
-    if not dist.is_main:
+    """Rank 0 makes this run the owner of its checkpoints directory (`start` has checked it may).
+    Resuming there changes nothing; otherwise train.overwrite's deletions are done and the run id
+    is written."""
+    if not dist.is_main or _resumes_here(cfg, resume):
         return
     root = root_of(cfg)
-    if resume is not None and os.path.realpath(resume[0]) == os.path.realpath(root):
-        return
     held = _held_by_another(cfg, resume)
-    check_claim(cfg, resume)
     if held:
         log(f"train.overwrite: deleting the checkpoints of the previous run in {root} ({', '.join(held)})")
     if os.path.isdir(root):
@@ -295,7 +295,8 @@ def _weights_finite(engine) -> bool:
     return bool(ok)  # sync point: once per save
 
 
-_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
+# DeepSpeed's per-rank files: zero_pp_rank_<r>_..., bf16_zero_pp_rank_<r>_... (bf16 optimizer states)
+_RANK_FILE = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_")
 
 
 def _own_files(partial: str, rank: int) -> dict[str, int]:
@@ -304,7 +305,7 @@ def _own_files(partial: str, rank: int) -> dict[str, int]:
     files = {}
     for folder, _, names in os.walk(partial):
         for name in names:
-            m = _RANK_FILE.match(name)
+            m = _RANK_FILE.search(name)
             if (int(m.group(1)) if m else 0) != rank:
                 continue
             path = os.path.join(folder, name)

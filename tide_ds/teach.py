@@ -179,7 +179,8 @@ def shards_to_do(writer: stored.TargetsWriter, placement: str, dist) -> list[int
     """This rank's shards to compute. A replicated teacher has no collectives: each rank skips its
     own finished shards. A sharded one needs every rank in every call: all compute the shards any
     rank lacks (one rank decides: rank 0's view of the files, broadcast)."""
-    missing = torch.tensor([not writer.done(s) for s in writer.starts()], dtype=torch.int32)
+    # on the process group's device: NCCL reduces only CUDA tensors
+    missing = torch.tensor([not writer.done(s) for s in writer.starts()], dtype=torch.int32, device=dist.device)
     if placement != "replicate" and dist.world > 1:
         torch.distributed.all_reduce(missing, op=torch.distributed.ReduceOp.MAX)
     return [s for s, m in zip(writer.starts(), missing.tolist()) if m]
