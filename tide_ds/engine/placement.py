@@ -296,22 +296,16 @@ def zero3_teacher(module: nn.Module, student_ds: dict):
     zero.update(stage=3)
     for k in ("offload_optimizer", "reduce_scatter", "overlap_comm", "contiguous_gradients", "reduce_bucket_size"):
         zero.pop(k, None)
-    teacher_ds = {
-        k: student_ds[k]
-        for k in (
-            "train_micro_batch_size_per_gpu",
-            "gradient_accumulation_steps",
-            "train_batch_size",
-            "bf16",
-            "fp16",
-            "steps_per_print",
-        )
-    }
+    batch_keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+    teacher_ds = {k: student_ds[k] for k in (*batch_keys, "steps_per_print")}
     teacher_ds["zero_optimization"] = zero
+    # The teacher keeps its own dtype (teacher.dtype), whatever the student's precision: DeepSpeed
+    # casts a module to the precision its config enables, so that is set from the teacher's dtype.
+    dtype = next(module.parameters()).dtype
+    teacher_ds["bf16"] = {"enabled": dtype == torch.bfloat16}
+    teacher_ds["fp16"] = {"enabled": dtype == torch.float16}
     group = torch.distributed.new_group(list(range(torch.distributed.get_world_size())))
-    deepspeed.zero.Init(
-        module=module, data_parallel_group=group, config_dict_or_path=teacher_ds, dtype=next(module.parameters()).dtype
-    )
+    deepspeed.zero.Init(module=module, data_parallel_group=group, config_dict_or_path=teacher_ds, dtype=dtype)
     engine, _, _, _ = deepspeed.initialize(model=module, config=teacher_ds)
     engine.eval()
     return engine
