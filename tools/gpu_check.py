@@ -147,7 +147,9 @@ class Steps:
 def make_venv(steps: Steps, out: Path, wheels: Path) -> str | None:
     """A venv over the machine's packages with the wheelhouse installed into it; its python."""
     venv = out / "venv"
-    if steps.run("venv", [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], 60) != 0:
+    # --without-pip: the system's pip (seen through the system site) installs into the venv, and
+    # Debian's Python has no ensurepip without its python3-venv package
+    if steps.run("venv", [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], 60) != 0:
         return None
     python = str(venv / "bin" / "python")
     install = [python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", *map(str, sorted(wheels.glob("*.whl")))]
