@@ -52,8 +52,8 @@ GPU_SIZES = {
     "schedule": ["--batch", "8", "--length", "512", "--hidden", "1024", "--vocab", "151936", "--steps", "4"],
 }
 CPU_SIZES = {
-    "kernel": ["--n", "64", "--h", "32", "--v", "512", "--repeats", "1"],
-    "step": ["--batch", "2", "--length", "32", "--hidden", "32", "--vocab", "512", "--layers", "1", "--repeats", "1"],
+    "kernel": ["--n", "64", "--h", "32", "--v", "512", "--repeats", "1", "--variants", "fused"],
+    "step": "--batch 2 --length 32 --hidden 32 --vocab 512 --layers 1 --repeats 1 --variants auto".split(),
     "schedule": ["--batch", "2", "--length", "32", "--hidden", "32", "--vocab", "512", "--steps", "1", "--warmup", "0"],
 }
 
