@@ -1,14 +1,22 @@
 """Outputs never overwritten or half-written, resumes that check what matters, and the command
 line's remaining bad inputs: each case of docs/faults.md's table that these cover, one test each."""
 
+import errno
 import json
 import os
+import re
 import shlex
 import subprocess
 
 import pytest
+import transformers
 from test_engine import BIN
 from test_faults import cli, finish
+from test_generate_cli import ar_checkpoint
+
+from tide_ds.cli import main
+from tide_ds.config import ConfigError, load_config
+from tide_ds.train import distill
 
 
 @pytest.mark.slow
@@ -34,3 +42,90 @@ def test_overrides_after_resume_as_sigterm_prints_it_parse_and_run(tiny_override
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["first_step"] == 2 and metrics["steps"] == 4
+
+
+# -- outputs: never overwritten without --overwrite, never half-written ----------------------------
+
+
+@pytest.fixture
+def saved_run(tiny_overrides, tmp_path):
+    """A finished 2-step run (checkpoint step2 and final/), and the overrides that made it."""
+    over = tiny_overrides + ["recipe=ce", "train.steps=2"]
+    distill(load_config(None, over))
+    return over, tmp_path / "run"
+
+
+def full_disk(monkeypatch):
+    """Every model save writes part of its weights, then finds the disk full."""
+
+    def save_pretrained(self, path, *args, **kwargs):
+        with open(os.path.join(path, "model.safetensors"), "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save_pretrained)
+
+
+def contents(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def a2d(ar, out, *extra):
+    return main(["a2d", "--model", ar, "--out", str(out), "--block-size", "4", "--dtype", "float32", *extra])
+
+
+def export(root, out, *extra):
+    return main(["export", str(root), str(out), *extra])
+
+
+@pytest.mark.parametrize("command", ["export", "a2d"])
+def test_a_non_empty_output_directory_needs_overwrite(command, saved_run, tmp_path, capsys):
+    _, run = saved_run
+    ar = ar_checkpoint(tmp_path / "ar") if command == "a2d" else None
+
+    def write(out, *extra):
+        return export(run / "checkpoints", out, *extra) if command == "export" else a2d(ar, out, *extra)
+
+    out = tmp_path / "teacher"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # somebody's model
+    capsys.readouterr()
+    assert write(out) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "error" in line] == [
+        f"tide-ds {command}: error: {'export' if command == 'export' else '--out'}: {out} is not empty; give a new "
+        f"directory, or add --overwrite to replace its contents"
+    ], err
+    assert contents(out) == {"config.json": b"{}"}
+    assert write(out, "--overwrite") == 0
+    assert "model.safetensors" in contents(out) and (out / "config.json").read_text() != "{}"
+    assert sorted(os.listdir(tmp_path)) == sorted({"ar", "run", "teacher"} & {*os.listdir(tmp_path)})  # no leftovers
+
+
+@pytest.mark.parametrize("command", ["export", "a2d", "final"])
+def test_a_full_disk_leaves_the_earlier_contents_and_says_so(command, saved_run, tmp_path, monkeypatch, capsys):
+    over, run = saved_run
+    out = run / "final" if command == "final" else tmp_path / "model"
+    ar = ar_checkpoint(tmp_path / "ar") if command == "a2d" else None
+    if command != "final":  # an earlier model in place
+        assert (export(run / "checkpoints", out) if command == "export" else a2d(ar, out)) == 0
+    before = contents(out)
+    full_disk(monkeypatch)
+    capsys.readouterr()
+    if command == "final":  # a resumed run that goes on to step 3 writes final/ again
+        with pytest.raises(ConfigError) as e:
+            distill(load_config(None, [*over, "train.steps=3", "train.resume=latest"]))
+        err = f"tide-ds distill: error: {e.value}"
+    else:
+        assert (
+            export(run / "checkpoints", out, "--overwrite") if command == "export" else a2d(ar, out, "--overwrite")
+        ) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"tide-ds {'distill' if command == 'final' else command}: error: writing {out.name} in {out.parent} failed: "
+        rf"No space left on device \([0-9.]+ MiB free there\); {out} is as it was; free space there, or write "
+        rf"to a larger disk",
+        err,
+    ), err
+    assert contents(out) == before
+    assert not (out.parent / f"{out.name}.partial").exists()

@@ -41,6 +41,7 @@ import torch
 
 from tide_ds.config import Config, ConfigError
 from tide_ds.engine.build import PLAIN_STATE
+from tide_ds.outputs import check_out_dir, fsync_dir, fsync_tree, is_write_error, write_dir, write_failed
 
 MARKER = "tide_state.json"
 RUN = "run"
@@ -243,22 +244,6 @@ def _kill_point(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: str) -> None:
-    for folder, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(folder, name), "rb+") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(folder)
-
-
 def _write_atomic(path: str, text: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -266,7 +251,7 @@ def _write_atomic(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
 
 
 def _remove(path: str) -> None:
@@ -346,7 +331,7 @@ def save(engine, cfg: Config, step: int, tokenizer) -> str:
         if dist.is_main:
             _save_hf(root, engine, tokenizer)
             for folder, _, _ in os.walk(partial):  # each rank fsynced its own files
-                _fsync_dir(folder)
+                fsync_dir(folder)
             marker = {
                 "run": run_id(root),
                 "step": step,
@@ -360,13 +345,13 @@ def save(engine, cfg: Config, step: int, tokenizer) -> str:
             if os.path.isdir(final):  # the same step saved before (a run that stopped there): replace it
                 _remove(final)
             os.rename(partial, final)
-            _fsync_dir(root)
+            fsync_dir(root)
             _kill_point("rename", step)
             _write_atomic(os.path.join(root, "latest"), tag)
             _kill_point("latest", step)
             rotate(root, cfg.train.keep_last, keep=tag)
     except (OSError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and not _is_write_error(e):
+        if not is_write_error(e):
             raise
         shutil.rmtree(partial, ignore_errors=True)
         raise ConfigError(_save_failed(e, root, tag)) from None
@@ -381,38 +366,19 @@ def _save_hf(root: str, engine, tokenizer) -> None:
     shutil.rmtree(hf + PARTIAL, ignore_errors=True)
     engine.student.model.config.save_pretrained(hf + PARTIAL)
     tokenizer.save_pretrained(hf + PARTIAL)
-    _fsync_tree(hf + PARTIAL)
+    fsync_tree(hf + PARTIAL)
     os.rename(hf + PARTIAL, hf)
 
 
-def _is_write_error(e: RuntimeError) -> bool:
-    """torch.save reports a full disk as a RuntimeError of its zip writer, without the errno."""
-    text = str(e)
-    return any(s in text for s in ("PytorchStreamWriter", "inline_container", "file write failed", "unexpected pos"))
-
-
 def _save_failed(e: Exception, root: str, tag: str) -> str:
-    try:
-        usage = shutil.disk_usage(root)
-        free, full = f"{usage.free / 2**20:.1f} MiB free", usage.free < max(64 * 2**20, 0.001 * usage.total)
-    except OSError:
-        free, full = "free space unknown", False
-    if isinstance(e, OSError) and e.errno is not None:
-        reason = os.strerror(e.errno)
-    elif full:
-        reason = "No space left on device"
-    else:
-        reason = str(e).strip().splitlines()[0]
     previous, _ = newest_complete(root)
     kept = (
         f"the previous checkpoint {os.path.join(root, previous)} is intact"
         if previous
         else "no earlier checkpoint exists"
     )
-    return (
-        f"saving checkpoint {tag} in {root} failed: {reason} ({free} there); {kept}; free space there, "
-        f"lower train.keep_last, or set output_dir to a larger disk"
-    )
+    fix = "free space there, lower train.keep_last, or set output_dir to a larger disk"
+    return write_failed(e, root, f"saving checkpoint {tag}", kept, fix)
 
 
 def rotate(root: str, keep_last: int, keep: str) -> None:
@@ -482,13 +448,14 @@ def student_state_dict(root: str, tag: str) -> dict[str, torch.Tensor]:
 # -- export ---------------------------------------------------------------------------------------
 
 
-def export(checkpoint: str, out: str) -> str:
+def export(checkpoint: str, out: str, overwrite: bool = False) -> str:
+    """Writes the checkpoint's student to `out` (whole, or not at all); a non-empty `out` is
+    replaced only with `overwrite`, once the new model is complete."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not os.path.isdir(checkpoint):
         raise ConfigError(f"checkpoint {checkpoint} not found")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"export: {out} is an existing file; give a directory path for the model")
+    check_out_dir(out, overwrite, "export")
     root, tag = _split(checkpoint)
     reason = why_incomplete(root, tag)
     if reason is not None:
@@ -503,9 +470,8 @@ def export(checkpoint: str, out: str) -> str:
             f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
     model.tie_weights()
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(hf).save_pretrained(out)
-    return out
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    return write_dir(out, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -515,8 +481,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "checkpoints directory itself (its latest tag)",
     )
     p.add_argument("out", help="where to write the transformers model directory")
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty OUT")
 
 
 def run(args) -> int:
-    print(f"exported {export(args.checkpoint, args.out)}")
+    print(f"exported {export(args.checkpoint, args.out, args.overwrite)}")
     return 0

@@ -41,6 +41,7 @@ from tide_ds.engine.watchdog import Watchdog, beat
 from tide_ds.eval import masked_token_loss
 from tide_ds.metrics import MetricsLog, Phases, overlap_fraction
 from tide_ds.models import build_student, build_teacher, load_tokenizer
+from tide_ds.outputs import write_dir
 from tide_ds.pipeline import DistillStep, RunTerms, build_scheduler, check_overlap, resolve_terms
 from tide_ds.pipeline import targets as stored
 
@@ -464,9 +465,8 @@ def finish(run: Run, loop: LoopResult, before: float) -> dict:
     )
     out = os.path.join(cfg.output_dir, "final")
     with run.engine.gathered():
-        if dist.is_main:
-            run.student.model.save_pretrained(out)
-            run.tokenizer.save_pretrained(out)
+        if dist.is_main:  # written whole, then renamed into place: a full disk leaves the earlier final/
+            write_dir(out, lambda tmp: (run.student.model.save_pretrained(tmp), run.tokenizer.save_pretrained(tmp)))
     result = {
         "heldout_loss_before": before,
         "heldout_loss_after": after,
