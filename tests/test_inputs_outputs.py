@@ -129,3 +129,54 @@ def test_a_full_disk_leaves_the_earlier_contents_and_says_so(command, saved_run,
     ), err
     assert contents(out) == before
     assert not (out.parent / f"{out.name}.partial").exists()
+
+
+# -- resumes check what matters ---------------------------------------------------------------------
+
+
+def zero_64_bytes(file):
+    data = bytearray(file.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = b"\0" * 64  # inside a tensor's bytes; the size is unchanged
+    file.write_bytes(bytes(data))
+
+
+def test_a_corrupt_tensor_file_is_refused_by_its_checksum_and_latest_skips_it(tiny_overrides, tmp_path, capsys):
+    over = tiny_overrides + ["recipe=ce", "train.steps=2", "train.save_every=1", "train.keep_last=0"]
+    distill(load_config(None, over))
+    root = tmp_path / "run" / "checkpoints"
+    zero_64_bytes(root / "step2" / "plain_state.pt")
+    with pytest.raises(ConfigError) as e:
+        distill(load_config(None, over + [f"train.resume={root / 'step2'}"]))
+    assert str(e.value) == (
+        f"train.resume: checkpoint {root / 'step2'} is damaged (file plain_state.pt does not match its checksum: "
+        f"its contents changed after the save); resume from {root / 'step1'}"
+    )
+    capsys.readouterr()
+    resumed = distill(load_config(None, over + ["train.resume=latest", "train.steps=3"]))
+    log = capsys.readouterr().out
+    assert f"resume: skipping checkpoint {root / 'step2'} (damaged (file plain_state.pt does not match" in log, log
+    assert f"resume: from {root / 'step1'}" in log and resumed["first_step"] == 1
+
+
+@pytest.mark.parametrize(
+    "change, key, saved, new",
+    [
+        ("diffusion.block_size=16", "diffusion.block_size", 8, 16),
+        ("diffusion.mask_token=<|endoftext|>", "the mask token id (diffusion.mask_token)", None, None),
+    ],
+)
+def test_resume_with_other_block_or_mask_token_is_refused(change, key, saved, new, saved_run):
+    over, run = saved_run
+    with pytest.raises(ConfigError) as e:
+        distill(load_config(None, over + [change, "train.resume=latest"]))
+    m = re.fullmatch(
+        rf"train.resume: {run / 'checkpoints' / 'step2'} was saved with {re.escape(key)} = (\S+), this run has "
+        rf"(\S+); set it as when saved, or start a new run from an export of it \(tide-ds export\)",
+        str(e.value),
+    )
+    assert m, str(e.value)
+    if saved is not None:
+        assert (int(m.group(1)), int(m.group(2))) == (saved, new)
+    else:
+        assert m.group(1) != m.group(2)

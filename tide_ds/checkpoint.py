@@ -3,8 +3,10 @@
 Layout under `<output_dir>/checkpoints/`:
   step<N>/                 DeepSpeed checkpoint (model, optimizer and scheduler states per rank) or,
                            for a plain single-process run, PLAIN_STATE (`plain_state.pt`)
-  step<N>/tide_state.json  the marker, written last: step, ranks, the student's architecture and
-                           every file's size (a truncated shard is found before it is read)
+  step<N>/tide_state.json  the marker, written last: step, ranks, the student's architecture, the
+                           settings a resume must keep, and every file's size (a truncated shard is
+                           found before it is read) and checksum (computed by the rank that wrote
+                           it, verified on resume by the same rank)
   step<N>.partial/         a save in progress, or one that was interrupted: never read, removed later
   hf/                      the student's transformers config and tokenizer (what `export` builds on)
   run                      the id of the run that owns the directory (written when it starts)
@@ -114,9 +116,9 @@ def _owned(root: str, tag: str, owner: str | None) -> bool:
     return owner is None or _marker(root, tag).get("run") == owner
 
 
-def newest_complete(root: str) -> tuple[str | None, list[str]]:
+def newest_complete(root: str, damaged: dict[str, str] | None = None) -> tuple[str | None, list[str]]:
     """The complete step<N> with the highest N of the run that owns root, and what was skipped on
-    the way, and why."""
+    the way, and why; `damaged` ({path: reason}) are those whose files failed their checksums."""
     owner = run_id(root)
     skipped = (
         [
@@ -128,21 +130,22 @@ def newest_complete(root: str) -> tuple[str | None, list[str]]:
         else []
     )
     for _, tag in _steps(root):
-        reason = why_incomplete(root, tag)
+        reason = why_incomplete(root, tag) or (damaged or {}).get(os.path.join(root, tag))
         if reason is None and _owned(root, tag, owner):
             return tag, skipped
         skipped.append(f"{tag} ({reason or 'another run'})")
     return None, skipped
 
 
-def resolve_resume(cfg: Config, log=print) -> tuple[str, str] | None:
-    """The (root, tag) to resume from, checked complete; None when not resuming (or `auto` finds none)."""
+def resolve_resume(cfg: Config, log=print, damaged: dict[str, str] | None = None) -> tuple[str, str] | None:
+    """The (root, tag) to resume from, checked complete (and not among `damaged`, see `_damaged`);
+    None when not resuming (or `auto` finds none)."""
     how = cfg.train.resume
     if how is None:
         return None
     if how in ("auto", "latest"):
         root = root_of(cfg)
-        tag, skipped = newest_complete(root)
+        tag, skipped = newest_complete(root, damaged)
         for s in skipped:
             log(f"resume: skipping checkpoint {os.path.join(root, s)}")
         if tag is not None:
@@ -161,9 +164,9 @@ def resolve_resume(cfg: Config, log=print) -> tuple[str, str] | None:
             f"{root_of(cfg)}, 'latest' or 'auto' with the run's output_dir)"
         )
     root, tag = _split(how)
-    reason = why_incomplete(root, tag)
+    reason = why_incomplete(root, tag) or (damaged or {}).get(os.path.join(root, tag))
     if reason is not None:
-        other, _ = newest_complete(root)
+        other, _ = newest_complete(root, damaged)
         hint = f"resume from {os.path.join(root, other)}" if other else f"no complete checkpoint in {root}"
         raise ConfigError(f"train.resume: checkpoint {os.path.join(root, tag)} is {reason}; {hint}")
     return root, tag
@@ -172,10 +175,11 @@ def resolve_resume(cfg: Config, log=print) -> tuple[str, str] | None:
 def start(cfg: Config, dist, log=print) -> tuple[str, str] | None:
     """Where this run starts, decided on rank 0 and broadcast: (root, tag) to resume from, or None
     for a fresh start. Rank 0 also takes the output directory for the run (`claim`)."""
+    damaged = _damaged(cfg, dist)
     decided = None
     if dist.is_main:
         try:
-            resume = resolve_resume(cfg, log)
+            resume = resolve_resume(cfg, log, damaged)
             check_claim(cfg, resume)
             decided = ("resume", resume)
         except ConfigError as e:
@@ -188,6 +192,43 @@ def start(cfg: Config, dist, log=print) -> tuple[str, str] | None:
     if kind == "error":
         raise ConfigError(value)
     return None if value is None else tuple(value)
+
+
+def _candidates(cfg: Config) -> list[tuple[str, str]]:
+    """The complete checkpoints a resume may take, in the order it tries them (rank 0's view)."""
+    how = cfg.train.resume
+    try:
+        if how in ("auto", "latest"):
+            root = root_of(cfg)
+            owner = run_id(root)
+            return [(root, t) for _, t in _steps(root) if why_incomplete(root, t) is None and _owned(root, t, owner)]
+        if how is not None and os.path.isdir(how):
+            root, tag = _split(how)
+            return [(root, tag)] if why_incomplete(root, tag) is None else []
+    except (OSError, ValueError):  # resolve_resume names the problem
+        pass
+    return []
+
+
+def _damaged(cfg: Config, dist) -> dict[str, str]:
+    """{path: reason} for the candidates (`_candidates`, named by rank 0) whose files fail their
+    checksums, tried in order up to the first that every rank finds intact. Each rank hashes only
+    the files it wrote; every rank makes the same collectives."""
+    box = [_candidates(cfg) if dist.is_main else None]
+    if dist.world > 1:
+        torch.distributed.broadcast_object_list(box, src=0)
+    damaged = {}
+    for root, tag in box[0]:
+        mine = why_damaged(root, tag, dist.rank)
+        reasons = [mine]
+        if dist.world > 1:
+            reasons = [None] * dist.world
+            torch.distributed.all_gather_object(reasons, mine)
+        bad = next((r for r in reasons if r), None)
+        if bad is None:
+            break
+        damaged[os.path.join(root, tag)] = bad
+    return damaged
 
 
 def _resumes_here(cfg: Config, resume: tuple[str, str] | None) -> bool:
@@ -271,6 +312,15 @@ def architecture(student) -> str:
     return h.hexdigest()[:16]
 
 
+def settings(student) -> dict[str, int]:
+    """What a resume must keep besides the architecture: the block and the noise's mask token."""
+    return {
+        "diffusion.block_size": student.block_size,
+        "the student's vocabulary size (student.tokenizer)": student.model.config.vocab_size,
+        "the mask token id (diffusion.mask_token)": student.mask_token_id,
+    }
+
+
 def _weights_finite(engine) -> bool:
     device = engine.dist.device  # where the collective runs (ZeRO may offload partitions to the CPU)
     local = [torch.isfinite(getattr(p, "ds_tensor", p).detach()).all().to(device) for p in engine.student.parameters()]
@@ -284,20 +334,46 @@ def _weights_finite(engine) -> bool:
 _RANK_FILE = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_")
 
 
-def _own_files(partial: str, rank: int) -> dict[str, int]:
-    """Fsyncs the files of partial that this rank wrote (DeepSpeed's per-rank shards by name, the
-    rest on rank 0) and returns their sizes: only the writer's view of a file is sure to be current."""
+def _owner(name: str) -> int:
+    """The rank that writes (and on resume verifies) a checkpoint file: DeepSpeed's per-rank shards
+    by name, the rest rank 0."""
+    m = _RANK_FILE.search(os.path.basename(name))
+    return int(m.group(1)) if m else 0
+
+
+def _checksum(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+
+def _own_files(partial: str, rank: int) -> dict[str, tuple[int, str]]:
+    """Fsyncs the files of partial that this rank wrote and returns their sizes and checksums
+    (read back while still in the page cache): only the writer's view of a file is sure to be current."""
     files = {}
     for folder, _, names in os.walk(partial):
         for name in names:
-            m = _RANK_FILE.search(name)
-            if (int(m.group(1)) if m else 0) != rank:
+            if _owner(name) != rank:
                 continue
             path = os.path.join(folder, name)
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
-            files[os.path.relpath(path, partial)] = os.path.getsize(path)
+            files[os.path.relpath(path, partial)] = (os.path.getsize(path), _checksum(path))
     return files
+
+
+def why_damaged(root: str, tag: str, rank: int) -> str | None:
+    """None when this rank's files of a complete checkpoint match the checksums in its marker (a
+    marker of an older layout has none), else the reason."""
+    for name, digest in sorted(_marker(root, tag).get("checksums", {}).items()):
+        if _owner(name) != rank:
+            continue
+        try:
+            same = _checksum(os.path.join(root, tag, name)) == digest
+        except OSError as e:
+            return f"damaged (file {name} cannot be read on rank {rank}: {e.strerror})"
+        if not same:
+            return f"damaged (file {name} does not match its checksum: its contents changed after the save)"
+    return None
 
 
 def _barrier(dist) -> None:
@@ -338,7 +414,9 @@ def save(engine, cfg: Config, step: int, tokenizer) -> str:
                 "world": dist.world,
                 "deepspeed": engine.deepspeed,
                 "architecture": architecture(engine.student),
-                "files": files,
+                "settings": settings(engine.student),
+                "files": {name: size for name, (size, _) in files.items()},
+                "checksums": {name: digest for name, (_, digest) in files.items()},
             }
             _write_atomic(os.path.join(partial, MARKER), json.dumps(marker, indent=1))
             _kill_point("marker", step)
@@ -414,6 +492,13 @@ def load(engine, root: str, tag: str) -> int:
             f"{engine.dist.world}; resume with {marker['world']} ranks, or export it (tide-ds export) "
             f"and start a new run from student.path"
         )
+    now = settings(engine.student)
+    for key, saved in marker.get("settings", {}).items():
+        if key in now and now[key] != saved:
+            raise ConfigError(
+                f"train.resume: {where} was saved with {key} = {saved}, this run has {now[key]}; "
+                f"set it as when saved, or start a new run from an export of it (tide-ds export)"
+            )
     if marker.get("architecture", architecture(engine.student)) != architecture(engine.student):
         raise ConfigError(
             f"train.resume: {where} holds another student architecture than this run builds; "
