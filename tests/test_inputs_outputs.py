@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 
 import pytest
@@ -180,3 +181,60 @@ def test_resume_with_other_block_or_mask_token_is_refused(change, key, saved, ne
         assert (int(m.group(1)), int(m.group(2))) == (saved, new)
     else:
         assert m.group(1) != m.group(2)
+
+
+# -- eval checks the data's tokenizers as distill does ------------------------------------------------
+
+
+def test_eval_checks_the_data_tokenizers(saved_run, cross_data, tiny_assets, tmp_path, capsys):
+    _, run = saved_run
+    data = cross_data["prepared"]
+    nll = ["eval", "--tasks", "nll", "--data", data, "--batches", "1", "--ratios", "0.5"]
+    assert main([*nll, "--model", str(run / "final")]) == 0  # the student's tokenizer, with its mask token
+    a2d(ar_checkpoint(tmp_path / "ar"), tmp_path / "other")  # a student on another tokenizer
+    capsys.readouterr()
+    assert main([*nll, "--model", str(tmp_path / "other")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"tide-ds eval: error: --data={data} was prepared with the student tokenizer "
+        f"{tiny_assets['tokenizer']}, whose vocabulary differs from this run's student tokenizer; give a "
+        f"student trained on it as --model, or prepare the data again with this student's tokenizer"
+    )
+    agreement = ["eval", "--tasks", "agreement", "--data", data, "--model", str(run / "final")]
+    assert main([*agreement, "--teacher", tiny_assets["teacher"], "--batches", "1"]) == 2
+    assert "prepared with the teacher tokenizer" in capsys.readouterr().err
+
+
+# -- truncated prepared data, output file paths ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["arrow", "report"])
+def test_truncated_prepared_data_is_named(damage, cross_data, tiny_overrides, tmp_path):
+    data = tmp_path / "prepared"
+    shutil.copytree(cross_data["prepared"], data)
+    file = next(data.glob("*.arrow")) if damage == "arrow" else data / "prepare_report.json"
+    os.truncate(file, file.stat().st_size // 2)
+    over = tiny_overrides + ["recipe=tide_cross", f"data.source={data}", f"teacher.path={cross_data['teacher']}"]
+    with pytest.raises(ConfigError) as e:
+        distill(load_config(None, over))
+    what = f"{data} holds a truncated or damaged dataset file" if damage == "arrow" else f"{file} is truncated"
+    assert str(e.value).startswith(what) and str(e.value).endswith(
+        "; run `tide-ds prepare` for it again" if damage == "arrow" else f"; run `tide-ds prepare` for {data} again"
+    ), e.value
+
+
+@pytest.mark.parametrize("command", ["eval", "bench"])
+def test_an_output_file_that_is_a_directory_is_refused_before_any_work(command, tmp_path, capsys, monkeypatch):
+    import tide_ds.eval.cli as eval_cli
+
+    monkeypatch.setattr(eval_cli, "evaluate", lambda *a, **k: pytest.fail("the work started"))
+    flag = "--out" if command == "eval" else "--csv"
+    argv = ["eval", "--model", str(tmp_path), "--tasks", "nll"] if command == "eval" else ["bench", "kernel"]
+    for path, message in [
+        (tmp_path, f"{flag} {tmp_path} is a directory; give a file path"),
+        (
+            tmp_path / "no" / "x.json",
+            f"{flag} {tmp_path / 'no' / 'x.json'}: the folder {tmp_path / 'no'} does not exist",
+        ),
+    ]:
+        assert main([*argv, flag, str(path)]) == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]

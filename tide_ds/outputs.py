@@ -70,6 +70,17 @@ def check_out_dir(out: str, overwrite: bool, flag: str) -> None:
         )
 
 
+def check_out_file(path: str, flag: str) -> None:
+    """Refuses, before any work, an output file path (`flag`) that names a directory or cannot be written."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path} is a directory; give a file path")
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{flag} {path}: the folder {parent} does not exist; create it or give another path")
+    if not os.access(path if os.path.exists(path) else parent, os.W_OK):
+        raise ConfigError(f"{flag} {path} cannot be written (permission denied); give a path you may write")
+
+
 def write_dir(out: str, write) -> str:
     """Runs write(tmp) on an empty temporary sibling of `out`, then puts it in place of `out`."""
     out = os.path.abspath(out)
