@@ -25,7 +25,8 @@ leaves every earlier checkpoint complete and `latest` naming one of them.
 Data position and noise are pure functions of the step (see `tide_ds.data.sampler`), so the step is
 what a resume needs besides the engine states; the torch RNG states are saved too.
 
-`tide-ds export CKPT OUT` writes a model directory that `from_pretrained` loads.
+`tide-ds export CKPT OUT` writes a model directory that `from_pretrained` loads (whole or not at all;
+a non-empty OUT only with --overwrite).
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def resolve_resume(cfg: Config, log=print, damaged: dict[str, str] | None = None
 
 def start(cfg: Config, dist, log=print) -> tuple[str, str] | None:
     """Where this run starts, decided on rank 0 and broadcast: (root, tag) to resume from, or None
-    for a fresh start. Rank 0 also takes the output directory for the run (`claim`)."""
+    for a fresh start; every rank first verifies its own files of the candidates (`_damaged`)."""
     damaged = _damaged(cfg, dist)
     decided = None
     if dist.is_main:
@@ -369,7 +370,11 @@ def _own_files(partial: str, rank: int) -> dict[str, tuple[int, str]]:
 def why_damaged(root: str, tag: str, rank: int) -> str | None:
     """None when this rank's files of a complete checkpoint match the checksums in its marker (a
     marker of an older layout has none), else the reason."""
-    for name, digest in sorted(_marker(root, tag).get("checksums", {}).items()):
+    try:
+        checksums = _marker(root, tag).get("checksums", {})
+    except (OSError, ValueError) as e:  # this rank's view of a shared filesystem differs from rank 0's
+        return f"damaged (its {MARKER} cannot be read on rank {rank}: {e})"
+    for name, digest in sorted(checksums.items()):
         if _owner(name) != rank:
             continue
         try:
