@@ -165,10 +165,18 @@ def test_a_corrupt_tensor_file_is_refused_by_its_checksum_and_latest_skips_it(ti
     [
         ("diffusion.block_size=16", "diffusion.block_size", 8, 16),
         ("diffusion.mask_token=<|endoftext|>", "the mask token id (diffusion.mask_token)", None, None),
+        ("student.tokenizer=SMALLER", "the student's vocabulary size (student.tokenizer)", None, None),
     ],
 )
-def test_resume_with_other_block_or_mask_token_is_refused(change, key, saved, new, saved_run):
+def test_resume_with_other_block_vocabulary_or_mask_token_is_refused(
+    change, key, saved, new, saved_run, tiny_assets, tmp_path
+):
+    from tide_ds.data.corpus import train_tokenizer
+
     over, run = saved_run
+    if "SMALLER" in change:
+        train_tokenizer(tiny_assets["files"][:5], 300, str(tmp_path / "tok"))
+        change = f"student.tokenizer={tmp_path / 'tok'}"
     with pytest.raises(ConfigError) as e:
         distill(load_config(None, over + [change, "train.resume=latest"]))
     m = re.fullmatch(
