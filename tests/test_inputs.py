@@ -143,5 +143,10 @@ def test_each_rank_fsyncs_and_sizes_the_deepspeed_files_it_wrote_bf16_optimizer_
     for i, name in enumerate(names):
         (step / name).write_bytes(b"x" * (i + 1))
     for rank in (0, 1):
-        mine = checkpoint._own_files(str(tmp_path / "step2.partial"), rank)
-        assert mine == {f"step2/{n}": i + 1 for i, n in enumerate(names) if names[n] == rank}
+        mine = checkpoint._own_files(str(tmp_path / "step2.partial"), rank)  # {file: (size, checksum)}
+        assert {k: size for k, (size, _) in mine.items()} == {
+            f"step2/{n}": i + 1 for i, n in enumerate(names) if names[n] == rank
+        }
+        assert all(
+            digest == checkpoint._checksum(str(tmp_path / "step2.partial" / k)) for k, (_, digest) in mine.items()
+        )

@@ -31,7 +31,7 @@ from tide_ds import checkpoint
 from tide_ds.config import Config, ConfigError, epoch_steps, load_config, needs_teacher, resolved, run_terms, to_dict
 from tide_ds.data.collate import Collator
 from tide_ds.data.corpus import TextWindows, collate_windows, corpus_files, is_holdout
-from tide_ds.data.prepare import REPORT_NAME, load_prepared, vocab_fingerprint
+from tide_ds.data.prepare import REPORT_NAME, check_tokenizers, load_prepared, read_report, vocab_fingerprint
 from tide_ds.data.sampler import Prefetch, RankBatches, batches_per_epoch
 from tide_ds.engine import RunPlan, build_engine, init_distributed, launched_world, load_ds_config, settle
 from tide_ds.engine.dist import fail_fast
@@ -41,6 +41,7 @@ from tide_ds.engine.watchdog import Watchdog, beat
 from tide_ds.eval import masked_token_loss
 from tide_ds.metrics import MetricsLog, Phases, overlap_fraction
 from tide_ds.models import build_student, build_teacher, load_tokenizer
+from tide_ds.outputs import write_dir
 from tide_ds.pipeline import DistillStep, RunTerms, build_scheduler, check_overlap, resolve_terms
 from tide_ds.pipeline import targets as stored
 
@@ -128,9 +129,8 @@ def build_data(cfg: Config, tokenizer) -> Data:
     source = cfg.data.source
     report_path = os.path.join(source, REPORT_NAME)
     if os.path.isfile(report_path):
+        report = read_report(source)
         data = load_prepared(source)
-        with open(report_path, encoding="utf-8") as f:
-            report = json.load(f)
         check_prepared_tokenizers(cfg, report, tokenizer)
         check_supervision(cfg, report["config"].get("supervise", "all_turns"))
         n_held = max(1, int(len(data) * cfg.data.holdout_fraction)) if len(data) > 1 else 0
@@ -169,28 +169,13 @@ def check_supervision(cfg: Config, prepared: str) -> None:
 
 
 def check_prepared_tokenizers(cfg: Config, report: dict, tokenizer) -> None:
-    """Student and teacher must read the ids the data was prepared with (the report's vocabulary
-    fingerprints; a report without them is checked by loading the student tokenizer it names)."""
-    source, prints = cfg.data.source, report.get("tokenizers", {})
+    """Student and teacher must read the ids the data was prepared with (`tide_ds.data.prepare.check_tokenizers`)."""
     teacher_path = cfg.teacher.tokenizer or cfg.teacher.path
-    sides = [("student", "student.tokenizer", lambda: tokenizer)]
-    if teacher_path is not None and "teacher" in prints:
-        sides.append(("teacher", "teacher.tokenizer", lambda: load_tokenizer(teacher_path, "teacher.path")))
-    for side, key, tok in sides:
-        prepared_with = report["config"][side]["tokenizer"]
-        if side in prints:
-            same = vocab_fingerprint(tok()) == prints[side]
-        else:
-            same = (
-                not os.path.isdir(prepared_with)
-                or load_tokenizer(prepared_with, "data.source").get_vocab() == tok().get_vocab()
-            )
-        if not same:
-            raise ConfigError(
-                f"data.source={source} was prepared with the {side} tokenizer {prepared_with}, whose "
-                f"vocabulary differs from this run's {side} tokenizer; set {key} (or {side}.path) "
-                f"to it, or prepare the data again with this {side}'s tokenizer"
-            )
+    sides = [("student", lambda: tokenizer, "set student.tokenizer (or student.path) to it", None)]
+    if teacher_path is not None and "teacher" in report.get("tokenizers", {}):
+        load = lambda: load_tokenizer(teacher_path, "teacher.path")  # noqa: E731
+        sides.append(("teacher", load, "set teacher.tokenizer (or teacher.path) to it", None))
+    check_tokenizers("data.source", cfg.data.source, report, sides)
 
 
 def check_teacher_fits(cfg: Config, terms: RunTerms, data: Data, tokenizer) -> None:
@@ -464,9 +449,8 @@ def finish(run: Run, loop: LoopResult, before: float) -> dict:
     )
     out = os.path.join(cfg.output_dir, "final")
     with run.engine.gathered():
-        if dist.is_main:
-            run.student.model.save_pretrained(out)
-            run.tokenizer.save_pretrained(out)
+        if dist.is_main:  # written whole, then renamed into place: a full disk leaves the earlier final/
+            write_dir(out, lambda tmp: (run.student.model.save_pretrained(tmp), run.tokenizer.save_pretrained(tmp)))
     result = {
         "heldout_loss_before": before,
         "heldout_loss_after": after,
