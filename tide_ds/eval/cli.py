@@ -131,6 +131,18 @@ def evaluate(
     seed: int = 1234,
     desc: str = "eval",
 ) -> dict:
+    counts = {
+        "--batches": batches,
+        "--humaneval-problems": humaneval_problems,
+        "--max-new-tokens": max_new_tokens,
+        "--steps-per-block": steps_per_block,
+    }
+    for flag, value in counts.items():
+        if value < 1:  # 0 batches would report a loss of 0.0
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    bad = [r for r in ratios if not 0.0 < r <= 1.0]
+    if bad:
+        raise ConfigError(f"--ratios must be masking ratios in (0, 1], got {bad[0]}")
     needs_data = [t for t in tasks if t in ("nll", "agreement", "samples")]
     if needs_data and (data is None or not os.path.isdir(data)):
         raise ConfigError(
