@@ -246,3 +246,24 @@ def test_an_output_file_that_is_a_directory_is_refused_before_any_work(command, 
     ]:
         assert main([*argv, flag, str(path)]) == 2
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_write_dir_replaces_whole_and_puts_back_contents_a_cut_short_write_left_aside(tmp_path):
+    from tide_ds.outputs import write_dir
+
+    out = tmp_path / "model"
+    write_dir(str(out), lambda tmp: open(os.path.join(tmp, "a"), "w").write("1"))
+    assert sorted(os.listdir(out)) == ["a"] and not os.path.exists(f"{out}.partial")
+
+    def fails(tmp):
+        open(os.path.join(tmp, "b"), "w").write("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(ConfigError, match=r"writing model in .* failed: No space left on device .*model is as it was"):
+        write_dir(str(out), fails)
+    assert sorted(os.listdir(out)) == ["a"] and not os.path.exists(f"{out}.partial")
+
+    os.rename(out, f"{out}.old")  # a kill between the two renames: only <out>.old is left
+    with pytest.raises(ConfigError):
+        write_dir(str(out), fails)
+    assert sorted(os.listdir(out)) == ["a"], "the earlier contents were put back, not deleted"

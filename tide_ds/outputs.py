@@ -85,6 +85,8 @@ def write_dir(out: str, write) -> str:
     """Runs write(tmp) on an empty temporary sibling of `out`, then puts it in place of `out`."""
     out = os.path.abspath(out)
     parent, tmp, old = os.path.dirname(out), out + PARTIAL, out + ".old"
+    if not os.path.isdir(out) and os.path.isdir(old):  # a write cut short between its two renames
+        os.rename(old, out)
     existed = os.path.isdir(out)
     try:
         for leftover in (tmp, old):  # from a write that was cut short
@@ -92,7 +94,7 @@ def write_dir(out: str, write) -> str:
         os.makedirs(tmp)
         write(tmp)
         fsync_tree(tmp)
-        if existed:  # a kill between the renames leaves the old contents in <out>.old
+        if existed:  # a kill between the renames leaves the old contents in <out>.old (put back next time)
             os.rename(out, old)
         os.rename(tmp, out)
         fsync_dir(parent)
