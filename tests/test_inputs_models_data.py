@@ -165,6 +165,7 @@ def test_binary_and_non_utf8_text_are_refused_through_the_cli(tiny_overrides, tm
         ("data.holdout_fraction=1.5", "data.holdout_fraction must be in [0, 1) (got 1.5)"),
         ("data.holdout_fraction=-0.1", "data.holdout_fraction must be in [0, 1)"),
         ("student.max_params=0", "student.max_params must be >= 1"),
+        ("teacher.init={a:", "override 'teacher.init={a:': the value is not valid YAML"),
     ],
 )
 def test_bad_train_and_data_values_are_one_line(capsys, override, message):
@@ -177,6 +178,7 @@ def test_cuda_on_a_machine_without_one_is_one_line(tiny_overrides, capsys):
     over = [*tiny_overrides, "recipe=ce", "train.device=cuda"]
     one_line(capsys, ["distill", *over], "train.device=cuda but this machine has no usable CUDA device")
     one_line(capsys, ["bench", "step", "--device", "cuda"], "--device cuda but this machine has no usable CUDA")
+    one_line(capsys, ["generate", "--model", "x", "--prompt", "p", "--device", "cuda"], "--device cuda but this")
 
 
 def test_a_zero_stage_outside_0_to_3_is_one_line(tiny_overrides, tmp_path, capsys):

@@ -385,7 +385,11 @@ def load_dataclass(cls, path: str | None = None, overrides: list[str] | tuple[st
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}': '{p}' is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            problem = str(e).splitlines()[0]
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({problem}); quote or fix it") from None
     obj = _build(cls, raw, prefix="")
     if "given" in {f.name for f in dataclasses.fields(cls)}:
         obj = dataclasses.replace(obj, given=frozenset(_dotted_keys(raw)))
