@@ -172,7 +172,8 @@ def test_teach_killed_mid_run_continues_without_recomputing_finished_shards(tiny
 
 @pytest.mark.multirank
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["tide_cross", "tide_shared"])
+# tide_shared only: its CompDemo passes cover tide_cross's single pass (both recipes run on 1 process above)
+@pytest.mark.parametrize("recipe", ["tide_shared"])
 def test_on_2_ranks_targets_from_one_rank_equal_the_online_run_bitwise(recipe, tiny_overrides, cross_data, tmp_path):
     """teach on one process (2 accumulation steps), distill on 2 ranks online and from the targets."""
     over = run_overrides(tiny_overrides, cross_data, recipe, steps=4)
