@@ -20,6 +20,7 @@ from transformers import (
     AutoTokenizer,
     PreTrainedTokenizerBase,
 )
+from transformers.initialization import no_init_weights
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from tide_ds.config import ConfigError, ModelConfig
@@ -167,11 +168,14 @@ def build_student(
     return BD3LMStudent(model, block_size=block_size, mask_token_id=mask_id, attn_backend=cfg.attn_backend)
 
 
-def build_teacher(cfg: ModelConfig, mask_token: str, block_size: int | None = None, weights: bool = True) -> Teacher:
+def build_teacher(
+    cfg: ModelConfig, mask_token: str, block_size: int | None = None, weights: bool = True, within=None
+) -> Teacher:
     """A frozen teacher from `cfg.path`, its class chosen by `cfg.kind` or the checkpoint's model_type.
 
     block_size is the WeDLM-style teacher's block (teacher.block_size overrides it). weights=False
-    builds it on the meta device (shapes and config only) for a placement that loads its own slices."""
+    builds it without its weights for a placement that reads its own part of them: on the meta
+    device (shapes and config only), or under the context manager `within` (e.g. zero.Init)."""
     if cfg.path is None:
         raise ConfigError("teacher.path is not set; the recipe needs a trained teacher model directory")
     model_type = checkpoint_model_type(cfg.path, "teacher.path")
@@ -193,7 +197,8 @@ def build_teacher(cfg: ModelConfig, mask_token: str, block_size: int | None = No
     if weights:
         model = _load(auto, cfg, "teacher")
     else:
-        with torch.device("meta"):
+        # no initialisation: every weight is read from the checkpoint afterwards
+        with torch.device("meta") if within is None else within, no_init_weights():
             model = auto.from_config(AutoConfig.from_pretrained(cfg.path), dtype=_DTYPES[cfg.dtype])
     mask_id = teacher_mask_token_id(cfg, model.config, mask_token)
     if kind == "llada2_moe":
