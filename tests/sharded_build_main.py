@@ -56,19 +56,25 @@ for name, model, dtype in (
     ("expert_parallel_bf16", "moe", "bfloat16"),
     ("tensor_parallel", "dense", "float32"),
     ("zero3_dense", "dense", "float32"),
+    ("zero3_persistent", "moe", "float32"),
 ):
     cfg = Config()
     cfg.teacher.path, cfg.teacher.mask_token_id, cfg.teacher.dtype = paths[model], 63, dtype
     cfg.teacher.attn_backend = "sdpa"
-    cfg.engine.teacher_placement = name.removesuffix("_bf16").removesuffix("_dense")
+    cfg.engine.teacher_placement = name.split("_bf16")[0].removesuffix("_dense").removesuffix("_persistent")
     cfg.engine.ep_size = 2 if cfg.engine.teacher_placement == "expert_parallel" else 1
     cfg.engine.tp_size = 2 if cfg.engine.teacher_placement == "tensor_parallel" else 1
     whole = build_teacher(cfg.teacher, "<|mask|>")
     meta = build_teacher(cfg.teacher, "<|mask|>", weights=False)
     assert placement.is_meta(meta)
+    meta_bytes = build.param_bytes(meta)  # tied weights one parameter, as in the loaded teacher
     ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(100 + rank))
     placement.check_placement(cfg, meta, Dist(rank, world))
-    placed = placement.PLACEMENTS[cfg.engine.teacher_placement](Step(meta, ids), cfg, Dist(rank, world), DS)
+    # zero3_persistent: ZeRO-3 keeps its small parameters whole on every rank, gathered once from the
+    # partitions read here
+    ds = {**DS, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 10**5}}
+    ds = ds if name == "zero3_persistent" else DS
+    placed = placement.PLACEMENTS[cfg.engine.teacher_placement](Step(meta, ids), cfg, Dist(rank, world), ds)
     with torch.no_grad():
         got, expected = placed.call(None), whole.hidden_states(ids)
     held = placed.module
@@ -78,6 +84,7 @@ for name, model, dtype in (
         "meta_left": sum(p.is_meta for p in held.parameters()) + sum(b.is_meta for b in held.buffers()),
         "held": build.teacher_bytes(held),
         "whole": build.param_bytes(whole),
+        "meta_whole": meta_bytes,
     }
 with open(f"{out}.rank{rank}.json", "w") as f:
     json.dump(result, f)

@@ -214,7 +214,8 @@ def zero3_built_teacher(cfg: Config, meta, teacher_ds: dict, group):
     teacher = build_teacher(
         cfg.teacher, cfg.diffusion.mask_token, block_size=cfg.diffusion.block_size, weights=False, within=init
     )
-    load_zero3_partitions(teacher.model, Checkpoint(cfg.teacher.path), torch.distributed.get_rank(group))
+    with Checkpoint(cfg.teacher.path) as ckpt:
+        load_zero3_partitions(teacher.model, ckpt, torch.distributed.get_rank(group))
     return teacher
 
 
@@ -226,12 +227,12 @@ def place_expert_parallel(step, cfg: Config, dist: Dist, ds_config: dict | None)
     shard_experts(step.teacher, consecutive_group(cfg.engine.ep_size, dist))
     if meta:
         first = {id(p): m.first for m in step.teacher.modules() if isinstance(m, Experts) for p in m.parameters()}
-        load_local(
-            step.teacher.model,
-            Checkpoint(cfg.teacher.path),
-            dist.device,
-            part=lambda name, p: (0, first[id(p)]) if id(p) in first else None,
-        )
+
+        def part(name, p):
+            return (0, first[id(p)]) if id(p) in first else None
+
+        with Checkpoint(cfg.teacher.path) as ckpt:
+            load_local(step.teacher.model, ckpt, dist.device, part=part)
     return PlacedTeacher(step.teacher_targets, step.teacher)
 
 
@@ -285,8 +286,8 @@ def tensor_parallel(teacher, tp_size: int, path: str | None = None) -> TensorPar
         setattr(parent, attr, head)
     if path is not None:
         device = next(p.device for p in model.parameters() if not p.is_meta)
-        ckpt = Checkpoint(path)
-        load_local(model, ckpt, device, part=autotp_slice(model, ckpt))
+        with Checkpoint(path) as ckpt:
+            load_local(model, ckpt, device, part=autotp_slice(model, ckpt))
     return TensorParallelTeacher(teacher, engine.mp_group)
 
 

@@ -60,6 +60,20 @@ def checkpoint_model_type(path: str, key: str) -> str:
     return model_type
 
 
+def dtype_name(cfg: ModelConfig) -> str:
+    """cfg.dtype, with `auto` resolved: the dtype config.json at cfg.path names (transformers writes
+    `dtype`, older versions `torch_dtype`), float32 for a new model or a checkpoint naming none."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    file = os.path.join(cfg.path, "config.json") if cfg.path is not None else None
+    if file is None or not os.path.isfile(file):
+        return "float32"
+    with open(file, encoding="utf-8") as f:
+        config = json.load(f)
+    stored = config.get("dtype") or config.get("torch_dtype")
+    return stored if stored in _DTYPES else "float32"
+
+
 def check_student_checkpoint(model_type: str, key: str) -> None:
     """A student is a transformers decoder (Qwen3 / Llama family, or another native causal LM)."""
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -104,7 +118,7 @@ def ensure_mask_token(tokenizer: PreTrainedTokenizerBase, mask_token: str) -> in
 
 def _load(cls, cfg: ModelConfig, key: str, **kwargs):
     try:
-        return cls.from_pretrained(cfg.path, dtype=_DTYPES[cfg.dtype], **kwargs)
+        return cls.from_pretrained(cfg.path, dtype=_DTYPES[dtype_name(cfg)], **kwargs)
     except (ValueError, OSError, RuntimeError, KeyError) as e:
         raise ConfigError(f"{key}.path={cfg.path} does not load as a {key} model: {e}") from None
     except Exception as e:  # safetensors reports a truncated or damaged file with its own error type
@@ -116,7 +130,7 @@ def _load(cls, cfg: ModelConfig, key: str, **kwargs):
 
 
 def _causal_lm(cfg: ModelConfig, key: str, vocab_size: int | None) -> torch.nn.Module:
-    dtype = _DTYPES[cfg.dtype]
+    dtype = _DTYPES[dtype_name(cfg)]
     if cfg.path is not None:
         family = student_family(cfg.path, f"{key}.path")
         check_kind(cfg.kind, family, key)
@@ -199,7 +213,8 @@ def build_teacher(
     else:
         # no initialisation: every weight is read from the checkpoint afterwards
         with torch.device("meta") if within is None else within, no_init_weights():
-            model = auto.from_config(AutoConfig.from_pretrained(cfg.path), dtype=_DTYPES[cfg.dtype])
+            model = auto.from_config(AutoConfig.from_pretrained(cfg.path), dtype=_DTYPES[dtype_name(cfg)])
+        model.tie_weights()  # skipped with the initialisation: tied weights stay one parameter
     mask_id = teacher_mask_token_id(cfg, model.config, mask_token)
     if kind == "llada2_moe":
         return LLaDA2Teacher(model, mask_id)
