@@ -10,7 +10,7 @@ comma := ,
 # one stamp per set of extras, so that asking for more extras installs them into an existing venv
 STAMP := $(VENV)/.tide_ds-installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: demo test lint install clean docker-cpu docker-cuda docker-lint
+.PHONY: demo test lint install clean docker-cpu docker-cuda docker-lint gpu-wheelhouse gpu-check
 
 $(STAMP): setup.py tests/assets.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,19 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs
+
+# The prepared check of a GPU machine (docs/kernels.md): the wheels it lacks are made here; on the
+# GPU machine (no internet, no DeepSpeed) `make gpu-check OUT=dir` installs them, builds the CUDA
+# extension, runs `pytest -m gpu` and the benches, and writes dir/report.md. ARGS=--cpu: CI's run.
+GPU_WHEELHOUSE ?= .wheels-gpu
+GPU_CHECK_PYTHON ?= python3  # the GPU machine's own Python, with its CUDA torch
+gpu-wheelhouse: $(STAMP)
+	rm -rf $(GPU_WHEELHOUSE)
+	$(PY) tools/gpu_check.py wheelhouse $(GPU_WHEELHOUSE)
+
+gpu-check:
+	$(if $(OUT),,$(error name a new directory for the report: make gpu-check OUT=dir))
+	$(GPU_CHECK_PYTHON) tools/gpu_check.py check --out $(OUT) --wheelhouse $(GPU_WHEELHOUSE) $(ARGS)
 
 # Docker images (docs/docker.md). The wheelhouse is made on the host: the builds use no network.
 # DOCKER_BASE=local builds FROM a Debian base made here with debootstrap (no registry needed).

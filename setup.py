@@ -58,12 +58,15 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["tide_ds", "tide_ds.*"]),
     package_data={"tide_ds": ["configs/*.yaml", "configs/paper/*.yaml"]},
+    # Floors are what the code uses: torch 2.10 made F.grouped_mm public (the MoE experts); under
+    # transformers 5.3 the model configs' __post_init__ checks do not run (5.4 passes the tests);
+    # deepspeed 0.19 is the oldest tested.
     install_requires=[
-        "torch>=2.4",
-        "deepspeed>=0.16",
-        "transformers>=4.56",
+        "torch>=2.10",
+        "deepspeed>=0.19",
+        "transformers>=5.4",
         "datasets>=3.0",
-        "tokenizers>=0.20",
+        "tokenizers>=0.22",
         "safetensors>=0.4",
         "pyyaml>=6.0",
         "tqdm>=4.66",

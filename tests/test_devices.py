@@ -17,6 +17,7 @@ PACKAGE = ROOT / "tide_ds"
 # the modules whose tensors meet the model's or the batch's on the device
 SCOPE = [
     "train.py",
+    "teach.py",
     "metrics.py",
     "checkpoint.py",
     "tree.py",

@@ -407,6 +407,23 @@ def test_srun_distill_on_2_ranks(tiny_overrides, tmp_path):
 
 @pytest.mark.multirank
 @pytest.mark.slow
+def test_the_teacher_keeps_its_dtype_whatever_its_placement(tiny_overrides, tmp_path):
+    """A bf16 student with an fp32 teacher: the teacher computes in teacher.dtype whatever the student's
+    precision, so replicating it or partitioning it (ZeRO-3, a DeepSpeed engine of its own) gives the
+    same losses. (A bf16 teacher with an fp32 student holds too; it takes minutes on CPU.)"""
+    common = ["recipe=tide_cross", "train.steps=3", "train.precision=bf16", "teacher.dtype=float32"]
+    losses = {}
+    for placement in ("replicate", "zero3"):
+        out_dir = tmp_path / placement
+        args = [*common, f"engine.ds_config={ZERO3}", f"engine.teacher_placement={placement}"]
+        out, _ = launch("torchrun", _args(tiny_overrides, out_dir, *args))
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        losses[placement] = [h["loss"] for h in json.loads((out_dir / "metrics.json").read_text())["history"]]
+    assert losses["zero3"] == pytest.approx(losses["replicate"], abs=1e-6, rel=0), losses
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
 def test_zero3_resume_and_export_on_2_ranks(tiny_overrides, tmp_path):
     common = [
         "recipe=tide_cross",

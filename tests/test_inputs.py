@@ -128,3 +128,25 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout_naming_it(tiny_overrides
     stopped = float(re.search(r"rank 1 gets SIGSTOP at ([\d.]+)", out).group(1))
     # torchrun gives a rank 30 s to take its SIGTERM (a stopped one cannot) before SIGKILL
     assert ended - stopped <= timeout + 5 + 30 + 10, (ended - stopped, err[-3000:])
+
+
+def test_each_rank_fsyncs_and_sizes_the_deepspeed_files_it_wrote_bf16_optimizer_states_too(tmp_path):
+    step = tmp_path / "step2.partial" / "step2"
+    step.mkdir(parents=True)
+    names = {
+        "mp_rank_00_model_states.pt": 0,  # rank 0 writes the model states
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt": 0,
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt": 1,
+        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt": 0,
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt": 1,
+    }
+    for i, name in enumerate(names):
+        (step / name).write_bytes(b"x" * (i + 1))
+    for rank in (0, 1):
+        mine = checkpoint._own_files(str(tmp_path / "step2.partial"), rank)  # {file: (size, checksum)}
+        assert {k: size for k, (size, _) in mine.items()} == {
+            f"step2/{n}": i + 1 for i, n in enumerate(names) if names[n] == rank
+        }
+        assert all(
+            digest == checkpoint._checksum(str(tmp_path / "step2.partial" / k)) for k, (_, digest) in mine.items()
+        )

@@ -149,3 +149,24 @@ def test_bench_teacher_with_a_placement_prints_the_figures(capsys):
     assert "placement megatron (tp 2, ep 1) on 2 ranks" in out and "teacher MiB/rank" in out, out
     held, whole = map(float, out.strip().splitlines()[-1].split()[:2])
     assert held < whole
+
+
+@NEEDS_MEGATRON
+def test_megatron_groups_get_the_runs_timeout(monkeypatch):
+    """engine.timeout_s (made torch's default group timeout by group_timeout) reaches megatron's
+    own groups, which it would otherwise give 30 minutes."""
+    from megatron.core import parallel_state
+    from torch.distributed import distributed_c10d
+
+    from tide_ds.engine import megatron
+    from tide_ds.engine.dist import group_timeout
+
+    asked = {}
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):  # group_timeout sets them: restored after
+        monkeypatch.setattr(distributed_c10d, name, getattr(distributed_c10d, name, None), raising=False)
+    monkeypatch.setattr(parallel_state, "model_parallel_is_initialized", lambda: False)
+    monkeypatch.setattr(parallel_state, "initialize_model_parallel", lambda **kw: asked.update(kw))
+    monkeypatch.setattr("megatron.core.tensor_parallel.random.initialize_rng_tracker", lambda **kw: None)
+    group_timeout(100)  # 110 s with the watchdog's grace: 2 whole minutes
+    megatron.init_groups(tp=2, ep=1)
+    assert asked["distributed_timeout_minutes"] == 2 and asked["tensor_model_parallel_size"] == 2

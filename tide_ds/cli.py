@@ -39,7 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         if name == chosen:
             modules[name] = importlib.import_module(module)
             modules[name].add_arguments(p)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes a positional list only once: key=value overrides after an option (the
+    # `--resume latest` that a pre-empted run prints, say) join the ones before it, in order.
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *(a for a in extra if "=" in a and not a.startswith("-"))]
+        extra = [a for a in extra if a not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(modules[args.command].run(args) or 0)
     except ConfigError as e:

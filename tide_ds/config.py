@@ -52,9 +52,15 @@ class ModelConfig:
     block_size: int | None = None  # wedlm teacher: its block (None: diffusion.block_size)
     block_order: Literal["x0_xt", "xt_x0"] = "x0_xt"  # wedlm teacher: which half comes first
     targets: str | None = None  # teacher only: a `tide-ds teach` directory read instead of calling it
+    max_params: int = 1_000_000_000  # student: a new model (`init`) larger than this is refused
 
     def __post_init__(self):
-        _require([(self.block_size is None or self.block_size >= 1, "block_size must be >= 1")])
+        _require(
+            [
+                (self.block_size is None or self.block_size >= 1, "block_size must be >= 1"),
+                (self.max_params >= 1, f"max_params must be >= 1, got {self.max_params}"),
+            ]
+        )
 
 
 @dataclass(kw_only=True)
@@ -140,7 +146,16 @@ class DataConfig:
     eos_padding: Literal["batch", "block"] = "batch"
 
     def __post_init__(self):
-        _require([(self.seq_len >= 1, f"seq_len must be >= 1 (got {self.seq_len})")])
+        _require(
+            [
+                (self.seq_len >= 1, f"seq_len must be >= 1 (got {self.seq_len})"),
+                (
+                    0.0 <= self.holdout_fraction < 1.0,
+                    f"holdout_fraction must be in [0, 1) (got {self.holdout_fraction}); held-out rows are never "
+                    f"trained on",
+                ),
+            ]
+        )
 
 
 @dataclass(kw_only=True)
@@ -196,6 +211,18 @@ class TrainConfig:
                 (self.data_prefetch >= 1, "data_prefetch must be >= 1"),
                 (self.lr > 0, "lr must be > 0"),
                 (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+                (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+                (
+                    all(0.0 <= b < 1.0 for b in self.betas),
+                    f"betas must be two numbers in [0, 1), got {list(self.betas)} (e.g. [0.9, 0.999])",
+                ),
+                (self.grad_clip >= 0, f"grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}"),
+                (self.log_every >= 1, f"log_every must be >= 1 (steps between log lines), got {self.log_every}"),
+                (
+                    self.eval_batches >= 1,
+                    f"eval_batches must be >= 1 (held-out micro-batches measured), got {self.eval_batches}",
+                ),
+                (self.threads >= 0, f"threads must be >= 0 (0: torch's default), got {self.threads}"),
                 (0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]"),
                 (self.epochs >= 0, "epochs must be >= 0 (0: train.steps sets the length)"),
                 (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1) (0: train.warmup_steps)"),
@@ -360,7 +387,11 @@ def load_dataclass(cls, path: str | None = None, overrides: list[str] | tuple[st
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}': '{p}' is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            problem = str(e).splitlines()[0]
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({problem}); quote or fix it") from None
     obj = _build(cls, raw, prefix="")
     if "given" in {f.name for f in dataclasses.fields(cls)}:
         obj = dataclasses.replace(obj, given=frozenset(_dotted_keys(raw)))
@@ -476,6 +507,10 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         )
     if cfg.student.path is None and not cfg.student.init:
         raise ConfigError("student: set student.path to a model directory or student.init to a config for a new model")
+    if cfg.teacher.init:
+        raise ConfigError("teacher.init is not used: a teacher is a trained model loaded from teacher.path; remove it")
+    if check_files and cfg.train.device == "cuda" and not torch_has_cuda():
+        raise ConfigError("train.device=cuda but this machine has no usable CUDA device; set train.device=cpu or auto")
     if cfg.student.targets is not None:
         raise ConfigError("student.targets is not a student key; teacher targets go in teacher.targets")
     if check_files and cfg.teacher.targets is not None and not os.path.isdir(cfg.teacher.targets):
@@ -485,6 +520,12 @@ def validate(cfg: Config, check_files: bool = True) -> None:
             f"recipe '{cfg.recipe}' needs a teacher: set teacher.path to a trained model directory "
             f"(or teacher.targets to a `tide-ds teach` directory)"
         )
+
+
+def torch_has_cuda() -> bool:
+    import torch  # here, so that reading a config does not load torch
+
+    return torch.cuda.is_available()
 
 
 def epoch_steps(epochs: float, rows: int, global_batch: int) -> int:

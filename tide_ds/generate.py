@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="left-pad the prompt so the answer starts on a block boundary (the paper's evaluation)",
     )
     p.add_argument("--attn-backend", choices=BACKENDS, default="auto")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
     p.add_argument("--seed", type=int, default=0)
 
@@ -71,6 +71,8 @@ def load_student(
 
 
 def run(args) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but this machine has no usable CUDA device; use --device cpu or auto")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     student, tokenizer = load_student(
         args.model,

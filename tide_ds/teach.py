@@ -29,12 +29,13 @@ from tide_ds.engine import RunPlan, init_distributed, launched_world, load_ds_co
 from tide_ds.engine.build import place_teacher
 from tide_ds.engine.dist import fail_fast
 from tide_ds.models.build import ensure_mask_token
-from tide_ds.pipeline import DistillStep, resolve_terms
+from tide_ds.pipeline import resolve_terms
 from tide_ds.pipeline import targets as stored
 from tide_ds.train import (
     build_data,
     build_teacher_model,
     close_distributed,
+    distill_step,
     run_length,
     student_tokenizer,
     targets_fingerprint,
@@ -92,14 +93,7 @@ def _teach(plan: RunPlan, ds_config: dict | None, dist, out: Path, shard_steps: 
     # noise reads only the student's mask id: teach builds no student
     student = SimpleNamespace(mask_token_id=ensure_mask_token(tokenizer, cfg.diffusion.mask_token))
     teacher = build_teacher_model(cfg, terms, data, tokenizer, dist.device)
-    step = DistillStep(
-        student,
-        teacher,
-        terms,
-        kernels=cfg.objective.kernels,
-        eps=cfg.diffusion.eps,
-        shared_vocab_size=cfg.objective.shared_vocab_size,
-    )
+    step = distill_step(cfg, student, teacher, terms)
     call = place_teacher(plan, ds_config, step, dist).call
     accum, micro = t.gradient_accumulation_steps, t.micro_batch_size
     ranks = RankBatches(
@@ -185,7 +179,8 @@ def shards_to_do(writer: stored.TargetsWriter, placement: str, dist) -> list[int
     """This rank's shards to compute. A replicated teacher has no collectives: each rank skips its
     own finished shards. A sharded one needs every rank in every call: all compute the shards any
     rank lacks (one rank decides: rank 0's view of the files, broadcast)."""
-    missing = torch.tensor([not writer.done(s) for s in writer.starts()], dtype=torch.int32)
+    # on the process group's device: NCCL reduces only CUDA tensors
+    missing = torch.tensor([not writer.done(s) for s in writer.starts()], dtype=torch.int32, device=dist.device)
     if placement != "replicate" and dist.world > 1:
         torch.distributed.all_reduce(missing, op=torch.distributed.ReduceOp.MAX)
     return [s for s, m in zip(writer.starts(), missing.tolist()) if m]

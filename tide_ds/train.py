@@ -30,8 +30,8 @@ from tqdm import tqdm
 from tide_ds import checkpoint
 from tide_ds.config import Config, ConfigError, epoch_steps, load_config, needs_teacher, resolved, run_terms, to_dict
 from tide_ds.data.collate import Collator
-from tide_ds.data.corpus import TextWindows, collate_windows, corpus_files, is_holdout
-from tide_ds.data.prepare import REPORT_NAME, load_prepared, vocab_fingerprint
+from tide_ds.data.corpus import collate_windows, corpus_files, holdout_rows, split_text
+from tide_ds.data.prepare import REPORT_NAME, check_tokenizers, load_prepared, read_report, vocab_fingerprint
 from tide_ds.data.sampler import Prefetch, RankBatches, batches_per_epoch
 from tide_ds.engine import RunPlan, build_engine, init_distributed, launched_world, load_ds_config, settle
 from tide_ds.engine.dist import fail_fast
@@ -42,6 +42,8 @@ from tide_ds.engine.watchdog import Watchdog, beat
 from tide_ds.eval import masked_token_loss
 from tide_ds.metrics import MetricsLog, Phases, overlap_fraction
 from tide_ds.models import build_student, build_teacher, load_tokenizer
+from tide_ds.models.build import fresh_config
+from tide_ds.outputs import write_dir
 from tide_ds.pipeline import DistillStep, RunTerms, build_scheduler, check_overlap, resolve_terms
 from tide_ds.pipeline import targets as stored
 
@@ -65,7 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     if args.dry_run:
-        out, notes = resolved(load_config(args.config, overrides, check_files=False))
+        cfg = load_config(args.config, overrides, check_files=False)
+        if cfg.student.path is None:
+            fresh_config(cfg.student, "student")  # its keys and heads (the size needs the tokenizer)
+        out, notes = resolved(cfg)
         print(
             "\n".join(
                 ["# tide-ds distill --dry-run: the resolved config (no model or data loaded)"]
@@ -129,34 +134,26 @@ def build_data(cfg: Config, tokenizer) -> Data:
     source = cfg.data.source
     report_path = os.path.join(source, REPORT_NAME)
     if os.path.isfile(report_path):
+        report = read_report(source)
         data = load_prepared(source)
-        with open(report_path, encoding="utf-8") as f:
-            report = json.load(f)
         check_prepared_tokenizers(cfg, report, tokenizer)
         check_supervision(cfg, report["config"].get("supervise", "all_turns"))
-        n_held = max(1, int(len(data) * cfg.data.holdout_fraction)) if len(data) > 1 else 0
+        n_held = holdout_rows(len(data), cfg.data.holdout_fraction, source)
         collate = Collator(
             report["student_eos_id"],
             cfg.diffusion.block_size,
             report["teacher_pad_id"],
             eos_padding=cfg.data.eos_padding,
         )
-        held = data.select(range(n_held)) if n_held else data
         return Data(
             data.select(range(n_held, len(data))),
-            held,
+            data.select(range(n_held)),
             collate,
             cross_tokenizer=report["config"]["pipeline"] == "cross",
         )
     files = corpus_files(source, cfg.data.max_files)
-    held = [p for p in files if is_holdout(p, cfg.data.holdout_fraction)] or files[-1:]
-    train = [p for p in files if p not in held] or files
-    return Data(
-        TextWindows(train, tokenizer, cfg.data.seq_len),
-        TextWindows(held, tokenizer, cfg.data.seq_len),
-        collate_windows,
-        cross_tokenizer=False,
-    )
+    train, held = split_text(files, tokenizer, cfg.data.seq_len, cfg.data.holdout_fraction, source)
+    return Data(train, held, collate_windows, cross_tokenizer=False)
 
 
 def check_supervision(cfg: Config, prepared: str) -> None:
@@ -170,28 +167,13 @@ def check_supervision(cfg: Config, prepared: str) -> None:
 
 
 def check_prepared_tokenizers(cfg: Config, report: dict, tokenizer) -> None:
-    """Student and teacher must read the ids the data was prepared with (the report's vocabulary
-    fingerprints; a report without them is checked by loading the student tokenizer it names)."""
-    source, prints = cfg.data.source, report.get("tokenizers", {})
+    """Student and teacher must read the ids the data was prepared with (`tide_ds.data.prepare.check_tokenizers`)."""
     teacher_path = cfg.teacher.tokenizer or cfg.teacher.path
-    sides = [("student", "student.tokenizer", lambda: tokenizer)]
-    if teacher_path is not None and "teacher" in prints:
-        sides.append(("teacher", "teacher.tokenizer", lambda: load_tokenizer(teacher_path, "teacher.path")))
-    for side, key, tok in sides:
-        prepared_with = report["config"][side]["tokenizer"]
-        if side in prints:
-            same = vocab_fingerprint(tok()) == prints[side]
-        else:
-            same = (
-                not os.path.isdir(prepared_with)
-                or load_tokenizer(prepared_with, "data.source").get_vocab() == tok().get_vocab()
-            )
-        if not same:
-            raise ConfigError(
-                f"data.source={source} was prepared with the {side} tokenizer {prepared_with}, whose "
-                f"vocabulary differs from this run's {side} tokenizer; set {key} (or {side}.path) "
-                f"to it, or prepare the data again with this {side}'s tokenizer"
-            )
+    sides = [("student", lambda: tokenizer, "set student.tokenizer (or student.path) to it", None)]
+    if teacher_path is not None and "teacher" in report.get("tokenizers", {}):
+        load = lambda: load_tokenizer(teacher_path, "teacher.path")  # noqa: E731
+        sides.append(("teacher", load, "set teacher.tokenizer (or teacher.path) to it", None))
+    check_tokenizers("data.source", cfg.data.source, report, sides)
 
 
 def check_teacher_fits(cfg: Config, terms: RunTerms, data: Data, tokenizer) -> None:
@@ -297,16 +279,10 @@ def build_run(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) 
     cfg = plan.config
     terms = resolve_terms(cfg.recipe, cfg.terms, "cross" if data.cross_tokenizer else "shared", cfg.objective)
     targets = open_targets(cfg, terms, data, tokenizer, log) if cfg.teacher.targets else None
-    teacher, student = build_models(cfg, terms, data, tokenizer, dist.device)
+    teacher, student = build_models(cfg, terms, data, tokenizer, dist.device, log)
     held_out = eval_batches(cfg, data)  # before the engine, as the global RNG has always been drawn
-    step = DistillStep(
-        student,
-        teacher,
-        terms,
-        kernels=cfg.objective.kernels,
-        eps=cfg.diffusion.eps,
-        shared_vocab_size=cfg.objective.shared_vocab_size,
-    )
+    checkpoint.claim(cfg, resume, dist, log)  # every refusal is behind: the output directory is taken
+    step = distill_step(cfg, student, teacher, terms)
     engine = build_engine(plan, ds_config, step, dist)
     first = checkpoint.load(engine, *resume) if resume is not None else 0
     run = Run(cfg, dist, signals, tokenizer, data, terms, student, teacher, step, engine, first, held_out, log, targets)
@@ -314,13 +290,25 @@ def build_run(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) 
     return run
 
 
-def build_models(cfg: Config, terms: RunTerms, data: Data, tokenizer, device: torch.device):
+def distill_step(cfg: Config, student, teacher, terms: RunTerms) -> DistillStep:
+    """The run's one distillation step (noise, teacher call, student loss) from its config."""
+    return DistillStep(
+        student,
+        teacher,
+        terms,
+        kernels=cfg.objective.kernels,
+        eps=cfg.diffusion.eps,
+        shared_vocab_size=cfg.objective.shared_vocab_size,
+    )
+
+
+def build_models(cfg: Config, terms: RunTerms, data: Data, tokenizer, device: torch.device, log=print):
     """(teacher or None, student), each on `device` (a megatron teacher is placed later, lazily)."""
     teacher = None
     if builds_teacher(cfg):
         teacher = build_teacher_model(cfg, terms, data, tokenizer, device)
-    student = build_student(cfg.student, tokenizer, cfg.diffusion.block_size, cfg.diffusion.mask_token).to(device)
-    return teacher, student
+    student = build_student(cfg.student, tokenizer, cfg.diffusion.block_size, cfg.diffusion.mask_token, log=log)
+    return teacher, student.to(device)
 
 
 def builds_teacher(cfg: Config) -> bool:
@@ -459,9 +447,8 @@ def finish(run: Run, loop: LoopResult, before: float) -> dict:
     )
     out = os.path.join(cfg.output_dir, "final")
     with run.engine.gathered():
-        if dist.is_main:
-            run.student.model.save_pretrained(out)
-            run.tokenizer.save_pretrained(out)
+        if dist.is_main:  # written whole, then renamed into place: a full disk leaves the earlier final/
+            write_dir(out, lambda tmp: (run.student.model.save_pretrained(tmp), run.tokenizer.save_pretrained(tmp)))
     result = {
         "heldout_loss_before": before,
         "heldout_loss_after": after,

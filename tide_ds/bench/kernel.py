@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from tide_ds.bench.measure import device_name, peak_growth, resolve_device, timed
+from tide_ds.outputs import check_out_file
 
 VARIANTS = ("matmul", "reference", "fused")
 OPS = ("calm", "kl", "logprobs")
@@ -179,6 +180,8 @@ def _run_variant(args, variant: str) -> dict:
 
 
 def run(args) -> int:
+    if args.csv and not args.worker:
+        check_out_file(str(args.csv), "--csv")
     args.device = resolve_device(args.device)
     _fill_defaults(args)
     if args.worker:

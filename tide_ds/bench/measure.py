@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from tide_ds.config import ConfigError
+
 
 def _rss_bytes(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -63,4 +65,9 @@ def device_name(device: str) -> str:
 
 
 def resolve_device(name: str) -> str:
+    """--device auto | cpu | cuda as a device type; cuda only where one is usable."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device is {name!r}; choose auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but this machine has no usable CUDA device; use --device cpu or auto")
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name

@@ -1,7 +1,9 @@
 """The embedded demo corpus: Python standard library sources, present on every machine.
 
-Also reads plain text files or directories. Files are split into train / held-out by a stable hash
-of their path, tokenized once, joined with EOS and cut into fixed windows.
+Also reads plain text files or directories (UTF-8; a binary or undecodable file is refused). Files
+are split into train / held-out by a stable hash of their path, tokenized once, joined with EOS and
+cut into fixed windows; where that leaves one side without a file (a single text file), the windows
+are split instead. Held-out rows are never trained on.
 """
 
 from __future__ import annotations
@@ -44,7 +46,44 @@ def is_holdout(path: Path, fraction: float) -> bool:
 
 
 def read_text(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace")
+    """A text file's contents; a binary file (a NUL byte) or one that is not UTF-8 is refused, naming
+    the byte offset, rather than read as replacement characters."""
+    raw = Path(path).read_bytes()
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise ConfigError(f"data.source: {path} is binary (a NUL byte at offset {nul}); give UTF-8 text files")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"data.source: {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            f"convert it to UTF-8 (e.g. iconv -t utf-8)"
+        ) from None
+
+
+def holdout_rows(rows: int, fraction: float, source: str) -> int:
+    """How many of `rows` rows are held out: holdout_fraction of them, at least one, and at least one
+    left to train on; too few rows for both is refused, naming how many are needed."""
+    held = max(1, int(rows * fraction))
+    if rows - held < 1:
+        raise ConfigError(
+            f"data.source={source} gives {rows} row(s); a held-out split and training need at least "
+            f"{held + 1} ({held} held out with data.holdout_fraction={fraction:g}, 1 to train); add data "
+            f"or shorten data.seq_len"
+        )
+    return held
+
+
+def split_text(files: list[Path], tokenizer, seq_len: int, fraction: float, source: str):
+    """(train, held-out) windows of a text corpus, sharing no row: the files held out by their name's
+    hash, or, where that leaves either side without a file, the last windows of the corpus."""
+    held = [p for p in files if is_holdout(p, fraction)] or files[-1:]
+    train = [p for p in files if p not in held]
+    if train:
+        return TextWindows(train, tokenizer, seq_len), TextWindows(held, tokenizer, seq_len)
+    windows = TextWindows(files, tokenizer, seq_len)
+    n_held = holdout_rows(len(windows), fraction, source)
+    return windows.rows(0, len(windows) - n_held), windows.rows(len(windows) - n_held, len(windows))
 
 
 def train_tokenizer(files: list[Path], vocab_size: int, out_dir: str) -> PreTrainedTokenizerFast:
@@ -79,6 +118,12 @@ class TextWindows(torch.utils.data.Dataset):
         if n == 0:
             raise ConfigError(f"the corpus has {len(ids)} tokens, fewer than one window of data.seq_len={seq_len}")
         self.windows = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+    def rows(self, start: int, stop: int) -> TextWindows:
+        """Windows start..stop (a view)."""
+        part = TextWindows.__new__(TextWindows)
+        part.windows = self.windows[start:stop]
+        return part
 
     def __len__(self) -> int:
         return len(self.windows)

@@ -158,6 +158,18 @@ def load_prepared(path: str):
     return data
 
 
+def read_report(path: str) -> dict:
+    """The prepare_report.json of the prepared dataset at `path`."""
+    file = os.path.join(path, REPORT_NAME)
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # a copy cut short, a write that never finished
+        raise ConfigError(
+            f"{file} is truncated or damaged ({type(e).__name__}: {e}); run `tide-ds prepare` for {path} again"
+        ) from None
+
+
 def _load_from_disk(path: str):
     import datasets
 
@@ -168,13 +180,43 @@ def _load_from_disk(path: str):
             f"{path} is a directory but not a saved dataset (no save_to_disk files in it); give "
             f".jsonl / .json / .parquet files or a directory written by save_to_disk"
         ) from None
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError: a truncated .arrow file
+        raise ConfigError(
+            f"{path} holds a truncated or damaged dataset file ({type(e).__name__}: "
+            f"{(str(e).strip().splitlines() or [''])[0][:200]}); run `tide-ds prepare` for it again"
+        ) from None
 
 
-def vocab_fingerprint(tokenizer) -> str:
-    """A short hash of a tokenizer's vocabulary (every token and its id): data prepared with one
-    tokenizer is only read by a run whose tokenizer has the same fingerprint."""
-    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+def vocab_fingerprint(tokenizer, drop: str | None = None) -> str:
+    """A short hash of a tokenizer's vocabulary (every token and its id, but `drop`): data prepared
+    with one tokenizer is only read by a run whose tokenizer has the same fingerprint."""
+    items = sorted(((t, i) for t, i in tokenizer.get_vocab().items() if t != drop), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def check_tokenizers(source_key: str, source: str, report: dict, sides) -> None:
+    """Each side must read the ids the data was prepared with: the report's vocabulary fingerprints
+    (a report without them: the vocabulary of the tokenizer it names). `sides`: (side, a function
+    giving its tokenizer, how to fix a mismatch, a token the side may have added since, or None:
+    a student's mask token)."""
+    from tide_ds.models import load_tokenizer
+
+    prints = report.get("tokenizers", {})
+    for side, load, fix, added in sides:
+        prepared_with, tokenizer = report["config"][side]["tokenizer"], load()
+        if side in prints:
+            same = prints[side] in {vocab_fingerprint(tokenizer), vocab_fingerprint(tokenizer, drop=added)}
+        else:
+            same = (
+                not os.path.isdir(prepared_with)
+                or load_tokenizer(prepared_with, source_key).get_vocab() == tokenizer.get_vocab()
+            )
+        if not same:
+            raise ConfigError(
+                f"{source_key}={source} was prepared with the {side} tokenizer {prepared_with}, whose "
+                f"vocabulary differs from this run's {side} tokenizer; {fix}, or prepare the data "
+                f"again with this {side}'s tokenizer"
+            )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ micro-batches (`placement.TensorParallelTeacher`). Needs `pip install tide_ds[me
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -216,14 +217,21 @@ def init_groups(tp: int, ep: int) -> None:
     groups of an earlier megatron teacher in this process are replaced."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
+    from torch.distributed import distributed_c10d
 
     from tide_ds.engine import megatron_cpu
 
     megatron_cpu.apply()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    # megatron gives its groups 30 minutes unless told: engine.timeout_s, which group_timeout made
+    # torch's default, in the whole minutes megatron counts
+    minutes = max(1, math.ceil(distributed_c10d.default_pg_timeout.total_seconds() / 60))
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, expert_model_parallel_size=ep, expert_tensor_parallel_size=1
+        tensor_model_parallel_size=tp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=1,
+        distributed_timeout_minutes=minutes,
     )
     # frozen inference: no dropout, so no CUDA RNG states to fork
     initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)

@@ -193,7 +193,7 @@ def is_meta(module: nn.Module) -> bool:
 def place_zero3(step, cfg: Config, dist: Dist, ds_config: dict | None) -> PlacedTeacher:
     """A meta teacher is built again under zero.Init (each module's parameters partitioned as it is
     built), then each rank reads only its partition of every parameter from teacher.path."""
-    teacher_ds = zero3_config(ds_config)
+    teacher_ds = zero3_config(ds_config, next(step.teacher.parameters()).dtype)
     group = torch.distributed.new_group(list(range(torch.distributed.get_world_size())))
     if is_meta(step.teacher):
         step = step.with_teacher(zero3_built_teacher(cfg, step.teacher, teacher_ds, group))
@@ -362,24 +362,19 @@ def _replace_params(obj, params):
     return obj
 
 
-def zero3_config(student_ds: dict) -> dict:
-    """The teacher's ZeRO-3 config: the student's batch and precision, stage 3, no optimizer."""
+def zero3_config(student_ds: dict, dtype: torch.dtype) -> dict:
+    """The teacher's ZeRO-3 config: the student's batch, the teacher's `dtype`, stage 3, no optimizer."""
     zero = dict(student_ds.get("zero_optimization", {}))
     zero.update(stage=3)
     for k in ("offload_optimizer", "reduce_scatter", "overlap_comm", "contiguous_gradients", "reduce_bucket_size"):
         zero.pop(k, None)
-    teacher_ds = {
-        k: student_ds[k]
-        for k in (
-            "train_micro_batch_size_per_gpu",
-            "gradient_accumulation_steps",
-            "train_batch_size",
-            "bf16",
-            "fp16",
-            "steps_per_print",
-        )
-    }
+    batch_keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+    teacher_ds = {k: student_ds[k] for k in (*batch_keys, "steps_per_print")}
     teacher_ds["zero_optimization"] = zero
+    # The teacher keeps its own dtype (teacher.dtype), whatever the student's precision: DeepSpeed
+    # casts a module to the precision its config enables, so that is set from the teacher's dtype.
+    teacher_ds["bf16"] = {"enabled": dtype == torch.bfloat16}
+    teacher_ds["fp16"] = {"enabled": dtype == torch.float16}
     return teacher_ds
 
 
@@ -390,9 +385,8 @@ def zero3_teacher(module: nn.Module, teacher_ds: dict, group):
     already (built under zero.Init) stay as they are. Returns the DeepSpeed engine (callable)."""
     import deepspeed
 
-    deepspeed.zero.Init(
-        module=module, data_parallel_group=group, config_dict_or_path=teacher_ds, dtype=next(module.parameters()).dtype
-    )
+    dtype = next(module.parameters()).dtype
+    deepspeed.zero.Init(module=module, data_parallel_group=group, config_dict_or_path=teacher_ds, dtype=dtype)
     engine, _, _, _ = deepspeed.initialize(model=module, config=teacher_ds)
     engine.eval()
     return engine

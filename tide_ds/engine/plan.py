@@ -46,6 +46,10 @@ def load_ds_config(path: str) -> dict[str, Any]:
         raise ConfigError(f"engine.ds_config {path} is not valid JSON: {e}") from None
     if not isinstance(ds, dict):
         raise ConfigError(f"engine.ds_config {path} must hold a JSON object")
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise ConfigError(f"engine.ds_config {path}: zero_optimization.stage is {stage!r}; ZeRO stages are 0 to 3")
     return ds
 
 

@@ -16,6 +16,7 @@ import os
 import torch
 
 from tide_ds.config import ConfigError
+from tide_ds.outputs import check_out_file
 
 TASKS = ("nll", "agreement", "samples", "humaneval")
 
@@ -72,13 +73,25 @@ def load_model(path: str, tokenizer_path: str | None = None):
     return student.eval(), tokenizer
 
 
+def check_data_tokenizers(data_dir: str, tokenizer, teacher: str | None) -> None:
+    """The student (and the teacher, for agreement) must read the ids --data was prepared with, as
+    `tide-ds distill` checks them; the student's tokenizer may hold the mask token it added since."""
+    from tide_ds.data.prepare import check_tokenizers, read_report
+    from tide_ds.models import load_tokenizer
+
+    report = read_report(data_dir)
+    sides = [("student", lambda: tokenizer, "give a student trained on it as --model", tokenizer.mask_token)]
+    if teacher is not None and "teacher" in report.get("tokenizers", {}):
+        sides.append(("teacher", lambda: load_tokenizer(teacher, "--teacher"), "give that teacher as --teacher", None))
+    check_tokenizers("--data", data_dir, report, sides)
+
+
 def heldout_batches(data_dir: str, block_size: int, batches: int) -> list[dict]:
     from tide_ds.data.collate import Collator
-    from tide_ds.data.prepare import REPORT_NAME, load_prepared
+    from tide_ds.data.prepare import load_prepared, read_report
 
     data = load_prepared(data_dir)
-    with open(os.path.join(data_dir, REPORT_NAME), encoding="utf-8") as f:
-        report = json.load(f)
+    report = read_report(data_dir)
     collate = Collator(report["student_eos_id"], block_size, report["teacher_pad_id"], train_on_padding=False)
     n = min(len(data), batches * 16)
     return [collate([data[i] for i in range(lo, min(lo + 16, n))]) for lo in range(0, n, 16)]
@@ -118,6 +131,18 @@ def evaluate(
     seed: int = 1234,
     desc: str = "eval",
 ) -> dict:
+    counts = {
+        "--batches": batches,
+        "--humaneval-problems": humaneval_problems,
+        "--max-new-tokens": max_new_tokens,
+        "--steps-per-block": steps_per_block,
+    }
+    for flag, value in counts.items():
+        if value < 1:  # 0 batches would report a loss of 0.0
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    bad = [r for r in ratios if not 0.0 < r <= 1.0]
+    if bad:
+        raise ConfigError(f"--ratios must be masking ratios in (0, 1], got {bad[0]}")
     needs_data = [t for t in tasks if t in ("nll", "agreement", "samples")]
     if needs_data and (data is None or not os.path.isdir(data)):
         raise ConfigError(
@@ -135,6 +160,8 @@ def evaluate(
 
         problems = load_problems(humaneval_problems)
     student, tok = load_model(model_dir, tokenizer)
+    if needs_data:
+        check_data_tokenizers(data, tok, teacher if "agreement" in tasks else None)
     results: dict = {}
     batches_ = heldout_batches(data, student.block_size, batches) if needs_data else []
     if "nll" in tasks:
@@ -161,6 +188,8 @@ def evaluate(
 
 def run(args) -> int:
     tasks = parse_tasks(args.tasks)
+    if args.out:
+        check_out_file(args.out, "--out")
     try:
         ratios = [float(r) for r in args.ratios.split(",")]
     except ValueError:

@@ -14,11 +14,13 @@ import os
 
 from tide_ds.config import ConfigError, ModelConfig
 from tide_ds.models.build import build_student, load_tokenizer
+from tide_ds.outputs import check_out_dir, write_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="AR checkpoint directory (transformers, Qwen3 or Llama family)")
     p.add_argument("--out", required=True, help="output directory for the student")
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--mask-token", default="<|mask|>", help="mask token; added when the tokenizer lacks it")
@@ -35,17 +37,19 @@ def convert(
     mask_token: str = "<|mask|>",
     kind: str = "auto",
     dtype: str = "bfloat16",
+    overwrite: bool = False,
 ):
-    """Writes the student (model and tokenizer) to `out`; returns the BD3LMStudent."""
+    """Writes the student (model and tokenizer) to `out`, whole or not at all; returns the
+    BD3LMStudent. A non-empty `out` is replaced only with `overwrite`, once the new one is complete."""
     if block_size < 1:
         raise ConfigError(f"--block-size must be >= 1, got {block_size}")
     if os.path.abspath(out) == os.path.abspath(model):
         raise ConfigError("--out must differ from --model (the AR checkpoint is left untouched)")
+    check_out_dir(out, overwrite, "--out")
     tok = load_tokenizer(tokenizer or model, "--tokenizer" if tokenizer else "--model")
     cfg = ModelConfig(path=model, kind=kind, dtype=dtype)
     student = build_student(cfg, tok, block_size, mask_token)
-    student.model.save_pretrained(out)
-    tok.save_pretrained(out)
+    write_dir(out, lambda tmp: (student.model.save_pretrained(tmp), tok.save_pretrained(tmp)))
     return student
 
 
@@ -58,6 +62,7 @@ def run(args) -> int:
         mask_token=args.mask_token,
         kind=args.kind,
         dtype=args.dtype,
+        overwrite=args.overwrite,
     )
     cfg = student.model.config
     print(

@@ -9,6 +9,7 @@ else hf_bidirectional). The checkpoint's config.json `model_type` must agree wit
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 
@@ -129,21 +130,92 @@ def _load(cls, cfg: ModelConfig, key: str, **kwargs):
         ) from None
 
 
-def _causal_lm(cfg: ModelConfig, key: str, vocab_size: int | None) -> torch.nn.Module:
+def _causal_lm(cfg: ModelConfig, key: str, vocab_size: int | None, log=lambda line: None) -> torch.nn.Module:
     dtype = _DTYPES[dtype_name(cfg)]
     if cfg.path is not None:
         family = student_family(cfg.path, f"{key}.path")
         check_kind(cfg.kind, family, key)
         return _load(AutoModelForCausalLM, cfg, key, **a2d_config(cfg.path, family))
+    config = fresh_config(cfg, key, vocab_size)
+    count = meta_param_count(config)
+    log(
+        f"{key}: a new {config.model_type} model of {count / 1e6:.2f}M parameters (hidden_size "
+        f"{config.hidden_size}, {config.num_hidden_layers} layers, vocabulary {config.vocab_size}), counted "
+        f"before any weight is allocated"
+    )
+    check_param_bound(cfg, config, count, key)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+# What decides a fresh model's size; one left out of `init` takes the family's default (qwen3: 4096 wide,
+# 32 layers, about 10B parameters).
+SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def fresh_config(cfg: ModelConfig, key: str, vocab_size: int | None = None):
+    """The transformers config of a new model from `{key}.init`, its keys and head counts checked:
+    an unknown key (which transformers would keep as a loose attribute and ignore) is refused."""
     family = cfg.kind if cfg.kind in ("qwen3", "llama") else "qwen3"
     init = dict(cfg.init)
     if vocab_size is not None:
         init.setdefault("vocab_size", vocab_size)
+    _require_positive(init, key)
     try:
         config = AutoConfig.for_model(family, **init)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{key}.init is not a valid {family} config: {e}") from None
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as e:  # transformers' own checks of its values (recent ones: huggingface_hub's StrictDataclass*)
+        if not isinstance(e, (TypeError, ValueError)) and not type(e).__name__.startswith("StrictDataclass"):
+            raise
+        raise ConfigError(f"{key}.init is not a valid {family} config: {str(e).splitlines()[-1].strip()}") from None
+    known = AutoConfig.for_model(family).to_dict()
+    built = config.to_dict()
+    for name in init:
+        if name not in known and name in built:  # not consumed (as an alias or a legacy name is)
+            close = difflib.get_close_matches(name, list(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; see transformers' {type(config).__name__}"
+            raise ConfigError(f"{key}.init.{name}: unknown key for {family}{hint}")
+    check_heads(config, explicit_head_dim="head_dim" in init, key=key)
+    return config
+
+
+def check_heads(config, explicit_head_dim: bool, key: str) -> None:
+    """Attention heads split the width (unless head_dim is given) and key/value heads share the heads."""
+    width, heads = config.hidden_size, config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    if not explicit_head_dim and width % heads:
+        raise ConfigError(
+            f"{key}.init: num_attention_heads={heads} does not divide hidden_size={width}; choose a divisor, "
+            f"or set head_dim"
+        )
+    if heads % kv:
+        raise ConfigError(
+            f"{key}.init: num_key_value_heads={kv} does not divide num_attention_heads={heads}; choose a divisor"
+        )
+
+
+def _require_positive(init: dict, key: str) -> None:
+    for name in (*SIZE_KEYS, "num_key_value_heads", "head_dim", "vocab_size"):
+        value = init.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{key}.init.{name} must be an integer >= 1, got {value!r}")
+
+
+def meta_param_count(config) -> int:
+    """Parameters of the model `config` builds, counted on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_param_bound(cfg: ModelConfig, config, count: int, key: str) -> None:
+    """A new model over `{key}.max_params` is refused, naming the sizes left at the family's defaults."""
+    if count <= cfg.max_params:
+        return
+    defaulted = [f"{name}={getattr(config, name)}" for name in SIZE_KEYS if name not in cfg.init]
+    left = f"; left at {config.model_type}'s defaults: {', '.join(defaulted)}" if defaulted else ""
+    raise ConfigError(
+        f"{key}.init builds a model of {count / 1e9:.2f}B parameters, over {key}.max_params={cfg.max_params}"
+        f"{left}; set the sizes in {key}.init, or raise {key}.max_params"
+    )
 
 
 def student_family(path: str, key: str) -> str:
@@ -167,16 +239,17 @@ def a2d_config(path: str, family: str) -> dict:
 
 
 def build_student(
-    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, block_size: int, mask_token: str
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, block_size: int, mask_token: str, log=lambda line: None
 ) -> BD3LMStudent:
-    """A BD3LM student; the mask token is added to the tokenizer (and the embeddings) if missing."""
+    """A BD3LM student; the mask token is added to the tokenizer (and the embeddings) if missing.
+    A new model (student.init) is checked, and its size given to `log`, before it is allocated."""
     if cfg.kind not in STUDENT_KINDS:
         raise ConfigError(
             f"student.kind is '{cfg.kind}'; a student is a transformers decoder: choose one of "
             f"{', '.join(STUDENT_KINDS)}"
         )
     mask_id = ensure_mask_token(tokenizer, mask_token)
-    model = _causal_lm(cfg, "student", vocab_size=len(tokenizer))
+    model = _causal_lm(cfg, "student", vocab_size=len(tokenizer), log=log)
     if model.get_output_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     return BD3LMStudent(model, block_size=block_size, mask_token_id=mask_id, attn_backend=cfg.attn_backend)
