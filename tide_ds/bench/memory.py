@@ -58,12 +58,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--work", help="a directory for the teachers and runs (default: a temporary one); kept teachers are reused"
     )
     p.add_argument("--json", help="also write every rank's figures to this file")
-    p.add_argument("--run", help=argparse.SUPPRESS)  # worker mode: one rank of one run
+    # worker mode: one rank of one run (torchrun's parser matches any prefix of its own options,
+    # even after the script: --run would be taken for its --run-path)
+    p.add_argument("--worker-spec", help=argparse.SUPPRESS)
 
 
 def run(args) -> int:
-    if args.run:
-        return _worker(args.run)
+    if args.worker_spec:
+        return _worker(args.worker_spec)
     if not args.memory:
         print(
             "tide-ds bench placement measures memory: add --memory (the teacher call's time and memory "
@@ -239,7 +241,7 @@ def _launch(work: str, assets: dict, placement: str, ranks: int, steps: int) -> 
         port = s.getsockname()[1]
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--nproc_per_node", str(ranks), "--master_port", str(port), "-m", "tide_ds.cli"]
-    cmd += ["bench", "placement", "--run", spec_file]
+    cmd += ["bench", "placement", "--worker-spec", spec_file]
     # glibc would keep freed blocks below a moving mmap threshold in its heap: a fixed 1 MiB
     # threshold returns large blocks at once, so the resident set follows what is in use
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="1048576")
