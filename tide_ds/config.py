@@ -44,7 +44,9 @@ class ModelConfig:
     # wedlm | hf_bidirectional | qwen3 | llama (see tide_ds/models/build.py)
     kind: Literal["auto", "qwen3", "llama", "hf_bidirectional", "llada2_moe", "wedlm"] = "auto"
     tokenizer: str | None = None  # defaults to `path`
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # auto: the checkpoint's own (config.json `dtype` / `torch_dtype`), float32 for a new model; the
+    # student's is float32 unless DeepSpeed trains it in bf16 (it keeps fp32 master weights)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"  # auto: flex on CUDA, sdpa elsewhere
     mask_token_id: int | None = None  # teacher: overrides the id found through its tokenizer / config
     block_size: int | None = None  # wedlm teacher: its block (None: diffusion.block_size)

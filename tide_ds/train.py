@@ -36,6 +36,7 @@ from tide_ds.data.sampler import Prefetch, RankBatches, batches_per_epoch
 from tide_ds.engine import RunPlan, build_engine, init_distributed, launched_world, load_ds_config, settle
 from tide_ds.engine.dist import fail_fast
 from tide_ds.engine.guard import StepGuard
+from tide_ds.engine.placement import BUILDS_OWN_SHARD
 from tide_ds.engine.preempt import Preemption, resume_command
 from tide_ds.engine.watchdog import Watchdog, beat
 from tide_ds.eval import masked_token_loss
@@ -334,10 +335,10 @@ def open_targets(cfg: Config, terms: RunTerms, data: Data, tokenizer, log) -> st
 
 
 def build_teacher_model(cfg: Config, terms: RunTerms, data: Data, tokenizer, device: torch.device):
-    """The teacher on `device`, once it is known to fit the recipe and data (a megatron teacher is
-    built on the meta device: its placement reads only this rank's slices of the weights)."""
+    """The teacher on `device`, once it is known to fit the recipe and data (a sharding placement's
+    teacher is built on the meta device: the placement reads only this rank's part of the weights)."""
     check_teacher_fits(cfg, terms, data, tokenizer)
-    lazy = cfg.engine.teacher_placement == "megatron"
+    lazy = cfg.engine.teacher_placement in BUILDS_OWN_SHARD
     teacher = build_teacher(
         cfg.teacher, cfg.diffusion.mask_token, block_size=cfg.diffusion.block_size, weights=not lazy
     )

@@ -11,6 +11,7 @@ BENCHMARKS = {
     "step": "tide_ds.bench.step",
     "schedule": "tide_ds.bench.schedule",
     "targets": "tide_ds.bench.targets",
+    "placement": "tide_ds.bench.memory",
 }
 
 

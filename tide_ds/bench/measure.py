@@ -19,6 +19,17 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def resident(field: str = "VmRSS") -> int:
+    """This process's resident set (VmRSS) or its high-water mark (VmHWM), in bytes."""
+    return _rss_bytes(field)
+
+
+def reset_peak() -> int:
+    """Resets VmHWM to the current resident set, which it returns (bytes)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _rss_bytes("VmRSS")
+
+
 def peak_growth(step, device: str) -> int:
     """Peak memory growth during one call of step(), in bytes: on GPU torch.cuda.max_memory_allocated,
     on CPU the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) minus the
@@ -31,8 +42,7 @@ def peak_growth(step, device: str) -> int:
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-    base = _rss_bytes("VmRSS")
+    base = reset_peak()
     step()
     return _rss_bytes("VmHWM") - base
 

@@ -16,7 +16,6 @@ micro-batches (`placement.TensorParallelTeacher`). Needs `pip install tide_ds[me
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -27,6 +26,7 @@ from torch import nn
 
 from tide_ds.config import ConfigError
 from tide_ds.models.llada2 import LLaDA2MoeConfig
+from tide_ds.models.load import Checkpoint
 
 INSTALL = "pip install 'tide_ds[megatron]'"
 
@@ -240,32 +240,16 @@ def init_groups(tp: int, ep: int) -> None:
 # -- weights from the published HF layout -----------------------------------------------------------
 
 
-class SafetensorsSlices:
-    """Reads slices of named tensors from a HF checkpoint directory (one file or an index)."""
+class Slices:
+    """`read(name, rows, cols)`: a slice of one tensor (rows or columns) of the teacher checkpoint."""
 
-    def __init__(self, path: str):
-        from safetensors import safe_open
-
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                files = json.load(f)["weight_map"]
-        elif os.path.isfile(os.path.join(path, "model.safetensors")):
-            with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
-                files = {k: "model.safetensors" for k in f.keys()}
-        else:
-            raise ConfigError(
-                f"teacher.path={path} has no model.safetensors(.index.json) to load the megatron "
-                f"teacher from; or set engine.megatron_checkpoint"
-            )
-        self.files = files
-        self.handles = {name: safe_open(os.path.join(path, name), "pt") for name in set(files.values())}
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
 
     def __call__(self, name: str, rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:
-        if name not in self.files:
-            raise ConfigError(f"the teacher checkpoint has no tensor {name}")
-        part = self.handles[self.files[name]].get_slice(name)
-        return part[rows] if cols == slice(None) else part[rows, cols]
+        if cols != slice(None):
+            return self.ckpt.read(name, 1, cols.start, cols.stop)
+        return self.ckpt.read(name, 0, rows.start or 0, rows.stop)
 
 
 def _part(n: int, rank: int, size: int) -> slice:
@@ -273,7 +257,7 @@ def _part(n: int, rank: int, size: int) -> slice:
 
 
 def hf_tensor(
-    name: str, read: SafetensorsSlices, c: LLaDA2MoeConfig, tp_rank: int, tp: int, ep_rank: int, ep: int
+    name: str, read: Slices, c: LLaDA2MoeConfig, tp_rank: int, tp: int, ep_rank: int, ep: int
 ) -> torch.Tensor:
     """This rank's part of megatron parameter `name`, read from the published LLaDA2 names."""
     if name == "head":
@@ -337,11 +321,11 @@ def _qkv(read, name: str, c: LLaDA2MoeConfig, tp_rank: int, tp: int) -> torch.Te
 def load_hf(model: LLaDA2Megatron, path: str) -> None:
     from megatron.core import parallel_state as ps
 
-    read = SafetensorsSlices(path)
     tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     ep_rank, ep = ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()
     state = model.state_dict()
-    with torch.no_grad():
+    with torch.no_grad(), Checkpoint(path) as ckpt:
+        read = Slices(ckpt)
         for name, target in state.items():
             if name.endswith("_extra_state"):  # Transformer Engine / fp8 metadata: none here
                 continue

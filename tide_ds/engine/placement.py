@@ -25,6 +25,11 @@ from torch import nn
 from tide_ds.config import Config, ConfigError
 from tide_ds.engine.dist import Dist
 from tide_ds.models.llada2 import Experts, shard_experts
+from tide_ds.models.load import Checkpoint, load_local, load_zero3_partitions
+
+# The placements that take the teacher built on the meta device (shapes only) and read just this
+# rank's part of its weights from teacher.path; replicate loads it whole before it is placed.
+BUILDS_OWN_SHARD = ("zero3", "expert_parallel", "tensor_parallel", "megatron")
 
 
 @dataclasses.dataclass
@@ -180,26 +185,93 @@ def place_replicate(step, cfg: Config, dist: Dist, ds_config: dict | None) -> Pl
     return PlacedTeacher(step.teacher_targets, step.teacher)
 
 
+def is_meta(module: nn.Module) -> bool:
+    """Built on the meta device (shapes only): the placement reads its weights itself."""
+    return any(p.is_meta for p in module.parameters())
+
+
 def place_zero3(step, cfg: Config, dist: Dist, ds_config: dict | None) -> PlacedTeacher:
-    engine = zero3_teacher(_TeacherCall(step), ds_config)
+    """A meta teacher is built again under zero.Init (each module's parameters partitioned as it is
+    built), then each rank reads only its partition of every parameter from teacher.path."""
+    teacher_ds = zero3_config(ds_config, next(step.teacher.parameters()).dtype)
+    group = torch.distributed.new_group(list(range(torch.distributed.get_world_size())))
+    if is_meta(step.teacher):
+        step = step.with_teacher(zero3_built_teacher(cfg, step.teacher, teacher_ds, group))
+    engine = zero3_teacher(_TeacherCall(step), teacher_ds, group)
     return PlacedTeacher(engine, step.teacher, engine.optimizer.get_param_coordinator())
+
+
+def zero3_built_teacher(cfg: Config, meta, teacher_ds: dict, group):
+    import deepspeed
+
+    from tide_ds.models.build import build_teacher
+
+    dtype = meta.model.dtype
+    init = deepspeed.zero.Init(data_parallel_group=group, config_dict_or_path=teacher_ds, dtype=dtype)
+    # zero.Init resolves `dtype` to bf16 or fp16 whatever was asked where the accelerator has no fp16
+    # (CPU): the teacher's parameters are built in its own dtype
+    init.dtype = dtype
+    teacher = build_teacher(
+        cfg.teacher, cfg.diffusion.mask_token, block_size=cfg.diffusion.block_size, weights=False, within=init
+    )
+    with Checkpoint(cfg.teacher.path) as ckpt:
+        load_zero3_partitions(teacher.model, ckpt, torch.distributed.get_rank(group))
+    return teacher
 
 
 def place_expert_parallel(step, cfg: Config, dist: Dist, ds_config: dict | None) -> PlacedTeacher:
     """Each rank keeps E / ep_size experts of every MoE layer; router, shared experts, attention,
-    embeddings, dense layers and head stay whole (replicated). The experts are dropped in place."""
+    embeddings, dense layers and head stay whole (replicated). A meta teacher reads only those from
+    teacher.path; a loaded one drops the other experts in place."""
+    meta = is_meta(step.teacher)
     shard_experts(step.teacher, consecutive_group(cfg.engine.ep_size, dist))
+    if meta:
+        first = {id(p): m.first for m in step.teacher.modules() if isinstance(m, Experts) for p in m.parameters()}
+
+        def part(name, p):
+            return (0, first[id(p)]) if id(p) in first else None
+
+        with Checkpoint(cfg.teacher.path) as ckpt:
+            load_local(step.teacher.model, ckpt, dist.device, part=part)
     return PlacedTeacher(step.teacher_targets, step.teacher)
 
 
 def place_tensor_parallel(step, cfg: Config, dist: Dist, ds_config: dict | None) -> PlacedTeacher:
-    placed = step.with_teacher(tensor_parallel(step.teacher, cfg.engine.tp_size))
+    path = cfg.teacher.path if is_meta(step.teacher) else None
+    placed = step.with_teacher(tensor_parallel(step.teacher, cfg.engine.tp_size, path))
     return PlacedTeacher(placed.teacher_targets, placed.teacher)
 
 
-def tensor_parallel(teacher, tp_size: int) -> TensorParallelTeacher:
+def autotp_slice(model: nn.Module, ckpt: Checkpoint):
+    """The `part` of `load_local` for a model AutoTP has split: (dim, start) of this rank's slice of
+    a split parameter, from the split its layer recorded (`_partition_sizes`, `tp_index`; the dim is
+    the one where this rank's shape differs from the stored one); None for one kept whole."""
+    owners = {
+        f"{name}.{attr}": m
+        for name, m in model.named_modules()
+        if hasattr(m, "_partition_sizes")
+        for attr in ("weight", "bias")
+    }
+
+    def part(name: str, p: torch.Tensor):
+        stored = ckpt.shape(name)
+        if name not in owners or list(p.shape) == stored:
+            return None
+        m = owners[name]
+        dim = next(d for d, (a, b) in enumerate(zip(p.shape, stored, strict=True)) if a != b)
+        sizes = m._partition_sizes
+        if sizes[m.tp_index] != p.shape[dim]:
+            raise RuntimeError(f"AutoTP split {sizes} of {name} does not give this rank's {list(p.shape)}")
+        return dim, sum(sizes[: m.tp_index])
+
+    return part
+
+
+def tensor_parallel(teacher, tp_size: int, path: str | None = None) -> TensorParallelTeacher:
     """AutoTP over groups of tp_size ranks. The output head stays whole on every rank (the loss
-    reads it directly), so it is hidden from AutoTP, which would otherwise split it."""
+    reads it directly), so it is hidden from AutoTP, which would otherwise split it. A teacher on the
+    meta device is split as shapes only; each rank then reads its slices (and the whole head and
+    unsplit weights) from `path`."""
     import deepspeed
 
     model = teacher.model
@@ -212,6 +284,10 @@ def tensor_parallel(teacher, tp_size: int) -> TensorParallelTeacher:
         )
     finally:
         setattr(parent, attr, head)
+    if path is not None:
+        device = next(p.device for p in model.parameters() if not p.is_meta)
+        with Checkpoint(path) as ckpt:
+            load_local(model, ckpt, device, part=autotp_slice(model, ckpt))
     return TensorParallelTeacher(teacher, engine.mp_group)
 
 
@@ -286,12 +362,8 @@ def _replace_params(obj, params):
     return obj
 
 
-def zero3_teacher(module: nn.Module, student_ds: dict):
-    """`module`'s parameters partitioned over the ranks (ZeRO-3, no optimizer), gathered over a
-    process group of its own, so its gathers never interleave with the student's collectives even
-    when the two run at once (train.scheduler=overlap). Returns the DeepSpeed engine (callable)."""
-    import deepspeed
-
+def zero3_config(student_ds: dict, dtype: torch.dtype) -> dict:
+    """The teacher's ZeRO-3 config: the student's batch, the teacher's `dtype`, stage 3, no optimizer."""
     zero = dict(student_ds.get("zero_optimization", {}))
     zero.update(stage=3)
     for k in ("offload_optimizer", "reduce_scatter", "overlap_comm", "contiguous_gradients", "reduce_bucket_size"):
@@ -301,10 +373,19 @@ def zero3_teacher(module: nn.Module, student_ds: dict):
     teacher_ds["zero_optimization"] = zero
     # The teacher keeps its own dtype (teacher.dtype), whatever the student's precision: DeepSpeed
     # casts a module to the precision its config enables, so that is set from the teacher's dtype.
-    dtype = next(module.parameters()).dtype
     teacher_ds["bf16"] = {"enabled": dtype == torch.bfloat16}
     teacher_ds["fp16"] = {"enabled": dtype == torch.float16}
-    group = torch.distributed.new_group(list(range(torch.distributed.get_world_size())))
+    return teacher_ds
+
+
+def zero3_teacher(module: nn.Module, teacher_ds: dict, group):
+    """`module`'s parameters partitioned over the ranks (ZeRO-3, no optimizer), gathered over
+    `group`, a process group of its own, so its gathers never interleave with the student's
+    collectives even when the two run at once (train.scheduler=overlap). Parameters partitioned
+    already (built under zero.Init) stay as they are. Returns the DeepSpeed engine (callable)."""
+    import deepspeed
+
+    dtype = next(module.parameters()).dtype
     deepspeed.zero.Init(module=module, data_parallel_group=group, config_dict_or_path=teacher_ds, dtype=dtype)
     engine, _, _, _ = deepspeed.initialize(model=module, config=teacher_ds)
     engine.eval()

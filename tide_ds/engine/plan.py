@@ -60,7 +60,7 @@ def settle(cfg: Config, ds_json: dict[str, Any] | None, world: int) -> tuple[Run
     if not deepspeed:
         _refuse_fp16(cfg.train.precision, "train.precision=fp16")
         train = _settle_batch(cfg, {}, 1, "config")
-        return RunPlan(dataclasses.replace(cfg, train=train), world, deepspeed=False), None
+        return RunPlan(_student_dtype(dataclasses.replace(cfg, train=train), False), world, deepspeed=False), None
     if cfg.train.nonfinite == "skip":  # several ranks without a ds_config
         raise ConfigError(SKIP_NEEDS_ONE_PROCESS)
     source = cfg.engine.ds_config or "the default DeepSpeed config"
@@ -85,7 +85,16 @@ def settle(cfg: Config, ds_json: dict[str, Any] | None, world: int) -> tuple[Run
     _refuse_fp16(precision, f"train.precision=fp16 (or fp16.enabled in {source})")
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **adopted, precision=precision))
     cfg = dataclasses.replace(cfg, train=_settle_batch(cfg, ds, world, source))
-    return RunPlan(cfg, world, deepspeed=True), _written(cfg, ds)
+    return RunPlan(_student_dtype(cfg, True), world, deepspeed=True), _written(cfg, ds)
+
+
+def _student_dtype(cfg: Config, deepspeed: bool) -> Config:
+    """student.dtype=auto is the checkpoint's own only where DeepSpeed trains in bf16 (it casts the
+    student to bf16 and keeps fp32 master weights); float32 elsewhere, where the optimizer updates
+    the weights in their own dtype."""
+    if cfg.student.dtype != "auto" or (deepspeed and cfg.train.precision == "bf16"):
+        return cfg
+    return dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, dtype="float32"))
 
 
 def _written(cfg: Config, ds: dict) -> dict:

@@ -21,6 +21,7 @@ from transformers import (
     AutoTokenizer,
     PreTrainedTokenizerBase,
 )
+from transformers.initialization import no_init_weights
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from tide_ds.config import ConfigError, ModelConfig
@@ -58,6 +59,20 @@ def checkpoint_model_type(path: str, key: str) -> str:
     if not model_type:
         raise ConfigError(f"{key}={path}: config.json has no model_type")
     return model_type
+
+
+def dtype_name(cfg: ModelConfig) -> str:
+    """cfg.dtype, with `auto` resolved: the dtype config.json at cfg.path names (transformers writes
+    `dtype`, older versions `torch_dtype`), float32 for a new model or a checkpoint naming none."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    file = os.path.join(cfg.path, "config.json") if cfg.path is not None else None
+    if file is None or not os.path.isfile(file):
+        return "float32"
+    with open(file, encoding="utf-8") as f:
+        config = json.load(f)
+    stored = config.get("dtype") or config.get("torch_dtype")
+    return stored if stored in _DTYPES else "float32"
 
 
 def check_student_checkpoint(model_type: str, key: str) -> None:
@@ -104,7 +119,7 @@ def ensure_mask_token(tokenizer: PreTrainedTokenizerBase, mask_token: str) -> in
 
 def _load(cls, cfg: ModelConfig, key: str, **kwargs):
     try:
-        return cls.from_pretrained(cfg.path, dtype=_DTYPES[cfg.dtype], **kwargs)
+        return cls.from_pretrained(cfg.path, dtype=_DTYPES[dtype_name(cfg)], **kwargs)
     except (ValueError, OSError, RuntimeError, KeyError) as e:
         raise ConfigError(f"{key}.path={cfg.path} does not load as a {key} model: {e}") from None
     except Exception as e:  # safetensors reports a truncated or damaged file with its own error type
@@ -116,7 +131,7 @@ def _load(cls, cfg: ModelConfig, key: str, **kwargs):
 
 
 def _causal_lm(cfg: ModelConfig, key: str, vocab_size: int | None, log=lambda line: None) -> torch.nn.Module:
-    dtype = _DTYPES[cfg.dtype]
+    dtype = _DTYPES[dtype_name(cfg)]
     if cfg.path is not None:
         family = student_family(cfg.path, f"{key}.path")
         check_kind(cfg.kind, family, key)
@@ -240,11 +255,14 @@ def build_student(
     return BD3LMStudent(model, block_size=block_size, mask_token_id=mask_id, attn_backend=cfg.attn_backend)
 
 
-def build_teacher(cfg: ModelConfig, mask_token: str, block_size: int | None = None, weights: bool = True) -> Teacher:
+def build_teacher(
+    cfg: ModelConfig, mask_token: str, block_size: int | None = None, weights: bool = True, within=None
+) -> Teacher:
     """A frozen teacher from `cfg.path`, its class chosen by `cfg.kind` or the checkpoint's model_type.
 
     block_size is the WeDLM-style teacher's block (teacher.block_size overrides it). weights=False
-    builds it on the meta device (shapes and config only) for a placement that loads its own slices."""
+    builds it without its weights for a placement that reads its own part of them: on the meta
+    device (shapes and config only), or under the context manager `within` (e.g. zero.Init)."""
     if cfg.path is None:
         raise ConfigError("teacher.path is not set; the recipe needs a trained teacher model directory")
     model_type = checkpoint_model_type(cfg.path, "teacher.path")
@@ -266,8 +284,10 @@ def build_teacher(cfg: ModelConfig, mask_token: str, block_size: int | None = No
     if weights:
         model = _load(auto, cfg, "teacher")
     else:
-        with torch.device("meta"):
-            model = auto.from_config(AutoConfig.from_pretrained(cfg.path), dtype=_DTYPES[cfg.dtype])
+        # no initialisation: every weight is read from the checkpoint afterwards
+        with torch.device("meta") if within is None else within, no_init_weights():
+            model = auto.from_config(AutoConfig.from_pretrained(cfg.path), dtype=_DTYPES[dtype_name(cfg)])
+        model.tie_weights()  # skipped with the initialisation: tied weights stay one parameter
     mask_id = teacher_mask_token_id(cfg, model.config, mask_token)
     if kind == "llada2_moe":
         return LLaDA2Teacher(model, mask_id)

@@ -232,6 +232,7 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
         self.num_experts = num_experts  # in the whole model, sharded or not
         self.group = None  # the expert-parallel process group once sharded
+        self.first = 0  # the first expert this rank holds
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [n, H], ids / weights [n, k] -> sum_k weights * expert_{ids}(x), [n, H]."""
@@ -287,7 +288,7 @@ def shard_experts(model: nn.Module, group) -> int:
             whole = getattr(m, name)
             part = whole.detach()[rank * size : (rank + 1) * size].clone()  # a copy: the whole stack is freed
             setattr(m, name, nn.Parameter(part, requires_grad=whole.requires_grad))
-        m.group = group
+        m.group, m.first = group, rank * size
     return len(layers)
 
 

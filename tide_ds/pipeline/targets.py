@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from tide_ds.config import Config, ConfigError
+from tide_ds.models.build import dtype_name
 from tide_ds.pipeline.step import Noised, TeacherTargets
 from tide_ds.pipeline.terms import CHUNKS, RunTerms
 
@@ -104,7 +105,7 @@ def teacher_fingerprint(cfg: Config) -> dict:
     return {
         "teacher.path": file_hash(dir_files(m.path)),
         "teacher.kind": m.kind,
-        "teacher.dtype": m.dtype,
+        "teacher.dtype": dtype_name(m),
         "teacher.mask_token_id": m.mask_token_id,
         "teacher.block_size": m.block_size,
         "teacher.block_order": m.block_order,
