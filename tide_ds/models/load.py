@@ -281,7 +281,7 @@ def load_zero3_partitions(model: nn.Module, ckpt: Checkpoint, rank: int) -> int:
             if first == last:
                 continue
             into = p.ds_tensor.data.view(-1)[: last - first]
-            if into.dtype == ckpt.dtype(name):
+            if into.dtype == ckpt.dtype(name) and into.device.type == "cpu":  # a GPU partition: via the host
                 ckpt.read_flat(name, first, last, out=into)
             else:
                 into.copy_(ckpt.read_flat(name, first, last))
