@@ -36,7 +36,7 @@ def test_same_seed_same_results_and_reuse(tmp_path):
     stamp = os.path.getmtime(done)
     assert run(tmp_path / "a") == first  # every stage reused
     assert os.path.getmtime(done) == stamp
-    for name in ("results.md", "plots/loss_terms.png", "plots/tidal_lambda.png", "plots/heldout_nll.png"):
+    for name in ("results.md", "plots/loss_terms.png", "plots/tidal_lambda.png", "plots/heldout_bpb.png"):
         assert os.path.isfile(os.path.join(tmp_path, "a", name)), name
     assert os.listdir(os.path.join(tmp_path, "a", "tb", "tide_full"))
 

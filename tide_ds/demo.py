@@ -121,7 +121,7 @@ def run(args) -> int:
     if not stages.done("data", data_dir):
         timed("data", lambda: data_stage.build(cfg.corpus, stages.fresh(data_dir)))
         stages.mark(data_dir)
-    train_files, held_files = data_stage.split_files(cfg.corpus)
+    train_files, _ = data_stage.split_files(cfg.corpus)
     teacher_tok, student_tok = (os.path.join(data_dir, n) for n in (data_stage.TEACHER_TOK, data_stage.STUDENT_TOK))
 
     print(f"[2/6] teacher: LLaDA2-style MoE masked diffusion LM, {cfg.teacher.train.steps} steps -> {teacher_dir}")
@@ -172,10 +172,10 @@ def run(args) -> int:
             json.dump(result["history"], f)
         stages.mark(run_dir)
 
-    print("[5/6] evaluation: held-out NLL, chunk agreement, samples, HumanEval")
+    print("[5/6] evaluation: held-out bits per byte and NLL, chunk agreement, samples, HumanEval")
     eval_dir = os.path.join(out, "eval")
     os.makedirs(eval_dir, exist_ok=True)
-    timed("eval", lambda: evaluate_all(cfg, out, stages, teacher_dir, held_files))
+    timed("eval", lambda: evaluate_all(cfg, out, stages, teacher_dir))
 
     print(f"[6/6] report -> {out}/results.json, results.md, plots/, tb/")
     report.write(cfg, out, timings)
@@ -192,18 +192,20 @@ def save_student_init(run_cfg, out: str, seed: int) -> None:
     tokenizer.save_pretrained(out)
 
 
-def evaluate_all(cfg, out: str, stages: Stages, teacher_dir: str, held_files) -> None:
-    from tide_ds.eval.cli import evaluate
-    from tide_ds.mainjob.teacher import heldout_nll
+def evaluate_all(cfg, out: str, stages: Stages, teacher_dir: str) -> None:
+    from tide_ds.eval.cli import evaluate, teacher_losses
 
     e = cfg.eval
+    heldout = os.path.join(out, "data", "prepared_heldout")
     teacher_out = os.path.join(out, "eval", "teacher")
     if not stages.done("eval", teacher_out):
         os.makedirs(teacher_out, exist_ok=True)
-        nll = heldout_nll(teacher_dir, held_files, cfg.teacher.train.seq_len, e.ratios, e.batches)
-        _write_json(os.path.join(teacher_out, "results.json"), {"nll": nll})
+        with open(os.path.join(out, "student_init", "config.json"), encoding="utf-8") as f:
+            block_size = json.load(f)["bd3lm"]["block_size"]  # the students' batches, hence their draws
+        bpb = teacher_losses(teacher_dir, heldout, block_size, e.ratios, e.batches)
+        _write_json(os.path.join(teacher_out, "results.json"), {"bpb": bpb})
         stages.mark(teacher_out)
-    tasks = ["nll", "agreement", "samples"] + (["humaneval"] if e.humaneval_problems else [])
+    tasks = ["bpb", "agreement", "samples"] + (["humaneval"] if e.humaneval_problems else [])
     for name in ["init"] + list(cfg.recipes):
         model = os.path.join(out, "student_init") if name == "init" else os.path.join(out, "students", name, "final")
         where = os.path.join(out, "eval", name)
@@ -214,7 +216,7 @@ def evaluate_all(cfg, out: str, stages: Stages, teacher_dir: str, held_files) ->
         results = evaluate(
             model,
             tasks,
-            data=os.path.join(out, "data", "prepared_heldout"),
+            data=heldout,
             teacher=teacher_dir,
             ratios=e.ratios,
             batches=e.batches,

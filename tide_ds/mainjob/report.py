@@ -63,51 +63,67 @@ def mean(values) -> float:
     return sum(values) / max(len(values), 1)
 
 
-def table(results: dict) -> str:
-    ratios = list(next(iter(results["models"].values()))["nll"])
-    head = (
-        ["model", "terms"]
-        + [f"NLL@{r}" for r in ratios]
-        + ["mean NLL", "chunk corr", "chunk gap", "chunk agree", "chunk acc", "HumanEval pass@1"]
-    )
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, m in results["models"].items():
-        terms = " + ".join(f"{w:g} {t}" for t, w in m["terms"].items()) or "(no training)"
-        a, he = m["agreement"], m.get("humaneval")
-        cells = (
-            [name, terms]
-            + [f"{m['nll'][r]:.3f}" for r in ratios]
-            + [
-                f"{mean(m['nll'].values()):.3f}",
-                f"{a['chunk_corr']:.3f}",
-                f"{a['chunk_gap']:.2f}",
-                f"{a['chunk_agreement']:.3f}",
-                f"{a['student_chunk_acc']:.3f}",
-                f"{he['passed']}/{he['problems']}" if he else "-",
-            ]
-        )
-        lines.append("| " + " | ".join(cells) + " |")
-    t = results["teacher"]["nll"]
-    teacher_acc = next(iter(results["models"].values()))["agreement"]["teacher_chunk_acc"]
-    lines.append("")
-    lines.append(
-        "Teacher (LLaDA2-style MoE, tokenizer A; its own tokens, not comparable per token): NLL "
-        + ", ".join(f"@{r} {v:.3f}" for r, v in t.items())
-        + f"; greedy chunk accuracy {teacher_acc:.3f}."
-    )
+def _row(cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def loss_table(results: dict) -> str:
+    """Bits per byte of the masked chunks' bytes (one measure across tokenizers) and NLL per own token
+    of those chunks, by masking ratio: the teacher and every student on the same masked chunks."""
+    models = {"teacher": results["teacher"]} | results["models"]
+    ratios = list(results["teacher"]["bpb"])
+    head = ["model", "terms"] + [f"bpb@{r}" for r in ratios] + ["mean bpb"] + [f"NLL@{r}" for r in ratios]
+    lines = [_row(head), "|" + "---|" * len(head)]
+    for name, m in models.items():
+        terms = "(teacher, tokenizer A)" if name == "teacher" else _terms(m)
+        bpb = [m["bpb"][r]["bpb"] for r in ratios]
+        cells = [name, terms] + [f"{v:.3f}" for v in bpb] + [f"{mean(bpb):.3f}"]
+        lines.append(_row(cells + [f"{m['bpb'][r]['nll']:.3f}" for r in ratios]))
     return "\n".join(lines)
+
+
+def agreement_table(results: dict) -> str:
+    head = ["model", "chunk corr", "chunk gap", "chunk agree", "chunk acc", "HumanEval pass@1"]
+    lines = [_row(head), "|" + "---|" * len(head)]
+    for name, m in results["models"].items():
+        a, he = m["agreement"], m.get("humaneval")
+        cells = [
+            name,
+            f"{a['chunk_corr']:.3f}",
+            f"{a['chunk_gap']:.2f}",
+            f"{a['chunk_agreement']:.3f}",
+            f"{a['student_chunk_acc']:.3f}",
+            f"{he['passed']}/{he['problems']}" if he else "-",
+        ]
+        lines.append(_row(cells))
+    teacher_acc = next(iter(results["models"].values()))["agreement"]["teacher_chunk_acc"]
+    return "\n".join(lines) + f"\n\nTeacher's greedy chunk accuracy on the same chunks: {teacher_acc:.3f}."
+
+
+def _terms(m: dict) -> str:
+    return " + ".join(f"{w:g} {t}" for t, w in m["terms"].items()) or "(no training)"
+
+
+def table(results: dict) -> str:
+    return loss_table(results) + "\n\n" + agreement_table(results)
 
 
 def markdown(results: dict) -> str:
     parts = [
         "# Main job results",
         "",
-        "Held-out masked-token NLL (nats per student token, lower is better) at fixed masking ratios. At masking "
-        "ratio 0.5, against the teacher: correlation of student and teacher chunk log-probs, mean |chunk "
-        "log-prob gap| in nats, agreement (both spell a masked chunk greedily, or both miss), and the "
-        "student's greedy chunk accuracy. HumanEval: greedy pass@1 (passed / problems).",
+        "Held-out loss on the same masked chunks for the teacher and every student (whole chunks masked "
+        "at fixed masking ratios, the same draws for every model): bits per byte of the masked chunks' "
+        "bytes (bpb, comparable across the two tokenizers) and NLL in nats per masked token of the "
+        "model's own tokenizer (not comparable between teacher and students). Lower is better.",
         "",
-        table(results),
+        loss_table(results),
+        "",
+        "At masking ratio 0.5, against the teacher: correlation of student and teacher chunk log-probs, "
+        "mean |chunk log-prob gap| in nats, agreement (both spell a masked chunk greedily, or both miss), "
+        "and the student's greedy chunk accuracy. HumanEval: greedy pass@1 (passed / problems).",
+        "",
+        agreement_table(results),
         "",
         "## Samples (greedy, held-out prompts)",
         "",
@@ -178,27 +194,28 @@ def plots(cfg, out: str, results: dict, objective) -> list[str]:
     files.append(_save(fig, pdir, "tidal_lambda.png"))
 
     fig, (ax, diff) = plt.subplots(1, 2, figsize=(11, 3.8))
+    models = {"teacher": results["teacher"]} | results["models"]
     base = results["models"].get("ce")
-    color = {name: f"C{i}" for i, name in enumerate(results["models"])}  # one colour per model, both panels
-    for name, m in results["models"].items():
-        ratios = [float(r) for r in m["nll"]]
-        style = "--" if name == "init" else "-"
-        ax.plot(ratios, list(m["nll"].values()), marker="o", label=name, linestyle=style, color=color[name])
-        if base is not None and name != "init":
-            diff.plot(
-                ratios, [m["nll"][r] - base["nll"][r] for r in m["nll"]], marker="o", label=name, color=color[name]
-            )
+    color = {name: f"C{i}" for i, name in enumerate(models)}  # one colour per model, both panels
+    for name, m in models.items():
+        ratios = [float(r) for r in m["bpb"]]
+        bpb = [v["bpb"] for v in m["bpb"].values()]
+        style = {"init": "--", "teacher": ":"}.get(name, "-")
+        ax.plot(ratios, bpb, marker="o", label=name, linestyle=style, color=color[name])
+        if base is not None and name not in ("init", "teacher"):
+            gap = [m["bpb"][r]["bpb"] - base["bpb"][r]["bpb"] for r in m["bpb"]]
+            diff.plot(ratios, gap, marker="o", label=name, color=color[name])
     ax.set_xlabel("masking ratio")
-    ax.set_ylabel("NLL per masked token (nats)")
-    ax.set_title("Held-out masked-token NLL by masking ratio")
+    ax.set_ylabel("bits per byte of the masked chunks")
+    ax.set_title("Held-out bits per byte by masking ratio")
     ax.legend(fontsize=8)
     diff.axhline(0.0, color="grey", linewidth=0.8)
     diff.set_xlabel("masking ratio")
-    diff.set_ylabel("NLL minus the ce student's (nats)")
-    diff.set_title("Held-out NLL relative to the no-teacher baseline")
+    diff.set_ylabel("bits per byte minus the ce student's")
+    diff.set_title("Relative to the no-teacher baseline")
     diff.legend(fontsize=8)
     fig.tight_layout()
-    files.append(_save(fig, pdir, "heldout_nll.png"))
+    files.append(_save(fig, pdir, "heldout_bpb.png"))
     return files
 
 
@@ -225,8 +242,9 @@ def tensorboard(cfg, out: str, results: dict) -> None:
                 for k, v in row.items():
                     if k != "step" and isinstance(v, (int, float)):
                         writer.add_scalar(f"train/{k}", v, row["step"])
-        for r, v in results["models"][name]["nll"].items():
-            writer.add_scalar(f"eval/nll_ratio_{r}", v, cfg.student_steps)
+        for r, v in results["models"][name]["bpb"].items():
+            writer.add_scalar(f"eval/bpb_ratio_{r}", v["bpb"], cfg.student_steps)
+            writer.add_scalar(f"eval/nll_ratio_{r}", v["nll"], cfg.student_steps)
         writer.close()
 
 
