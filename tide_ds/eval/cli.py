@@ -155,12 +155,9 @@ def evaluate(
     seed: int = 1234,
     desc: str = "eval",
 ) -> dict:
-    counts = {
-        "--batches": batches,
-        "--humaneval-problems": humaneval_problems,
-        "--max-new-tokens": max_new_tokens,
-        "--steps-per-block": steps_per_block,
-    }
+    counts = {"--batches": batches, "--max-new-tokens": max_new_tokens, "--steps-per-block": steps_per_block}
+    if "humaneval" in tasks:  # the main job's humaneval_problems 0 leaves the task out
+        counts["--humaneval-problems"] = humaneval_problems
     for flag, value in counts.items():
         if value < 1:  # 0 batches would report a loss of 0.0
             raise ConfigError(f"{flag} must be >= 1, got {value}")
