@@ -327,7 +327,8 @@ def plots(cfg, out: str, results: dict, objective) -> list[str]:
     diff.set_xlabel("masking ratio")
     diff.set_ylabel("bits per byte minus ce's (same seed)")
     diff.set_title("Paired difference to the no-teacher baseline")
-    diff.legend(fontsize=8)
+    if any("vs_ce" in m for m in results["models"].values()):
+        diff.legend(fontsize=8)
     fig.tight_layout()
     files.append(_save(fig, pdir, "heldout_bpb.png"))
     return files
