@@ -4,9 +4,12 @@
             B (SentencePiece-style BPE, student) trained on the training files; `tide-ds prepare`
             of the training and held-out rows for both (many-to-many chunks);
 2. teacher  an LLaDA2-style MoE pretrained as a masked diffusion LM with tokenizer A;
-3. init     one random BD3LM student with tokenizer B, saved: every recipe starts from it;
-4. distill  one student per recipe (configs/demo.yaml `recipes`), same data order and noise;
-5. eval     held-out NLL at several masking ratios, chunk agreement with the teacher, samples,
+3. init     per seed (configs/demo.yaml `seeds`), one random BD3LM student with tokenizer B, saved:
+            every recipe of that seed starts from it;
+4. distill  one student per recipe (configs/demo.yaml `recipes`) and seed, that seed's data order
+            and noise; `parallel` runs at once, each a `tide-ds distill` process;
+5. eval     the teacher and every student on the same masked held-out chunks (bits per byte, NLL per
+            token) at several masking ratios, chunk agreement with the teacher, samples,
             HumanEval pass@1 (sandboxed);
 6. report   results.json, results.md, PNG plots, TensorBoard events (tide_ds.mainjob.report).
 A stage whose output exists is reused (each writes a `.done` marker last); --redo redoes stages
