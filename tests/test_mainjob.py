@@ -1,6 +1,9 @@
-"""The main job on a miniature setting: same seed -> identical results.json; finished stages reused."""
+"""The main job on a miniature setting: same seeds -> identical results.json; finished stages (and
+per-seed runs) reused; per-seed results summarised as mean, std and paired differences to ce."""
 
 import argparse
+import json
+import math
 import os
 
 import pytest
@@ -17,6 +20,7 @@ MINI = [
     "moe_intermediate_size: 32, first_k_dense_replace: 1, n_group: 2, topk_group: 1, tie_word_embeddings: true}",
     "teacher.train={steps: 3, ar_steps: 1, batch_size: 4, seq_len: 64, log_every: 1}",
     "student_steps=2",
+    "seeds=[0, 1]",
     "eval={ratios: [0.3, 0.7], batches: 1, humaneval_problems: 2, max_new_tokens: 8, samples: 1, sample_new_tokens: 8}",
 ]
 
@@ -32,13 +36,41 @@ def run(out, redo=None):
 def test_same_seed_same_results_and_reuse(tmp_path):
     first = run(tmp_path / "a")
     assert run(tmp_path / "b") == first
-    done = os.path.join(tmp_path, "a", "teacher", ".done")
+    a = tmp_path / "a"
+    done = os.path.join(a, "teacher", ".done")
     stamp = os.path.getmtime(done)
-    assert run(tmp_path / "a") == first  # every stage reused
+    assert run(a) == first  # every stage reused
     assert os.path.getmtime(done) == stamp
-    for name in ("results.md", "plots/loss_terms.png", "plots/tidal_lambda.png", "plots/heldout_nll.png"):
-        assert os.path.isfile(os.path.join(tmp_path, "a", name)), name
-    assert os.listdir(os.path.join(tmp_path, "a", "tb", "tide_full"))
+    for name in ("results.md", "plots/loss_terms.png", "plots/tidal_lambda.png", "plots/heldout_bpb.png"):
+        assert os.path.isfile(os.path.join(a, name)), name
+    assert os.listdir(os.path.join(a, "tb", "tide_full", "seed1"))
+
+    # Resume: a run whose .done marker is missing is redone, and only that one.
+    kept = {
+        d: os.path.getmtime(a / "students" / d / ".done") for d in ("ce/seed0", "tide_full/seed0", "tide_full/seed1")
+    }
+    os.remove(a / "students" / "ce" / "seed1" / ".done")
+    assert run(a) == first
+    assert os.path.isfile(a / "students" / "ce" / "seed1" / ".done")
+    assert {d: os.path.getmtime(a / "students" / d / ".done") for d in kept} == kept
+
+    # The summary against the per-seed numbers.
+    results = json.loads(first)
+    assert results["seeds"] == [0, 1]
+    ce, full = results["models"]["ce"], results["models"]["tide_full"]
+    assert set(ce["seeds"]) == {"0", "1"}
+    r = "0.3"
+    ce_b = [ce["seeds"][s]["bpb"][r]["bpb"] for s in ("0", "1")]
+    full_b = [full["seeds"][s]["bpb"][r]["bpb"] for s in ("0", "1")]
+    assert ce_b[0] != ce_b[1]  # the seed changes the student
+    assert ce["summary"]["bpb"][r]["mean"] == pytest.approx((ce_b[0] + ce_b[1]) / 2)
+    assert ce["summary"]["bpb"][r]["std"] == pytest.approx(abs(ce_b[0] - ce_b[1]) / math.sqrt(2))
+    d = [full_b[0] - ce_b[0], full_b[1] - ce_b[1]]
+    assert full["vs_ce"]["bpb"][r]["mean"] == pytest.approx((d[0] + d[1]) / 2)
+    assert full["vs_ce"]["bpb"][r]["std"] == pytest.approx(abs(d[0] - d[1]) / math.sqrt(2))
+    assert "vs_ce" not in ce and "vs_ce" not in results["models"]["init"]
+    md = open(a / "results.md", encoding="utf-8").read()
+    assert "| teacher |" in md and "Δbpb@0.3" in md and " ± " in md
 
 
 def test_unknown_stage_and_recipe_are_refused():
@@ -48,6 +80,8 @@ def test_unknown_stage_and_recipe_are_refused():
         demo.load_job(argparse.Namespace(redo="teach", long=False, recipes=None, overrides=[]))
     with pytest.raises(ConfigError, match="unknown tide"):
         demo.load_job(argparse.Namespace(redo=None, long=False, recipes="tide", overrides=[]))
+    with pytest.raises(ConfigError, match="distinct integers"):
+        demo.load_job(argparse.Namespace(redo=None, long=False, recipes=None, overrides=["seeds=[1, 1]"]))
     with pytest.raises(ConfigError, match="ar_steps=300 must be"):
         demo.load_job(argparse.Namespace(redo=None, long=False, recipes=None, overrides=["teacher.train.ar_steps=300"]))
 

@@ -4,9 +4,12 @@
             B (SentencePiece-style BPE, student) trained on the training files; `tide-ds prepare`
             of the training and held-out rows for both (many-to-many chunks);
 2. teacher  an LLaDA2-style MoE pretrained as a masked diffusion LM with tokenizer A;
-3. init     one random BD3LM student with tokenizer B, saved: every recipe starts from it;
-4. distill  one student per recipe (configs/demo.yaml `recipes`), same data order and noise;
-5. eval     held-out NLL at several masking ratios, chunk agreement with the teacher, samples,
+3. init     per seed (configs/demo.yaml `seeds`), one random BD3LM student with tokenizer B, saved:
+            every recipe of that seed starts from it;
+4. distill  one student per recipe (configs/demo.yaml `recipes`) and seed, that seed's data order
+            and noise; `parallel` runs at once, each a `tide-ds distill` process;
+5. eval     the teacher and every student on the same masked held-out chunks (bits per byte, NLL per
+            token) at several masking ratios, chunk agreement with the teacher, samples,
             HumanEval pass@1 (sandboxed);
 6. report   results.json, results.md, PNG plots, TensorBoard events (tide_ds.mainjob.report).
 A stage whose output exists is reused (each writes a `.done` marker last); --redo redoes stages
@@ -18,7 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
+import subprocess
+import sys
 import time
 
 import torch
@@ -64,6 +70,10 @@ def load_job(args):
             f"teacher.train.ar_steps={cfg.teacher.train.ar_steps} must be >= 0 and below "
             f"teacher.train.steps={cfg.teacher.train.steps} (the rest are masked diffusion steps)"
         )
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or not all(isinstance(s, int) for s in cfg.seeds):
+        raise ConfigError(f"seeds={cfg.seeds} must be a non-empty list of distinct integers, e.g. seeds=[0,1,2]")
+    if cfg.parallel < 1:
+        raise ConfigError(f"parallel={cfg.parallel} must be >= 1 (student runs at once)")
     if args.recipes:
         wanted = [r.strip() for r in args.recipes.split(",") if r.strip()]
         unknown = [r for r in wanted if r not in cfg.recipes]
@@ -112,16 +122,16 @@ def run(args) -> int:
     data_dir, teacher_dir, init_dir = (os.path.join(out, d) for d in ("data", "teacher", "student_init"))
 
     def timed(name, fn):
-        wall, cpu = time.time(), time.process_time()
+        wall, cpu = time.time(), cpu_seconds()
         result = fn()
-        timings[name] = {"wall_s": round(time.time() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)}
+        timings[name] = {"wall_s": round(time.time() - wall, 1), "cpu_s": round(cpu_seconds() - cpu, 1)}
         return result
 
     print(f"[1/6] data: stdlib split by file, two tokenizers, tide-ds prepare -> {data_dir}")
     if not stages.done("data", data_dir):
         timed("data", lambda: data_stage.build(cfg.corpus, stages.fresh(data_dir)))
         stages.mark(data_dir)
-    train_files, held_files = data_stage.split_files(cfg.corpus)
+    train_files, _ = data_stage.split_files(cfg.corpus)
     teacher_tok, student_tok = (os.path.join(data_dir, n) for n in (data_stage.TEACHER_TOK, data_stage.STUDENT_TOK))
 
     print(f"[2/6] teacher: LLaDA2-style MoE masked diffusion LM, {cfg.teacher.train.steps} steps -> {teacher_dir}")
@@ -136,50 +146,88 @@ def run(args) -> int:
         f"teacher.path={teacher_dir}",
         f"student.tokenizer={student_tok}",
         f"data.source={os.path.join(data_dir, 'prepared_train')}",
-        f"train.seed={cfg.seed}",
         f"train.threads={cfg.threads}",
         f"train.steps={cfg.student_steps}",
     ]
-    print(f"[3/6] student initialisation (BD3LM, tokenizer B) -> {init_dir}")
-    if not stages.done("init", init_dir):
-        timed(
-            "init",
-            lambda: save_student_init(
-                load_config(config_path("demo_student.yaml"), student_cfg), stages.fresh(init_dir), cfg.seed
-            ),
-        )
-        stages.mark(init_dir)
+    print(f"[3/6] student initialisations (BD3LM, tokenizer B), one per seed -> {init_dir}")
+    init_cfg = load_config(config_path("demo_student.yaml"), student_cfg)
+    for seed in cfg.seeds:
+        where = seed_dir(init_dir, seed)
+        if not stages.done("init", where):
+            save_student_init(init_cfg, stages.fresh(where), seed)
+            stages.mark(where)
 
-    from tide_ds.train import distill
+    jobs = []
+    for seed in cfg.seeds:
+        for name, spec in cfg.recipes.items():
+            run_dir = seed_dir(os.path.join(out, "students", name), seed)
+            if stages.done("distill", run_dir):
+                print(f"      reusing {run_dir}")
+                continue
+            over = student_cfg + [
+                f"train.seed={seed}",
+                f"student.path={seed_dir(init_dir, seed)}",
+                "student.init={}",
+                f"output_dir={run_dir}",
+                f"recipe={spec['recipe']}",
+                f"terms={json.dumps(spec['terms'])}",
+            ]
+            jobs.append((f"{name}/seed{seed}", run_dir, over))
+    print(
+        f"[4/6] distillation: {', '.join(cfg.recipes)} x seeds {cfg.seeds} ({cfg.student_steps} steps each), "
+        f"{len(jobs)} runs, {cfg.parallel} at once"
+    )
+    timed("distill", lambda: timings.update(distill_runs(jobs, cfg.parallel, cfg.threads, stages)))
 
-    print(f"[4/6] distillation: {', '.join(cfg.recipes)} ({cfg.student_steps} steps each)")
-    for name, spec in cfg.recipes.items():
-        run_dir = os.path.join(out, "students", name)
-        if stages.done("distill", run_dir):
-            print(f"      reusing {run_dir}")
-            continue
-        over = student_cfg + [
-            f"student.path={init_dir}",
-            "student.init={}",
-            f"output_dir={run_dir}",
-            f"recipe={spec['recipe']}",
-            f"terms={json.dumps(spec['terms'])}",
-        ]
-        print(f"      {name}: {spec['recipe']} with terms {spec['terms']}")
-        run_cfg = load_config(config_path("demo_student.yaml"), over)
-        result = timed(f"distill/{name}", lambda cfg=run_cfg: distill(cfg))
-        with open(os.path.join(run_dir, "history.json"), "w") as f:
-            json.dump(result["history"], f)
-        stages.mark(run_dir)
-
-    print("[5/6] evaluation: held-out NLL, chunk agreement, samples, HumanEval")
+    print("[5/6] evaluation: held-out bits per byte and NLL, chunk agreement, samples, HumanEval")
     eval_dir = os.path.join(out, "eval")
     os.makedirs(eval_dir, exist_ok=True)
-    timed("eval", lambda: evaluate_all(cfg, out, stages, teacher_dir, held_files))
+    timed("eval", lambda: evaluate_all(cfg, out, stages, teacher_dir))
 
     print(f"[6/6] report -> {out}/results.json, results.md, plots/, tb/")
     report.write(cfg, out, timings)
     return 0
+
+
+def seed_dir(path: str, seed: int) -> str:
+    return os.path.join(path, f"seed{seed}")
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (the student runs)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def distill_runs(jobs: list[tuple[str, str, list[str]]], parallel: int, threads: int, stages: Stages) -> dict:
+    """Runs `tide-ds distill` for each (label, run dir, overrides), `parallel` processes at once,
+    each with `threads` threads and its output in <run dir>/train.log; marks each run done as it
+    finishes. Returns {"distill/<label>": {"wall_s"}}; a failed run stops the job once the others end."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    pending, running, times, failed = list(jobs), [], {}, []
+    while pending or running:
+        while pending and len(running) < parallel:
+            label, run_dir, over = pending.pop(0)
+            log = open(os.path.join(Stages.fresh(run_dir), "train.log"), "w", encoding="utf-8")
+            cmd = [sys.executable, "-m", "tide_ds.cli", "distill", "--config", config_path("demo_student.yaml"), *over]
+            print(f"      {label}: started (log {log.name})")
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            running.append((label, run_dir, proc, log, time.time()))
+        time.sleep(0.2)
+        for job in [j for j in running if j[2].poll() is not None]:
+            label, run_dir, proc, log, start = job
+            running.remove(job)
+            log.close()
+            times[f"distill/{label}"] = {"wall_s": round(time.time() - start, 1)}
+            if proc.returncode == 0:
+                stages.mark(run_dir)
+                print(f"      {label}: done in {times[f'distill/{label}']['wall_s']} s")
+            else:
+                failed.append(f"{label} (exit code {proc.returncode}; see {log.name})")
+                pending.clear()  # start nothing new; let the running ones finish
+    if failed:
+        raise RuntimeError(f"distillation failed: {', '.join(failed)}")
+    return times
 
 
 def save_student_init(run_cfg, out: str, seed: int) -> None:
@@ -192,42 +240,56 @@ def save_student_init(run_cfg, out: str, seed: int) -> None:
     tokenizer.save_pretrained(out)
 
 
-def evaluate_all(cfg, out: str, stages: Stages, teacher_dir: str, held_files) -> None:
-    from tide_ds.eval.cli import evaluate
-    from tide_ds.mainjob.teacher import heldout_nll
+def evaluate_all(cfg, out: str, stages: Stages, teacher_dir: str) -> None:
+    """The teacher once; the initialisation and every student of every seed, on the same masked chunks."""
+    from tide_ds.eval.cli import teacher_losses
 
     e = cfg.eval
+    heldout = os.path.join(out, "data", "prepared_heldout")
     teacher_out = os.path.join(out, "eval", "teacher")
     if not stages.done("eval", teacher_out):
         os.makedirs(teacher_out, exist_ok=True)
-        nll = heldout_nll(teacher_dir, held_files, cfg.teacher.train.seq_len, e.ratios, e.batches)
-        _write_json(os.path.join(teacher_out, "results.json"), {"nll": nll})
+        with open(os.path.join(seed_dir(os.path.join(out, "student_init"), cfg.seeds[0]), "config.json")) as f:
+            block_size = json.load(f)["bd3lm"]["block_size"]  # the students' batches, hence their draws
+        bpb = teacher_losses(teacher_dir, heldout, block_size, e.ratios, e.batches)
+        _write_json(os.path.join(teacher_out, "results.json"), {"bpb": bpb})
         stages.mark(teacher_out)
-    tasks = ["nll", "agreement", "samples"] + (["humaneval"] if e.humaneval_problems else [])
-    for name in ["init"] + list(cfg.recipes):
-        model = os.path.join(out, "student_init") if name == "init" else os.path.join(out, "students", name, "final")
-        where = os.path.join(out, "eval", name)
-        if stages.done("eval", where):
-            continue
-        os.makedirs(where, exist_ok=True)
-        print(f"      {name}")
-        results = evaluate(
-            model,
-            tasks,
-            data=os.path.join(out, "data", "prepared_heldout"),
-            teacher=teacher_dir,
-            ratios=e.ratios,
-            batches=e.batches,
-            agreement_ratio=e.agreement_ratio,
-            humaneval_problems=e.humaneval_problems,
-            max_new_tokens=e.max_new_tokens,
-            steps_per_block=e.steps_per_block,
-            n_samples=e.samples,
-            sample_new_tokens=e.sample_new_tokens,
-            desc=name,
-        )
-        _write_json(os.path.join(where, "results.json"), results)
-        stages.mark(where)
+    tasks = ["bpb", "agreement", "samples"] + (["humaneval"] if e.humaneval_problems else [])
+    for seed in cfg.seeds:
+        for name in ["init"] + list(cfg.recipes):
+            evaluate_one(cfg, out, stages, teacher_dir, name, seed, tasks)
+
+
+def evaluate_one(cfg, out: str, stages: Stages, teacher_dir: str, name: str, seed: int, tasks: list[str]) -> None:
+    from tide_ds.eval.cli import evaluate
+
+    e = cfg.eval
+    if name == "init":
+        model = seed_dir(os.path.join(out, "student_init"), seed)
+    else:
+        model = os.path.join(seed_dir(os.path.join(out, "students", name), seed), "final")
+    where = seed_dir(os.path.join(out, "eval", name), seed)
+    if stages.done("eval", where):
+        return
+    os.makedirs(where, exist_ok=True)
+    print(f"      {name}/seed{seed}")
+    results = evaluate(
+        model,
+        tasks,
+        data=os.path.join(out, "data", "prepared_heldout"),
+        teacher=teacher_dir,
+        ratios=e.ratios,
+        batches=e.batches,
+        agreement_ratio=e.agreement_ratio,
+        humaneval_problems=e.humaneval_problems,
+        max_new_tokens=e.max_new_tokens,
+        steps_per_block=e.steps_per_block,
+        n_samples=e.samples,
+        sample_new_tokens=e.sample_new_tokens,
+        desc=f"{name}/seed{seed}",
+    )
+    _write_json(os.path.join(where, "results.json"), results)
+    stages.mark(where)
 
 
 def _write_json(path: str, obj) -> None:

@@ -2,6 +2,9 @@
 
 Tasks (comma-separated, all checked before any work):
   nll        held-out masked-token NLL at several masking ratios (needs --data)
+  bpb        bits per byte of the masked chunks' bytes and NLL per token of those chunks, at the same
+             ratios, on the chunks any model is scored on (needs --data for two tokenizers, --teacher
+             for its byte table)
   agreement  chunk-level agreement with the teacher (needs --data prepared for two tokenizers, --teacher)
   samples    a few block-diffusion generations from held-out prompts (needs --data)
   humaneval  HumanEval pass@1, completions executed in the sandbox (tide_ds.eval.sandbox)
@@ -18,7 +21,7 @@ import torch
 from tide_ds.config import ConfigError
 from tide_ds.outputs import check_out_file
 
-TASKS = ("nll", "agreement", "samples", "humaneval")
+TASKS = ("nll", "bpb", "agreement", "samples", "humaneval")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -97,6 +100,27 @@ def heldout_batches(data_dir: str, block_size: int, batches: int) -> list[dict]:
     return [collate([data[i] for i in range(lo, min(lo + 16, n))]) for lo in range(0, n, 16)]
 
 
+def byte_lengths(teacher_dir: str) -> torch.Tensor:
+    """[vocab] bytes of each teacher id (its tokenizer's byte table), to count the chunks' bytes."""
+    from tide_ds.align import TokenBytes
+    from tide_ds.models import load_tokenizer
+
+    lengths = TokenBytes(load_tokenizer(teacher_dir, "--teacher")).lengths
+    return torch.from_numpy(lengths)
+
+
+def teacher_losses(teacher_dir: str, data: str, block_size: int, ratios, batches: int, *, seed: int = 1234) -> dict:
+    """The teacher's row of the `bpb` task: the same batches (padded to the student's `block_size`),
+    the same draws, hence the same masked chunks as every student scored with that seed."""
+    from tide_ds.config import ModelConfig
+    from tide_ds.eval.agreement import chunk_losses
+    from tide_ds.models import build_teacher
+
+    teacher = build_teacher(ModelConfig(path=teacher_dir), "<|mask|>")
+    batches_ = heldout_batches(data, block_size, batches)
+    return chunk_losses(teacher, "teacher", batches_, list(ratios), byte_lengths(teacher_dir), seed=seed)
+
+
 @torch.no_grad()
 def samples(student, tokenizer, data_dir: str, count: int, new_tokens: int, steps_per_block: int) -> list[dict]:
     """Greedy continuations of the first lines of held-out rows."""
@@ -131,27 +155,25 @@ def evaluate(
     seed: int = 1234,
     desc: str = "eval",
 ) -> dict:
-    counts = {
-        "--batches": batches,
-        "--humaneval-problems": humaneval_problems,
-        "--max-new-tokens": max_new_tokens,
-        "--steps-per-block": steps_per_block,
-    }
+    counts = {"--batches": batches, "--max-new-tokens": max_new_tokens, "--steps-per-block": steps_per_block}
+    if "humaneval" in tasks:  # the main job's humaneval_problems 0 leaves the task out
+        counts["--humaneval-problems"] = humaneval_problems
     for flag, value in counts.items():
         if value < 1:  # 0 batches would report a loss of 0.0
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     bad = [r for r in ratios if not 0.0 < r <= 1.0]
     if bad:
         raise ConfigError(f"--ratios must be masking ratios in (0, 1], got {bad[0]}")
-    needs_data = [t for t in tasks if t in ("nll", "agreement", "samples")]
+    needs_data = [t for t in tasks if t in ("nll", "bpb", "agreement", "samples")]
     if needs_data and (data is None or not os.path.isdir(data)):
         raise ConfigError(
             f"task {needs_data[0]} needs --data, a held-out directory written by tide-ds prepare"
             + (f" ({data} not found)" if data else "")
         )
-    if "agreement" in tasks and (teacher is None or not os.path.isdir(teacher)):
+    needs_teacher = [t for t in tasks if t in ("bpb", "agreement")]
+    if needs_teacher and (teacher is None or not os.path.isdir(teacher)):
         raise ConfigError(
-            "task agreement needs --teacher, the teacher model directory"
+            f"task {needs_teacher[0]} needs --teacher, the teacher model directory"
             + (f" ({teacher} not found)" if teacher else "")
         )
     problems = None
@@ -161,13 +183,17 @@ def evaluate(
         problems = load_problems(humaneval_problems)
     student, tok = load_model(model_dir, tokenizer)
     if needs_data:
-        check_data_tokenizers(data, tok, teacher if "agreement" in tasks else None)
+        check_data_tokenizers(data, tok, teacher if needs_teacher else None)
     results: dict = {}
     batches_ = heldout_batches(data, student.block_size, batches) if needs_data else []
     if "nll" in tasks:
         from tide_ds.eval.loss import masked_nll
 
         results["nll"] = masked_nll(student, batches_, list(ratios), seed=seed)
+    if "bpb" in tasks:
+        from tide_ds.eval.agreement import chunk_losses
+
+        results["bpb"] = chunk_losses(student, "student", batches_, list(ratios), byte_lengths(teacher), seed=seed)
     if "agreement" in tasks:
         from tide_ds.config import ModelConfig
         from tide_ds.eval.agreement import chunk_agreement

@@ -63,8 +63,10 @@ class LongRun:
 
 @dataclass(kw_only=True)
 class MainJobConfig:
-    seed: int = 0
-    threads: int = 1  # fixed (same seed, same numbers); one thread also degrades least on a busy machine
+    seed: int = 0  # of the data order and noise of the teacher's pretraining (the teacher is trained once)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one student per recipe and seed
+    threads: int = 1  # per process, fixed (same seed, same numbers); one thread also degrades least on a busy machine
+    parallel: int = 2  # student runs at once, each its own process
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     teacher: TeacherSetup = field(default_factory=TeacherSetup)
     student_steps: int = 200

@@ -94,29 +94,3 @@ def pretrain(setup: TeacherSetup, tokenizer_dir: str, train_files: list[Path], o
     with open(os.path.join(out, "pretrain_history.json"), "w") as f:
         json.dump(history, f)
     return {"history": history, "params": n_params}
-
-
-@torch.no_grad()
-def heldout_nll(
-    teacher_dir: str, files: list[Path], seq_len: int, ratios: list[float], batches: int, seed: int = 1234
-) -> dict[str, float]:
-    """The teacher's own held-out NLL per masked token (its tokens) at each masking ratio."""
-    tokenizer = load_tokenizer(teacher_dir, "teacher")
-    model = LLaDA2MoeModelLM.from_pretrained(teacher_dir).eval()
-    windows = TextWindows(files, tokenizer, seq_len).windows[: batches * 16]
-    out = {}
-    for r in ratios:
-        gen = torch.Generator().manual_seed(seed)
-        total, count = 0.0, 0
-        for x0 in windows.split(16):
-            n = noise_batch(
-                x0,
-                torch.ones_like(x0, dtype=torch.bool),
-                model.config.mask_token_id,
-                t=torch.full((x0.shape[0],), float(r)),
-                generator=gen,
-            )
-            lp = token_logprobs(model(n.x_t).logits[n.masked], x0[n.masked])
-            total, count = total - lp.sum().item(), count + int(n.masked.sum())
-        out[f"{r:g}"] = total / max(count, 1)
-    return out
