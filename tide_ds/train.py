@@ -308,6 +308,8 @@ def build_models(cfg: Config, terms: RunTerms, data: Data, tokenizer, device: to
     if builds_teacher(cfg):
         teacher = build_teacher_model(cfg, terms, data, tokenizer, device)
     student = build_student(cfg.student, tokenizer, cfg.diffusion.block_size, cfg.diffusion.mask_token, log=log)
+    if cfg.engine.activation_checkpointing:
+        student.checkpoint_activations()
     return teacher, student.to(device)
 
 
@@ -360,7 +362,8 @@ def log_start(run: Run) -> None:
         f"; CompDemo {'on' if run.terms.comp_demo else 'off'}; student {n_params / 1e6:.2f}M params; "
         f"{len(run.data.train)} train / {len(run.data.held_out)} held-out rows; device {run.dist.device}; "
         f"{run.dist.world} rank(s) x {t.gradient_accumulation_steps} accumulation x {t.micro_batch_size} = "
-        f"global batch {t.global_batch_size}"
+        f"global batch {t.global_batch_size}; activation checkpointing "
+        f"{'on' if cfg.engine.activation_checkpointing else 'off'}"
     )
 
 
