@@ -8,12 +8,12 @@ import sys
 
 import deepspeed
 import torch
-from tiny import decoder, llada2
+from tiny import STUDENT_INIT, decoder, llada2, word_tokenizer
 
 from tide_ds.config import Config
 from tide_ds.engine import build, placement
 from tide_ds.engine.dist import Dist, local_size_for_autotp, unlink_shm_workspace
-from tide_ds.models import build_teacher
+from tide_ds.models import build_student, build_teacher
 
 local_size_for_autotp()
 deepspeed.init_distributed("gloo")
@@ -85,6 +85,34 @@ for name, model, dtype in (
         "held": build.teacher_bytes(held),
         "whole": build.param_bytes(whole),
         "meta_whole": meta_bytes,
+    }
+# The ZeRO-3 student, built partitioned: a new model (the same initial values and random draws after
+# it as one process's whole build) and a checkpoint's (each rank reading its partition).
+for name in ("student_init", "student_checkpoint"):
+    cfg = Config()
+    cfg.student.init = dict(STUDENT_INIT, num_hidden_layers=2, tie_word_embeddings=True)
+    if name == "student_checkpoint":
+        cfg.student.path = f"{out}.student"
+    torch.manual_seed(0)
+    whole = build_student(cfg.student, word_tokenizer(), 4, "<|mask|>")
+    draw_whole = torch.rand(4)
+    if name == "student_init" and rank == 0:
+        whole.model.save_pretrained(cfg.student.path or f"{out}.student")
+    torch.distributed.barrier()
+    torch.manual_seed(0)
+    held = build.build_zero3_student(cfg, DS, word_tokenizer(), Dist(rank, world))
+    draw_held = torch.rand(4)
+    with deepspeed.zero.GatheredParameters(list(held.parameters())):
+        got = dict(held.named_parameters())
+        diff = max((got[n] - p).abs().max().item() for n, p in whole.named_parameters())
+    result[name] = {
+        "max_diff": diff,
+        "same_draws": torch.equal(draw_whole, draw_held),
+        "dtypes": sorted({str(p.dtype) for p in held.parameters()}),
+        "meta_left": sum(p.is_meta for p in held.parameters()) + sum(b.is_meta for b in held.buffers()),
+        "held": build.teacher_bytes(held),
+        "whole": build.param_bytes(whole),
+        "meta_whole": build.param_bytes(held),
     }
 with open(f"{out}.rank{rank}.json", "w") as f:
     json.dump(result, f)

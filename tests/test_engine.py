@@ -367,10 +367,12 @@ def test_zero3_student_and_teacher_on_2_ranks_match_one_process(launcher, recipe
             *common,
             f"engine.ds_config={tmp_path / 'zero3.json'}",
             "engine.teacher_placement=zero3",
+            "engine.activation_checkpointing=true",  # under ZeRO-3 too: the one process keeps its activations
         ),
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "[rank 1] teacher (zero3): 0.04 MiB of parameters on this rank (of 0.08 MiB)" in out.stdout + out.stderr
+    assert "activation checkpointing on" in out.stdout
     dist = json.loads((tmp_path / "dist" / "metrics.json").read_text())
     assert dist["world"] == 2 and dist["history"][-1]["loss"] < dist["history"][0]["loss"]
     # one process, plain PyTorch, the same global batch of 4 as 2 accumulation steps of 2

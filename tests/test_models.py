@@ -132,6 +132,31 @@ def test_student_forward_backward_and_round_trip(family, tmp_path):
         assert torch.equal(student(x_t, x0), again(x_t, x0))
 
 
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients_and_recomputes_each_layer(family):
+    """engine.activation_checkpointing: the same loss and gradients on the [x_t ; x_0] layout and its
+    mask, and each decoder layer's MLP really runs again in the backward (twice per step, not once)."""
+    results = {}
+    for on in (False, True):
+        student = BD3LMStudent(decoder(family, num_hidden_layers=3), block_size=8, mask_token_id=63)
+        if on:
+            student.checkpoint_activations()
+        calls = []
+        for layer in student.model.model.layers:
+            layer.mlp.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        x_t, x0 = noised()
+        loss = F.cross_entropy(student(x_t, x0).flatten(0, 1), x0.flatten())
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+        results[on] = loss.detach(), grads, len(calls)
+    (loss_off, grads_off, calls_off), (loss_on, grads_on, calls_on) = results[False], results[True]
+    assert (calls_off, calls_on) == (3, 6)
+    torch.testing.assert_close(loss_on, loss_off, atol=0, rtol=0)
+    assert grads_on.keys() == grads_off.keys()
+    for name in grads_off:
+        torch.testing.assert_close(grads_on[name], grads_off[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 @pytest.mark.slow
 def test_student_flex_equals_sdpa_forward_on_cpu():
     """FlexAttention through transformers (compiled; forward only on CPU, about 20 s)."""

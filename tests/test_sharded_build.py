@@ -1,5 +1,5 @@
 """Sharded construction: each sharding placement builds its teacher without its weights and reads
-only its part of the checkpoint; the result equals the whole teacher."""
+only its part of the checkpoint; the result equals the whole teacher. The ZeRO-3 student likewise."""
 
 import json
 import os
@@ -18,6 +18,7 @@ from tide_ds.models.load import Checkpoint
 REPO = Path(__file__).resolve().parent.parent
 
 CASES = ("zero3", "expert_parallel", "expert_parallel_bf16", "tensor_parallel", "zero3_dense", "zero3_persistent")
+STUDENTS = ("student_init", "student_checkpoint")  # the ZeRO-3 student, new and from a checkpoint
 
 
 @pytest.mark.multirank
@@ -26,8 +27,8 @@ def test_every_sharding_placement_reads_its_part_and_equals_the_whole_teacher(tm
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for rank in (0, 1):
         r = json.loads((tmp_path / f"sb.rank{rank}.json").read_text())
-        assert set(r) == {"rank", *CASES}, r
-        for name in CASES:
+        assert set(r) == {"rank", *CASES, *STUDENTS}, r
+        for name in (*CASES, *STUDENTS):
             got = r[name]
             assert got["max_diff"] <= 1e-5 and got["meta_left"] == 0, (name, got)
             if name != "zero3_persistent":
@@ -37,6 +38,9 @@ def test_every_sharding_placement_reads_its_part_and_equals_the_whole_teacher(tm
         assert r["expert_parallel_bf16"]["dtypes"] == ["torch.bfloat16"], r
         assert r["zero3"]["dtypes"] == ["torch.float32"], r
         assert r["zero3"]["held"] * 2 == r["zero3"]["whole"], r  # an even split: every tensor partitioned
+        for name in STUDENTS:  # equal to the whole build (max_diff above: exactly), nothing drawn differently
+            assert r[name]["max_diff"] == 0 and r[name]["same_draws"], r[name]
+            assert r[name]["dtypes"] == ["torch.float32"], r[name]
     print(f"sharded construction, 2 ranks: {seconds:.0f} s")
 
 

@@ -34,6 +34,7 @@ from tide_ds.data.corpus import collate_windows, corpus_files, holdout_rows, spl
 from tide_ds.data.prepare import REPORT_NAME, check_tokenizers, load_prepared, read_report, vocab_fingerprint
 from tide_ds.data.sampler import Prefetch, RankBatches, batches_per_epoch
 from tide_ds.engine import RunPlan, build_engine, init_distributed, launched_world, load_ds_config, settle
+from tide_ds.engine.build import build_zero3_student, zero_stage
 from tide_ds.engine.dist import fail_fast
 from tide_ds.engine.guard import StepGuard
 from tide_ds.engine.placement import BUILDS_OWN_SHARD
@@ -279,7 +280,7 @@ def build_run(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) 
     cfg = plan.config
     terms = resolve_terms(cfg.recipe, cfg.terms, "cross" if data.cross_tokenizer else "shared", cfg.objective)
     targets = open_targets(cfg, terms, data, tokenizer, log) if cfg.teacher.targets else None
-    teacher, student = build_models(cfg, terms, data, tokenizer, dist.device, log)
+    teacher, student = build_models(cfg, terms, data, tokenizer, dist, log, ds_config)
     held_out = eval_batches(cfg, data)  # before the engine, as the global RNG has always been drawn
     checkpoint.claim(cfg, resume, dist, log)  # every refusal is behind: the output directory is taken
     step = distill_step(cfg, student, teacher, terms)
@@ -302,13 +303,20 @@ def distill_step(cfg: Config, student, teacher, terms: RunTerms) -> DistillStep:
     )
 
 
-def build_models(cfg: Config, terms: RunTerms, data: Data, tokenizer, device: torch.device, log=print):
-    """(teacher or None, student), each on `device` (a megatron teacher is placed later, lazily)."""
+def build_models(cfg: Config, terms: RunTerms, data: Data, tokenizer, dist, log=print, ds_config=None):
+    """(teacher or None, student), each on this rank's device (a megatron teacher is placed later,
+    lazily); under ZeRO-3 the student is built partitioned over the ranks."""
     teacher = None
     if builds_teacher(cfg):
-        teacher = build_teacher_model(cfg, terms, data, tokenizer, device)
-    student = build_student(cfg.student, tokenizer, cfg.diffusion.block_size, cfg.diffusion.mask_token, log=log)
-    return teacher, student.to(device)
+        teacher = build_teacher_model(cfg, terms, data, tokenizer, dist.device)
+    if zero_stage(ds_config) == 3:
+        student = build_zero3_student(cfg, ds_config, tokenizer, dist, log)
+    else:
+        student = build_student(cfg.student, tokenizer, cfg.diffusion.block_size, cfg.diffusion.mask_token, log=log)
+        student = student.to(dist.device)
+    if cfg.engine.activation_checkpointing:
+        student.checkpoint_activations()
+    return teacher, student
 
 
 def builds_teacher(cfg: Config) -> bool:
@@ -360,7 +368,8 @@ def log_start(run: Run) -> None:
         f"; CompDemo {'on' if run.terms.comp_demo else 'off'}; student {n_params / 1e6:.2f}M params; "
         f"{len(run.data.train)} train / {len(run.data.held_out)} held-out rows; device {run.dist.device}; "
         f"{run.dist.world} rank(s) x {t.gradient_accumulation_steps} accumulation x {t.micro_batch_size} = "
-        f"global batch {t.global_batch_size}"
+        f"global batch {t.global_batch_size}; activation checkpointing "
+        f"{'on' if cfg.engine.activation_checkpointing else 'off'}"
     )
 
 

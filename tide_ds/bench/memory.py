@@ -36,6 +36,25 @@ STUDENT = (
     "{hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4, "
     "num_key_value_heads: 2, head_dim: 16, tie_word_embeddings: true}"
 )
+
+
+# --student-mib: a wider student whose layers hold its bytes (a small vocabulary: no module is a
+# large share of it)
+def _student_config(vocab: int, layers: int):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=vocab,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=64,
+        tie_word_embeddings=True,
+    )
+
+
 ZERO3 = {
     "train_micro_batch_size_per_gpu": "auto",
     "gradient_accumulation_steps": "auto",
@@ -55,6 +74,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="the teachers' stored dtype")
     p.add_argument("--steps", type=int, default=2, help="training steps measured after the build (default 2)")
     p.add_argument(
+        "--student-mib",
+        type=float,
+        default=0.0,
+        help="a float32 ZeRO-3 student of about this size (default 0: a tiny one); the report gives each rank's "
+        "peak while it is built above the resident set at the start, next to its bytes",
+    )
+    p.add_argument(
+        "--student-from",
+        choices=("init", "checkpoint"),
+        default="init",
+        help="--student-mib: a new model (student.init) or one read from a saved checkpoint (student.path)",
+    )
+    p.add_argument(
         "--work", help="a directory for the teachers and runs (default: a temporary one); kept teachers are reused"
     )
     p.add_argument("--json", help="also write every rank's figures to this file")
@@ -72,7 +104,7 @@ def run(args) -> int:
             "per placement: tide-ds bench teacher --placement P)"
         )
         return 2
-    placements = [p for p in args.placements.split(",") if p]
+    placements = [p for p in args.placements.split(",") if p and p != "none"]
     unknown = sorted(set(placements) - set(PLACEMENTS))
     if unknown:
         raise SystemExit(f"--placements: unknown {', '.join(unknown)}; choose from {', '.join(PLACEMENTS)}")
@@ -84,12 +116,16 @@ def run(args) -> int:
         work = args.work or tmp
         os.makedirs(work, exist_ok=True)
         assets = write_assets(work, args.teacher_mib, args.dtype, max(ranks))
+        if args.student_mib:
+            assets["student"] = write_student(work, args.student_mib, args.student_from)
         results = []
         for n in ranks:
             for placement in ["ce", *placements]:
                 rows = _launch(work, assets, placement, n, args.steps)
                 results.append({"placement": placement, "ranks": n, "rows": rows})
     report(results, assets)
+    if "student" in assets:
+        report_student(results, assets["student"])
     verdicts = placed_ratios(results, assets)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -193,6 +229,32 @@ def write_assets(work: str, teacher_mib: float, dtype_name: str, max_ranks: int)
     return assets
 
 
+def write_student(work: str, student_mib: float, source: str) -> dict:
+    """The --student-mib student: its student.init, and for --student-from checkpoint the model saved
+    once in `work` (reused when its size matches)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(os.path.join(work, "tokenizer"))
+    vocab = len(tok) + 1  # the mask token the student adds
+    layers = _layers_for(_student_config, vocab, student_mib * 2**20, torch.float32)
+    config = _student_config(vocab, layers)
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+    init = "{" + ", ".join(f"{k}: {getattr(config, k)}" for k in (*keys, "head_dim")) + ", tie_word_embeddings: true}"
+    student = {"init": init, "layers": layers, "bytes": _bytes(_student_config, vocab, layers, torch.float32)}
+    if source == "checkpoint":
+        path = os.path.join(work, "student")
+        spec_file = os.path.join(path, "bench_spec.json")
+        spec = {"layers": layers, "vocab": vocab}
+        if not (os.path.isfile(spec_file) and json.load(open(spec_file, encoding="utf-8")) == spec):
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+            with open(spec_file, "w", encoding="utf-8") as f:
+                json.dump(spec, f)
+        student["path"] = path
+    return student
+
+
 # -- one run on N ranks ---------------------------------------------------------------------------
 
 
@@ -202,8 +264,9 @@ def overrides(work: str, assets: dict, placement: str, ranks: int, steps: int) -
     with open(ds, "w", encoding="utf-8") as f:
         json.dump(ZERO3, f)
     teacher = assets["dense" if placement == "tensor_parallel" else "moe"]["path"]
+    student = assets.get("student", {"init": STUDENT})
     common = [
-        f"student.init={STUDENT}",
+        f"student.path={student['path']}" if "path" in student else f"student.init={student['init']}",
         f"student.tokenizer={assets['tokenizer']}",
         f"teacher.path={teacher}",
         f"output_dir={out_dir}",
@@ -380,3 +443,18 @@ def report(results: list[dict], assets: dict) -> None:
             f"{v['placement']} on {v['ranks']} ranks: worst rank {v['ratio']:.2f} x the teacher above ce while "
             f"placed ({verdict})"
         )
+
+
+def report_student(results: list[dict], student: dict) -> None:
+    """Each rank's peak while the run is built (student, data, engines), above its resident set at the
+    start, in the student's bytes."""
+    mib, whole = 2**20, student["bytes"]
+    source = "read from a checkpoint" if "path" in student else "a new model"
+    print(f"student: {whole / mib:,.0f} MiB in float32 ({student['layers']} layers), {source}, ZeRO-3")
+    for r in results:
+        for row in r["rows"]:
+            grown = row["build"] - row["start"]
+            print(
+                f"{r['ranks']} ranks, {r['placement']}, rank {row['rank']}: build peak {grown / mib:,.0f} MiB above "
+                f"the start ({grown / whole:.2f} x the student)"
+            )

@@ -28,6 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab", type=int, default=151_936)
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--block-size", type=int, default=4)
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="the student's decoder layers recompute their activations in backward (engine.activation_checkpointing)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per variant")
     p.add_argument(
@@ -67,6 +72,8 @@ def _worker(args) -> dict:
 
     mask_id = args.vocab - 1
     student = BD3LMStudent(_model(args.hidden, args.vocab, args.layers, 0), args.block_size, mask_id).to(args.device)
+    if args.activation_checkpointing:
+        student.checkpoint_activations()
     teacher = HFBidirectionalTeacher(_model(args.hidden, args.vocab, args.layers, 1).eval(), mask_id).to(args.device)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -104,7 +111,8 @@ def run(args) -> int:
     variants = [v for v in args.variants.split(",") if v]
     print(
         f"tide-ds bench step: recipe={args.recipe} b={args.batch} l={args.length} H={args.hidden} "
-        f"V={args.vocab} layers={args.layers} device={device_name(args.device)}"
+        f"V={args.vocab} layers={args.layers} activation checkpointing "
+        f"{'on' if args.activation_checkpointing else 'off'} device={device_name(args.device)}"
     )
     print(
         f"student loss forward+backward; time: median of {args.repeats} calls; peak memory: growth during the "
@@ -115,6 +123,7 @@ def run(args) -> int:
         cmd = [sys.executable, "-m", "tide_ds.cli", "bench", "step", "--worker", v]
         for key in ("recipe", "batch", "length", "hidden", "vocab", "layers", "block_size", "device", "repeats"):
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+        cmd += ["--activation-checkpointing"] if args.activation_checkpointing else []
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             raise RuntimeError(f"bench worker {v} failed:\n{out.stderr[-4000:]}")

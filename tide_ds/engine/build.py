@@ -21,6 +21,8 @@ from tide_ds.config import Config, ConfigError, warmup_steps
 from tide_ds.engine.dist import Dist
 from tide_ds.engine.placement import PLACEMENTS, PlacedTeacher, check_placement, register_head
 from tide_ds.engine.plan import RunPlan
+from tide_ds.models.build import build_student, model_dtype, partitioned
+from tide_ds.models.load import Checkpoint, load_zero3_partitions
 
 PLAIN_STATE = "plain_state.pt"  # a plain run's checkpoint file in each step<N>/ directory
 
@@ -269,6 +271,69 @@ def build_engine(plan: RunPlan, ds_config: dict | None, step, dist: Dist) -> Eng
         model_parameters=None if client_opt is not None else module.parameters(),
     )
     return DeepSpeedEngine(dist, step.student, teacher, ds)
+
+
+def zero_stage(ds_config: dict | None) -> int:
+    """The ZeRO stage of a settled ds_config (0 without DeepSpeed)."""
+    return (ds_config or {}).get("zero_optimization", {}).get("stage", 0)
+
+
+def build_zero3_student(cfg: Config, ds_config: dict, tokenizer, dist: Dist, log=print):
+    """The student under ZeRO stage 3, built partitioned: zero.Init splits each module's parameters
+    over the ranks as soon as the module is built, so no rank ever holds the whole student. A new
+    model (student.init) is initialised as a whole one would be, in the same order with the same
+    random draws, each module's parameters gathered only while they are initialised (the values
+    equal one process's). A checkpoint's model is built without initial values and each rank reads
+    only its partition of every tensor from student.path."""
+    import deepspeed
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+
+    bf16 = (ds_config.get("bf16") or {}).get("enabled") is True
+    dtype = torch.bfloat16 if bf16 else model_dtype(cfg.student)
+    init = deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype)
+    # zero.Init resolves `dtype` to bf16 or fp16 whatever was asked where the accelerator has no fp16
+    # (CPU): the student's parameters are built in the dtype the engine trains
+    init.dtype = dtype
+    initialise = _gathered_initialisation() if cfg.student.path is None else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def within():
+        with prevent_arange_dtype_change(), init, initialise:  # the rotary tables keep their own dtype
+            yield
+
+    student = build_student(
+        cfg.student, tokenizer, cfg.diffusion.block_size, cfg.diffusion.mask_token, log=log, within=within()
+    )
+    if cfg.student.path is not None and partitioned(student):
+        with Checkpoint(cfg.student.path, "student.path") as ckpt:
+            load_zero3_partitions(student.model, ckpt, dist.rank)
+    return student
+
+
+@contextlib.contextmanager
+def _gathered_initialisation():
+    """transformers initialises a new model's weights module by module (each PreTrainedModel's
+    post_init, in construction order); under zero.Init those parameters are partitioned by then. So
+    each module's own parameters, and its children's (which its _init_weights may set), are gathered
+    while it is initialised: every rank draws the same values, and rank 0's are kept."""
+    import deepspeed
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel._initialize_weights
+
+    def initialise(self, module, is_custom_code=False):
+        params = [
+            *module.parameters(recurse=False),
+            *(p for c in module.children() for p in c.parameters(recurse=False)),
+        ]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            original(self, module, is_custom_code)
+
+    PreTrainedModel._initialize_weights = initialise
+    try:
+        yield
+    finally:
+        PreTrainedModel._initialize_weights = original
 
 
 def teacher_bytes(teacher) -> int:

@@ -9,6 +9,7 @@ else hf_bidirectional). The checkpoint's config.json `model_type` must agree wit
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
@@ -75,6 +76,11 @@ def dtype_name(cfg: ModelConfig) -> str:
     return stored if stored in _DTYPES else "float32"
 
 
+def model_dtype(cfg: ModelConfig) -> torch.dtype:
+    """The torch dtype `dtype_name` names."""
+    return _DTYPES[dtype_name(cfg)]
+
+
 def check_student_checkpoint(model_type: str, key: str) -> None:
     """A student is a transformers decoder (Qwen3 / Llama family, or another native causal LM)."""
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -130,12 +136,22 @@ def _load(cls, cfg: ModelConfig, key: str, **kwargs):
         ) from None
 
 
-def _causal_lm(cfg: ModelConfig, key: str, vocab_size: int | None, log=lambda line: None) -> torch.nn.Module:
+def _causal_lm(
+    cfg: ModelConfig, key: str, vocab_size: int | None, log=lambda line: None, within=None
+) -> torch.nn.Module:
+    """The model of cfg.path (under `within`: built there without its weights, which the caller
+    reads), or a new one from cfg.init (under `within`, initialised there)."""
     dtype = _DTYPES[dtype_name(cfg)]
     if cfg.path is not None:
         family = student_family(cfg.path, f"{key}.path")
         check_kind(cfg.kind, family, key)
-        return _load(AutoModelForCausalLM, cfg, key, **a2d_config(cfg.path, family))
+        if within is None:
+            return _load(AutoModelForCausalLM, cfg, key, **a2d_config(cfg.path, family))
+        config = a2d_config(cfg.path, family).get("config") or AutoConfig.from_pretrained(cfg.path)
+        with within, no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.tie_weights()  # skipped with the initialisation: tied weights stay one parameter
+        return model
     config = fresh_config(cfg, key, vocab_size)
     count = meta_param_count(config)
     log(
@@ -144,7 +160,8 @@ def _causal_lm(cfg: ModelConfig, key: str, vocab_size: int | None, log=lambda li
         f"before any weight is allocated"
     )
     check_param_bound(cfg, config, count, key)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with within if within is not None else contextlib.nullcontext():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 # What decides a fresh model's size; one left out of `init` takes the family's default (qwen3: 4096 wide,
@@ -239,20 +256,47 @@ def a2d_config(path: str, family: str) -> dict:
 
 
 def build_student(
-    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, block_size: int, mask_token: str, log=lambda line: None
+    cfg: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    mask_token: str,
+    log=lambda line: None,
+    within=None,
 ) -> BD3LMStudent:
     """A BD3LM student; the mask token is added to the tokenizer (and the embeddings) if missing.
-    A new model (student.init) is checked, and its size given to `log`, before it is allocated."""
+    A new model (student.init) is checked, and its size given to `log`, before it is allocated.
+
+    within: a context manager (zero.Init) the model is built under: a new model is initialised there,
+    a checkpoint's is built without its weights, which the caller reads (`partitioned`). A checkpoint
+    whose embeddings must grow for the mask token is built whole as without it (resizing needs them)."""
     if cfg.kind not in STUDENT_KINDS:
         raise ConfigError(
             f"student.kind is '{cfg.kind}'; a student is a transformers decoder: choose one of "
             f"{', '.join(STUDENT_KINDS)}"
         )
     mask_id = ensure_mask_token(tokenizer, mask_token)
-    model = _causal_lm(cfg, "student", vocab_size=len(tokenizer), log=log)
-    if model.get_output_embeddings().weight.shape[0] < len(tokenizer):
+    if within is not None and cfg.path is not None and stored_vocab_size(cfg.path) < len(tokenizer):
+        log(
+            f"student: the embeddings of student.path grow to {len(tokenizer)} rows for the mask token, "
+            f"so the student is built whole on every rank before it is partitioned"
+        )
+        within = None
+    model = _causal_lm(cfg, "student", vocab_size=len(tokenizer), log=log, within=within)
+    head = model.get_output_embeddings().weight
+    if getattr(head, "ds_shape", head.shape)[0] < len(tokenizer):  # a ZeRO-3 partition: its whole shape
         model.resize_token_embeddings(len(tokenizer))
     return BD3LMStudent(model, block_size=block_size, mask_token_id=mask_id, attn_backend=cfg.attn_backend)
+
+
+def stored_vocab_size(path: str) -> int:
+    """vocab_size in a checkpoint's config.json (read without building anything)."""
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        return json.load(f).get("vocab_size", 0)
+
+
+def partitioned(module: torch.nn.Module) -> bool:
+    """Built under zero.Init: every parameter is a ZeRO-3 partition."""
+    return all(hasattr(p, "ds_id") for p in module.parameters())
 
 
 def build_teacher(

@@ -27,6 +27,16 @@ class BD3LMStudent(OutputHead, nn.Module):
         self.attn_backend = attn_backend
         model.config.bd3lm = {"block_size": block_size, "mask_token_id": mask_token_id}
 
+    def checkpoint_activations(self) -> None:
+        """Keep no activations inside the decoder layers: each layer's forward runs again in the
+        backward (engine.activation_checkpointing). transformers' own activation checkpointing,
+        non-reentrant: it checkpoints each layer's forward with its arguments (the [x_t ; x_0] mask
+        and positions included), and each submodule is called again with its hooks, so ZeRO-3 gathers
+        the layer's parameters for the recomputation too. It acts in training mode only, so the
+        student is put in it (evaluation, under no_grad, keeps its activations as before)."""
+        self.model.activation_checkpointing_enable({"use_reentrant": False})
+        self.train()
+
     @property
     def max_length(self) -> int:
         """Longest sequence (positions) the backbone was configured for."""
