@@ -28,6 +28,7 @@ from tide_ds.data.sampler import Prefetch, RankBatches
 from tide_ds.engine import RunPlan, init_distributed, launched_world, load_ds_config, settle
 from tide_ds.engine.build import place_teacher
 from tide_ds.engine.dist import fail_fast
+from tide_ds.engine.host import fix_mmap_threshold
 from tide_ds.models.build import ensure_mask_token
 from tide_ds.pipeline import resolve_terms
 from tide_ds.pipeline import targets as stored
@@ -62,6 +63,7 @@ def run(args) -> int:
 def teach(cfg: Config, out: str, shard_steps: int = 16) -> dict:
     if cfg.teacher.targets:
         raise ConfigError("teacher.targets is set: `tide-ds teach` writes targets (--out DIR); unset teacher.targets")
+    fix_mmap_threshold()  # freed host tensors go back to the system (tide_ds/engine/host.py)
     ds_json = load_ds_config(cfg.engine.ds_config) if cfg.engine.ds_config else None
     plan, ds_config = settle(cfg, ds_json, launched_world())
     dist = init_distributed(plan.config, plan.deepspeed)

@@ -37,6 +37,7 @@ from tide_ds.engine import RunPlan, build_engine, init_distributed, launched_wor
 from tide_ds.engine.build import build_zero3_student, zero_stage
 from tide_ds.engine.dist import fail_fast
 from tide_ds.engine.guard import StepGuard
+from tide_ds.engine.host import fix_mmap_threshold
 from tide_ds.engine.placement import BUILDS_OWN_SHARD
 from tide_ds.engine.preempt import Preemption, resume_command
 from tide_ds.engine.watchdog import Watchdog, beat
@@ -201,6 +202,7 @@ def run_length(cfg: Config, data: Data) -> Config:
 
 
 def distill(cfg: Config) -> dict:
+    fix_mmap_threshold()  # freed host tensors go back to the system (tide_ds/engine/host.py)
     # The plan first: every batch / precision disagreement is reported before anything is loaded.
     ds_json = load_ds_config(cfg.engine.ds_config) if cfg.engine.ds_config else None
     plan, ds_config = settle(cfg, ds_json, launched_world())

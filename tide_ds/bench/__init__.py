@@ -12,6 +12,7 @@ BENCHMARKS = {
     "schedule": "tide_ds.bench.schedule",
     "targets": "tide_ds.bench.targets",
     "placement": "tide_ds.bench.memory",
+    "floor": "tide_ds.bench.floor",
 }
 
 
