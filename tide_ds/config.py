@@ -241,6 +241,7 @@ class EngineConfig:
     megatron_checkpoint: str | None = None  # megatron: a dist_checkpointing dir (None: teacher.path's safetensors)
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA, gloo on CPU
     timeout_s: int = 600  # collective timeout: a stuck rank fails the job after this long
+    activation_checkpointing: bool = False  # recompute each student layer's activations in backward (less memory)
 
     def __post_init__(self):
         _require(

@@ -36,6 +36,7 @@ from tide_ds.data.sampler import Prefetch, RankBatches, batches_per_epoch
 from tide_ds.engine import RunPlan, build_engine, init_distributed, launched_world, load_ds_config, settle
 from tide_ds.engine.dist import fail_fast
 from tide_ds.engine.guard import StepGuard
+from tide_ds.engine.memory import startup_summary
 from tide_ds.engine.placement import BUILDS_OWN_SHARD
 from tide_ds.engine.preempt import Preemption, resume_command
 from tide_ds.engine.watchdog import Watchdog, beat
@@ -287,6 +288,8 @@ def build_run(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) 
     first = checkpoint.load(engine, *resume) if resume is not None else 0
     run = Run(cfg, dist, signals, tokenizer, data, terms, student, teacher, step, engine, first, held_out, log, targets)
     log_start(run)
+    if dist.is_main:  # the plan is alike on every rank
+        log(startup_summary(plan, ds_config, dist.device))
     return run
 
 
