@@ -24,8 +24,8 @@ come from `settle`, as the run itself takes them. Per rank, in bytes:
 Activation figures are estimates from the layer shapes (elements each op keeps, counted for the
 transformers Qwen3/Llama decoder layer); model states are exact. On GPU the caching allocator
 adds fragmentation and the CUDA context (about 0.5-1 GiB) comes on top; on CPU (`--device cpu`,
-what the validation test measures as resident memory) a reduction bucket counts only the pages a
-gradient touches, while CUDA allocates it whole.
+what the validation test measures as resident memory) a reduction bucket counts only the pages the
+gradients fill, while CUDA allocates it whole.
 """
 
 from __future__ import annotations
@@ -115,8 +115,18 @@ def _meta(config) -> nn.Module:
     return model
 
 
+_SHAPES: dict[str, Shapes] = {}
+
+
 def shapes(config) -> Shapes:
-    """The Shapes of the model `config` builds, counted on the meta device."""
+    """The Shapes of the model `config` builds, counted on the meta device (once per config)."""
+    key = config.to_json_string()
+    if key not in _SHAPES:
+        _SHAPES[key] = _count(config)
+    return _SHAPES[key]
+
+
+def _count(config) -> Shapes:
     model = _meta(config)
     unique = {id(p): p for p in model.parameters()}
     count = lambda params: sum(p.numel() for p in {id(p): p for p in params}.values())  # noqa: E731
@@ -288,7 +298,7 @@ def _check_placement_shapes(cfg: Config, t: Shapes) -> None:
             raise ConfigError(f"engine.ep_size={e.ep_size} does not divide the teacher's {t.num_experts} experts")
     if e.teacher_placement == "tensor_parallel" and t.num_experts:
         raise ConfigError(
-            "engine.teacher_placement=tensor_parallel (AutoTP) is for dense teachers; use expert_parallel"
+            "engine.teacher_placement=tensor_parallel (AutoTP) is for dense teachers; use expert_parallel or megatron"
         )
 
 
@@ -315,6 +325,8 @@ def _parts(x: _Inputs, b: int) -> tuple[dict, int, int, int]:
         params = p * act // (n if stage == 3 else 1)
         grads = p * act // (n if stage >= 2 else 1) + (4 * p // split if mixed else 0)  # + fp32 partition
         optimizer = (12 if mixed else 2 * e) * p // split  # fp32 master copy + Adam's two moments
+        if "optimizer" not in x.ds:  # torch's AdamW on DeepSpeed's flat partition: its step's denominator
+            optimizer += (4 if mixed else e) * p // split
         buffers = _zero_buffers(x, stage, p, act)
     host = 0
     if deepspeed and _offloaded(x.ds, "offload_optimizer"):
@@ -350,15 +362,20 @@ def _zero_buffers(x: _Inputs, stage: int, p: int, act: int) -> int:
     if stage == 0:
         return 0
     bucket = int(zero.get("reduce_bucket_size", 5e8))
-    bucket = min(bucket, p) if x.device == "cpu" else bucket
     if stage in (1, 2):
         if not zero.get("contiguous_gradients", True):
             return 0
         width = 4 if stage == 1 else act  # ZeRO-1 stages the fp32 accumulator
-        return bucket * width * (2 if zero.get("overlap_comm", False) else 1)
+        held = bucket * (2 if zero.get("overlap_comm", False) else 1)  # overlap_comm: two, filled in turn
+        return _touched(held, p, x.device) * width
     prefetch = int(zero.get("stage3_prefetch_bucket_size", 5e7))
     gathered = max(x.student.largest_layer, min(prefetch, p))
-    return bucket * act + gathered * act
+    return _touched(bucket, p, x.device) * act + gathered * act
+
+
+def _touched(elements: int, p: int, device: str) -> int:
+    """Elements of a gradient buffer in memory: on CPU only the pages the p gradients fill."""
+    return min(elements, p) if device == "cpu" else elements
 
 
 def teacher_bytes(x: _Inputs) -> int:
