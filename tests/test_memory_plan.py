@@ -74,9 +74,11 @@ def test_placements_and_stages_split_what_they_should():
     p = shapes(student_config(cfg)).params
     assert 0.59e9 < p < 0.61e9  # Qwen3-0.6B, tied embeddings counted once
     assert z3["student_params"] == 2 * p // 8 and z2["student_params"] == 2 * p
-    assert z3["optimizer"] == z2["optimizer"] == (12 + 4) * p // 8  # + torch AdamW's step denominator
+    assert z3["optimizer"] == z2["optimizer"] == 12 * p // 8  # fp32 master + Adam's moments, split
+    assert z3["step_workspace"] == (4 + 4) * p // 8  # fp32 gradients + torch AdamW's denominator (CUDA)
     off = _plan(["engine.ds_config=ds_configs/zero3_offload.json"], 8)
-    assert off.parts["optimizer"] == 0 and off.parts["student_params"] == 0 and off.host > 0
+    assert off.parts["optimizer"] == off.parts["step_workspace"] == off.parts["student_params"] == 0
+    assert off.host == 2 * p // 8 + (12 + 4) * p // 8  # the step runs on the host (DeepSpeedCPUAdam)
     ckpt = _plan(["engine.activation_checkpointing=true"], 8)
     assert ckpt.parts["activations"] == ckpt.activations_checkpointed < ckpt.activations_full / 5
     small = _plan([], 8, device_memory=8 * 2**30)

@@ -20,6 +20,10 @@ come from `settle`, as the run itself takes them. Per rank, in bytes:
   fused loss workspace  the tiled head's fp32 [R, V] blocks (R from tide_ds.kernels.ops.block_rows),
                         the fp32 head-weight gradient and the gathered hidden rows
   data prefetch         train.data_prefetch micro-batches of token ids
+  optimizer step        the fp32 gradients of the partition and torch AdamW's temporaries
+
+The peak is what is held throughout plus the larger of two phases that never overlap: forward
+and backward (activations, the teacher's, the loss workspace) and the optimizer step.
 
 Activation figures are estimates from the layer shapes (elements each op keeps, counted for the
 transformers Qwen3/Llama decoder layer); model states are exact. On GPU the caching allocator
@@ -64,7 +68,10 @@ PARTS = (
     ("teacher_activations", "teacher activations"),
     ("loss_workspace", "fused loss workspace"),
     ("data_prefetch", "data prefetch"),
+    ("step_workspace", "optimizer step workspace"),
 )
+FORWARD_BACKWARD = ("activations", "teacher_activations", "loss_workspace")
+OPTIMIZER_STEP = ("step_workspace",)
 
 
 def parse_bytes(text: str, key: str = "--device-memory") -> int:
@@ -219,7 +226,7 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return sum(self.parts.values())
+        return total(self.parts)
 
     @property
     def fits(self) -> bool:
@@ -261,11 +268,11 @@ def memory_plan(
     b = cfg.train.micro_batch_size
     parts, full, ckpt, host = _parts(inputs, b)
     lo, hi = 0, 1
-    while hi <= 1 << 16 and sum(_parts(inputs, hi)[0].values()) <= device_memory:
+    while hi <= 1 << 16 and total(_parts(inputs, hi)[0]) <= device_memory:
         lo, hi = hi, hi * 2
     while hi - lo > 1:  # the total grows with the micro-batch: bisect
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if sum(_parts(inputs, mid)[0].values()) <= device_memory else (lo, mid)
+        lo, hi = (mid, hi) if total(_parts(inputs, mid)[0]) <= device_memory else (lo, mid)
     return MemoryPlan(
         plan.world,
         _stage(inputs.ds),
@@ -318,21 +325,23 @@ def _parts(x: _Inputs, b: int) -> tuple[dict, int, int, int]:
     mixed = deepspeed and cfg.train.precision == "bf16"
     act = 2 if mixed else e  # the forward's dtype
     stage = _stage(x.ds) if deepspeed else 0
+    # torch's AdamW makes its denominator sqrt(v) / c + eps from new tensors: on CPU (one tensor at a
+    # time) two alive at once, on CUDA (foreach) one; DeepSpeed's own optimizers work in place
+    adam_temps = 0 if "optimizer" in x.ds else (2 if x.device == "cpu" else 1)
     if not deepspeed:  # plain PyTorch: AdamW's two states in the weights' dtype
         params, grads, optimizer, buffers = p * e, p * e, 2 * p * e, 0
+        step = adam_temps * p * e
     else:
         split = n if stage >= 1 or mixed else 1  # DeepSpeed's bf16 optimizer partitions its states
         params = p * act // (n if stage == 3 else 1)
-        grads = p * act // (n if stage >= 2 else 1) + (4 * p // split if mixed else 0)  # + fp32 partition
+        grads = p * act // (n if stage >= 2 else 1)
         optimizer = (12 if mixed else 2 * e) * p // split  # fp32 master copy + Adam's two moments
-        if "optimizer" not in x.ds:  # torch's AdamW on DeepSpeed's flat partition: its step's denominator
-            optimizer += (4 if mixed else e) * p // split
+        # in the step: the partition's fp32 gradients (mixed precision) and AdamW's temporaries
+        step = (4 if mixed else 0) * p // split + adam_temps * (4 if mixed else e) * p // split
         buffers = _zero_buffers(x, stage, p, act)
     host = 0
-    if deepspeed and _offloaded(x.ds, "offload_optimizer"):
-        host += optimizer + (4 * p // n if mixed else 0)
-        grads -= 4 * p // n if mixed else 0
-        optimizer = 0
+    if deepspeed and _offloaded(x.ds, "offload_optimizer"):  # the step runs on the host
+        host, optimizer, step = host + optimizer + step, 0, 0
     if deepspeed and stage == 3 and _offloaded(x.ds, "offload_param"):
         host, params = host + params, 0
     full, ckpt = student_activations(x.student, b, 2 * cfg.data.seq_len, act, _sdpa(cfg.student, x.device))
@@ -346,8 +355,16 @@ def _parts(x: _Inputs, b: int) -> tuple[dict, int, int, int]:
         "teacher_activations": teacher_activations(x, b),
         "loss_workspace": loss_workspace(x.student, b * cfg.data.seq_len, act, x.device),
         "data_prefetch": cfg.train.data_prefetch * b * 8 * _batch_tokens(x),
+        "step_workspace": step,
     }
     return parts, full, ckpt, host
+
+
+def total(parts: dict) -> int:
+    """The peak: what is held throughout, plus the larger of the two phases, which never overlap
+    (the activations are freed by the end of backward, before the optimizer step)."""
+    held = sum(v for k, v in parts.items() if k not in FORWARD_BACKWARD + OPTIMIZER_STEP)
+    return held + max(sum(parts[k] for k in FORWARD_BACKWARD), sum(parts[k] for k in OPTIMIZER_STEP))
 
 
 def _batch_tokens(x: _Inputs) -> int:
@@ -481,12 +498,13 @@ def plan_table(plan: MemoryPlan) -> str:
     for key, label in PARTS:
         if key == "activations":
             for ckpt, value in ((False, plan.activations_full), (True, plan.activations_checkpointed)):
-                used = "  (used)" if ckpt == plan.checkpointing else ""
+                used = "  (forward/backward)" if ckpt == plan.checkpointing else "  (not used)"
                 name = f"{label} ({'checkpointed' if ckpt else 'full'})"
                 rows.append(f"{name:<34} {_gib(value):>12}{used}")
             continue
-        rows.append(f"{label:<34} {_gib(plan.parts[key]):>12}")
-    rows.append(f"{'total':<34} {_gib(plan.total):>12}")
+        phase = "  (forward/backward)" if key in FORWARD_BACKWARD else "  (step)" if key in OPTIMIZER_STEP else ""
+        rows.append(f"{label:<34} {_gib(plan.parts[key]):>12}{phase}")
+    rows.append(f"{'peak (held + larger phase)':<34} {_gib(plan.total):>12}")
     if plan.host:
         rows.append(f"{'offloaded to the host (not in total)':<34} {_gib(plan.host):>12}")
     rows.append(plan_summary(plan))
