@@ -15,7 +15,7 @@ come from `settle`, as the run itself takes them. Per rank, in bytes:
                         shared MLPs and embedding / tp, the rest whole
   student activations   what the [x_t ; x_0] forward (2 x data.seq_len tokens) keeps for backward,
                         without and with activation checkpointing (then: each layer's input plus
-                        one layer recomputed); the verdict uses engine.activation_checkpointing
+                        two layers' working sets); the verdict uses engine.activation_checkpointing
   teacher activations   no grad: one layer's live set and its output hidden states
   fused loss workspace  the tiled head's fp32 [R, V] blocks (R from tide_ds.kernels.ops.block_rows),
                         the fp32 head-weight gradient and the gathered hidden rows
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import re
 
@@ -47,7 +46,7 @@ from tide_ds.config import Config, ConfigError, load_config, needs_teacher, run_
 from tide_ds.engine.plan import RunPlan, load_ds_config, settle
 from tide_ds.kernels.ops import DEFAULT_BLOCK_BYTES, block_rows
 from tide_ds.models import llada2
-from tide_ds.models.build import _DTYPES, A2D_MODEL_TYPES, dtype_name, fresh_config, load_tokenizer
+from tide_ds.models.build import _DTYPES, a2d_config, dtype_name, fresh_config, load_tokenizer, student_family
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
@@ -174,15 +173,8 @@ def student_config(cfg: Config):
     tokens = _student_tokens(cfg)
     if s.path is None:
         return fresh_config(s, "student", tokens)
-    config_file = os.path.join(s.path, "config.json")
-    if not os.path.isfile(config_file):
-        raise ConfigError(f"student.path={s.path} has no config.json; give a transformers model directory")
-    with open(config_file, encoding="utf-8") as f:
-        raw = json.load(f)
-    family = A2D_MODEL_TYPES.get(raw.get("model_type"), raw.get("model_type"))
-    for key in ("model_type", "architectures", "auto_map", "transformers_version"):
-        raw.pop(key, None)
-    config = AutoConfig.for_model(family, **raw)
+    family = student_family(s.path, "student.path")
+    config = a2d_config(s.path, family).get("config") or AutoConfig.from_pretrained(s.path)
     if tokens is not None and tokens > config.vocab_size:
         config.vocab_size = tokens
     return config
