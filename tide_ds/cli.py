@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "a2d": ("tide_ds.models.a2d", "convert an autoregressive checkpoint (Qwen3 / Llama) into a BD3LM student"),
     "export": ("tide_ds.checkpoint", "turn a training checkpoint into a transformers model directory"),
     "bench": ("tide_ds.bench", "benchmarks that print speed and memory figures"),
+    "plan": ("tide_ds.engine.memory", "each rank's memory by part before launch, the verdict, the largest micro-batch"),
 }
 
 

@@ -38,6 +38,7 @@ from tide_ds.engine.build import build_zero3_student, zero_stage
 from tide_ds.engine.dist import fail_fast
 from tide_ds.engine.guard import StepGuard
 from tide_ds.engine.host import fix_mmap_threshold
+from tide_ds.engine.memory import startup_summary
 from tide_ds.engine.placement import BUILDS_OWN_SHARD
 from tide_ds.engine.preempt import Preemption, resume_command
 from tide_ds.engine.watchdog import Watchdog, beat
@@ -290,6 +291,8 @@ def build_run(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) 
     first = checkpoint.load(engine, *resume) if resume is not None else 0
     run = Run(cfg, dist, signals, tokenizer, data, terms, student, teacher, step, engine, first, held_out, log, targets)
     log_start(run)
+    if dist.is_main:  # the plan is alike on every rank
+        log(startup_summary(plan, ds_config, dist.device))
     return run
 
 

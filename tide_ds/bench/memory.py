@@ -293,12 +293,18 @@ def overrides(work: str, assets: dict, placement: str, ranks: int, steps: int) -
 
 
 def _launch(work: str, assets: dict, placement: str, ranks: int, steps: int) -> list[dict]:
-    spec_file = os.path.join(work, f"run_{placement}_{ranks}.json")
-    out_file = os.path.join(work, f"rows_{placement}_{ranks}.json")
+    return launch(work, f"{placement}_{ranks}", overrides(work, assets, placement, ranks, steps), ranks)
+
+
+def launch(work: str, name: str, run_overrides: list[str], ranks: int) -> list[dict]:
+    """One run of `tide-ds distill` overrides on `ranks` ranks (torchrun): each rank's resident
+    memory at the start, its peak while the run is built and during the steps (bytes)."""
+    spec_file = os.path.join(work, f"run_{name}.json")
+    out_file = os.path.join(work, f"rows_{name}.json")
     if os.path.exists(out_file):
         os.remove(out_file)
     with open(spec_file, "w", encoding="utf-8") as f:
-        json.dump({"overrides": overrides(work, assets, placement, ranks, steps), "out": out_file}, f)
+        json.dump({"overrides": run_overrides, "out": out_file}, f)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -310,9 +316,7 @@ def _launch(work: str, assets: dict, placement: str, ranks: int, steps: int) -> 
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="1048576")
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0 or not os.path.isfile(out_file):
-        raise RuntimeError(
-            f"bench placement --memory: the {placement} run on {ranks} ranks failed:\n{out.stderr[-3000:]}"
-        )
+        raise RuntimeError(f"bench placement --memory: the {name} run on {ranks} ranks failed:\n{out.stderr[-3000:]}")
     with open(out_file, encoding="utf-8") as f:
         return json.load(f)
 
