@@ -184,9 +184,11 @@ def compare(work: str) -> list[dict]:
     return rows
 
 
+# Three 2-rank runs of several minutes each, and not met yet: a ZeRO-3 student peaks about 300 MiB
+# per rank above the plan (docs/placements.md). Run it with TIDE_DS_MEASURE_PLAN=1.
 @pytest.mark.slow
 @pytest.mark.multirank
-@pytest.mark.xfail(reason="a ZeRO-3 student's peak is about 300 MiB above the plan (docs/placements.md)", strict=False)
+@pytest.mark.skipif(not os.environ.get("TIDE_DS_MEASURE_PLAN"), reason="a measurement: set TIDE_DS_MEASURE_PLAN=1")
 def test_plan_is_within_15_percent_of_measured_peak_memory(tmp_path):
     """Three 2-rank CPU runs (ZeRO-3 / ZeRO-2 students; replicate, zero3, expert_parallel teachers;
     micro-batches 2, 4, 8): the plan's total per rank within 15% of the worst rank's peak resident
