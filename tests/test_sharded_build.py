@@ -101,10 +101,11 @@ def test_dtype_auto_is_the_checkpoints_own_and_the_students_float32_unless_deeps
 @pytest.mark.slow
 def test_bench_placement_memory_keeps_every_sharded_teacher_within_its_bound(tmp_path):
     """`tide-ds bench placement --memory` at 256 MiB on 2 ranks: each sharding placement's worst rank
-    peaks within (1/2 + 0.1) x the teacher above the recipe=ce run while the teacher is placed; the
-    replicated teacher, whole on every rank, shows the measure sees a whole teacher."""
+    peaks within (1/2 + 0.1) x the teacher above the recipe=ce run while the teacher is placed, and
+    above 0.4 x: each rank holds half, so a measure that missed the teacher fails (a replicated one,
+    1.90 x in docs/placements.md, is left out to keep the test short)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    placements = "replicate,zero3,expert_parallel,tensor_parallel"
+    placements = "zero3,expert_parallel,tensor_parallel"
     cmd = [sys.executable, "-m", "tide_ds.cli", "bench", "placement", "--memory", "--ranks", "2", "--steps", "1"]
     cmd += [
         "--placements",
@@ -120,8 +121,7 @@ def test_bench_placement_memory_keeps_every_sharded_teacher_within_its_bound(tmp
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     placed = {v["placement"]: v for v in json.loads((tmp_path / "m.json").read_text())["placed"]}
     assert set(placed) == set(placements.split(",")), placed
-    for name in ("zero3", "expert_parallel", "tensor_parallel"):
-        assert placed[name]["within"] and placed[name]["ratio"] <= 0.6, placed[name]
-    assert placed["replicate"]["ratio"] >= 0.9, placed["replicate"]
+    for name in placements.split(","):
+        assert placed[name]["within"] and 0.4 <= placed[name]["ratio"] <= 0.6, placed[name]
     assert "within the bound 0.60" in out.stdout
     print(out.stdout)
