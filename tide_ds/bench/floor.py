@@ -32,9 +32,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from tide_ds.bench.measure import device_name
+from tide_ds.bench.measure import device_name, peak_resident, random_decoder, resident
 
 RECIPES = ("ce", "tide_cross", "tide_shared")
 
@@ -61,21 +60,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker", help=argparse.SUPPRESS)
 
 
-def _rss(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def peak_rss(call) -> int:
-    """Peak resident bytes of the process (not growth) during call()."""
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current VmRSS
-    call()
-    return _rss("VmHWM")
-
-
 def seconds(call) -> float:
     t0 = time.perf_counter()
     call()
@@ -83,24 +67,7 @@ def seconds(call) -> float:
 
 
 def _model(hidden: int, layers: int, vocab: int, seed: int):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    heads = max(1, hidden // 64)
-    cfg = AutoConfig.for_model(
-        "qwen3",
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=hidden * 3,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        head_dim=hidden // heads,
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-    )
-    return AutoModelForCausalLM.from_config(cfg)
+    return random_decoder(hidden, layers, vocab, seed, ffn=3, tied=True)
 
 
 def cross_batch(batch: int, length: int, vocab: int, generator):
@@ -319,11 +286,11 @@ def _worker(args) -> dict:
         torch.set_num_threads(args.threads)
     if args.heap == "fixed":
         fix_mmap_threshold()  # as tide-ds distill does
-    base = _rss("VmRSS")
+    base = resident()
     bench = build_bench(args)
-    built = _rss("VmRSS")
-    floor_bytes = max(built, peak_rss(bench.trivial_step))
-    states = _rss("VmRSS")
+    built = resident()
+    floor_bytes = max(built, peak_resident(bench.trivial_step))
+    states = resident()
     bench.real_step()  # warm-up: the step's shapes, lazy initialisation
     floor_call = matmul_floor(args.worker, bench.shapes)
     floor_call()  # warm-up
@@ -332,7 +299,7 @@ def _worker(args) -> dict:
         floor_t.append(seconds(floor_call))
         gc.collect()
         t0 = time.perf_counter()
-        real_peak.append(peak_rss(bench.real_step))
+        real_peak.append(peak_resident(bench.real_step))
         real_t.append(time.perf_counter() - t0)
     del floor_call
     return {

@@ -1,4 +1,5 @@
-"""What the benchmarks share: peak memory growth and time of one call, and the device's name."""
+"""What the benchmarks share: peak memory growth and time of one call, the device's name, and the
+random Qwen3 decoders they run."""
 
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ def reset_peak() -> int:
     """Resets VmHWM to the current resident set, which it returns (bytes)."""
     Path("/proc/self/clear_refs").write_text("5")
     return _rss_bytes("VmRSS")
+
+
+def peak_resident(step) -> int:
+    """This process's peak resident set during one call of step() (bytes; not its growth)."""
+    gc.collect()
+    reset_peak()
+    step()
+    return _rss_bytes("VmHWM")
 
 
 def peak_growth(step, device: str) -> int:
@@ -71,3 +80,24 @@ def resolve_device(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but this machine has no usable CUDA device; use --device cpu or auto")
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def random_decoder(hidden: int, layers: int, vocab: int, seed: int, *, ffn: int, tied: bool):
+    """A random Qwen3 decoder: heads of 64, an MLP of `ffn` x `hidden`, fp32, on the CPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    heads = max(1, hidden // 64)
+    cfg = AutoConfig.for_model(
+        "qwen3",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=8192,
+        tie_word_embeddings=tied,
+    )
+    return AutoModelForCausalLM.from_config(cfg)

@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 
-from tide_ds.bench.measure import device_name, peak_growth, resolve_device, timed
+from tide_ds.bench.measure import device_name, peak_growth, random_decoder, resolve_device, timed
 
 VARIANTS = ("reference", "auto")
 
@@ -44,24 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _model(hidden: int, vocab: int, layers: int, seed: int):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    heads = max(1, hidden // 64)
-    cfg = AutoConfig.for_model(
-        "qwen3",
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        head_dim=hidden // heads,
-        max_position_embeddings=8192,
-        tie_word_embeddings=False,
-    )
-    return AutoModelForCausalLM.from_config(cfg)
+    return random_decoder(hidden, layers, vocab, seed, ffn=2, tied=False)
 
 
 def _worker(args) -> dict:
