@@ -283,6 +283,8 @@ def build_run(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) 
     cfg = plan.config
     terms = resolve_terms(cfg.recipe, cfg.terms, "cross" if data.cross_tokenizer else "shared", cfg.objective)
     targets = open_targets(cfg, terms, data, tokenizer, log) if cfg.teacher.targets else None
+    if dist.is_main:  # the memory plan before any model is built (alike on every rank)
+        log(startup_summary(plan, ds_config, dist.device))
     teacher, student = build_models(cfg, terms, data, tokenizer, dist, log, ds_config)
     held_out = eval_batches(cfg, data)  # before the engine, as the global RNG has always been drawn
     checkpoint.claim(cfg, resume, dist, log)  # every refusal is behind: the output directory is taken
@@ -291,8 +293,6 @@ def build_run(plan: RunPlan, ds_config: dict | None, dist, signals: Preemption) 
     first = checkpoint.load(engine, *resume) if resume is not None else 0
     run = Run(cfg, dist, signals, tokenizer, data, terms, student, teacher, step, engine, first, held_out, log, targets)
     log_start(run)
-    if dist.is_main:  # the plan is alike on every rank
-        log(startup_summary(plan, ds_config, dist.device))
     return run
 
 
