@@ -52,11 +52,13 @@ def test_bad_input_is_one_clear_line():
     with pytest.raises(ConfigError, match="--device-memory='80 GX'"):
         parse_bytes("80 GX")
     assert parse_bytes("80GiB") == 80 * 2**30 and parse_bytes("1.5GB") == 1_500_000_000
-    with pytest.raises(ConfigError, match="engine.ep_size=3 does not divide --world 8"):
+    with pytest.raises(ConfigError, match="engine.ep_size=3 does not divide the teacher's 256 experts per layer"):
         _plan(["engine.teacher_placement=expert_parallel", "engine.ep_size=3"], 8)
-    with pytest.raises(ConfigError, match="engine.tp_size=3 does not divide --world 8"):
+    with pytest.raises(ConfigError, match=r"tp_size=3 and engine.ep_size=1 must each divide the number of ranks \(8\)"):
         _plan(["engine.teacher_placement=megatron", "engine.tp_size=3"], 8)
-    with pytest.raises(ConfigError, match="tensor_parallel .AutoTP. is for dense teachers"):
+    with pytest.raises(ConfigError, match=r"engine.ep_size=16 does not divide the number of ranks \(8\)"):
+        _plan(["engine.teacher_placement=expert_parallel", "engine.ep_size=16"], 8)
+    with pytest.raises(ConfigError, match="tensor_parallel .AutoTP. is for dense teachers; LLaDA2MoeModelLM is an MoE"):
         _plan(["engine.teacher_placement=tensor_parallel", "engine.tp_size=8"], 8)
     out = subprocess.run(
         [sys.executable, "-m", "tide_ds.cli", "plan", "--config", PAPER, "--world", "8", "--device-memory", "80 GX"],

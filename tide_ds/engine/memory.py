@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from tide_ds.config import Config, ConfigError, load_config, needs_teacher, run_terms, uses_comp_demo
+from tide_ds.engine.placement import check_layout
 from tide_ds.engine.plan import RunPlan, load_ds_config, settle
 from tide_ds.kernels.ops import DEFAULT_BLOCK_BYTES, block_rows
 from tide_ds.models import llada2
@@ -249,11 +250,12 @@ def memory_plan(
     against `device_memory`, and the largest micro-batch that fits. teacher_len: tokens of a
     teacher row (None: data.seq_len)."""
     cfg = plan.config
-    check_parallel_sizes(cfg, plan.world)
     teacher = None
     if needs_teacher(run_terms(cfg.recipe, cfg.terms, cfg.objective)) and not cfg.teacher.targets:
-        teacher = shapes(teacher_config(cfg))
-        _check_placement_shapes(cfg, teacher)
+        config = teacher_config(cfg)
+        teacher = shapes(config)
+        name = (getattr(config, "architectures", None) or [config.model_type])[0]
+        check_layout(cfg, plan.world, {teacher.num_experts} - {0}, config, name)
     inputs = _Inputs(
         cfg, ds_config or {}, plan.world, device, shapes(student_config(cfg)), teacher, teacher_len or cfg.data.seq_len
     )
@@ -278,27 +280,6 @@ def memory_plan(
         host,
         lo,
     )
-
-
-def check_parallel_sizes(cfg: Config, world: int) -> None:
-    e = cfg.engine
-    if e.teacher_placement in ("expert_parallel", "megatron") and world % e.ep_size:
-        raise ConfigError(f"engine.ep_size={e.ep_size} does not divide --world {world}; choose a divisor")
-    if e.teacher_placement in ("tensor_parallel", "megatron") and world % e.tp_size:
-        raise ConfigError(f"engine.tp_size={e.tp_size} does not divide --world {world}; choose a divisor")
-
-
-def _check_placement_shapes(cfg: Config, t: Shapes) -> None:
-    e = cfg.engine
-    if e.teacher_placement in ("expert_parallel", "megatron"):
-        if not t.num_experts:
-            raise ConfigError(f"engine.teacher_placement={e.teacher_placement} needs an MoE teacher (llada2_moe)")
-        if t.num_experts % e.ep_size:
-            raise ConfigError(f"engine.ep_size={e.ep_size} does not divide the teacher's {t.num_experts} experts")
-    if e.teacher_placement == "tensor_parallel" and t.num_experts:
-        raise ConfigError(
-            "engine.teacher_placement=tensor_parallel (AutoTP) is for dense teachers; use expert_parallel or megatron"
-        )
 
 
 def _stage(ds: dict) -> int:

@@ -59,44 +59,16 @@ def check_placement(cfg: Config, teacher, dist: Dist) -> None:
         return
     experts = {m.num_experts for m in teacher.modules() if isinstance(m, Experts)}
     if placement == "megatron":
-        from tide_ds.engine.megatron import check_config, require_megatron
+        from tide_ds.engine.megatron import require_megatron
 
         require_megatron()
-        if not experts:
-            raise ConfigError(
-                f"engine.teacher_placement=megatron builds the LLaDA2-style MoE teacher (teacher.kind "
-                f"llada2_moe); {type(teacher.model).__name__} is not one"
-            )
         if e.megatron_checkpoint is not None and not os.path.isdir(e.megatron_checkpoint):
             raise ConfigError(
                 f"engine.megatron_checkpoint={e.megatron_checkpoint} not found (give a directory "
                 f"written by tide_ds.engine.megatron.save_dist_checkpoint)"
             )
-        check_config(teacher.model.config, e.tp_size, e.ep_size, dist.world)
-    if placement == "expert_parallel":
-        if not experts:
-            raise ConfigError(
-                f"engine.teacher_placement=expert_parallel needs an MoE teacher (teacher.kind "
-                f"llada2_moe); {type(teacher.model).__name__} has no routed experts: use replicate, "
-                f"zero3 or tensor_parallel"
-            )
-        if any(n % e.ep_size for n in experts):
-            raise ConfigError(
-                f"engine.ep_size={e.ep_size} does not divide the teacher's {max(experts)} experts per layer"
-            )
-        if dist.world % e.ep_size:
-            raise ConfigError(
-                f"engine.ep_size={e.ep_size} does not divide the number of ranks ({dist.world}); "
-                f"expert-parallel groups are ranks [0, ep_size), [ep_size, 2 ep_size), ..."
-            )
+    check_layout(cfg, dist.world, experts, teacher.model.config, type(teacher.model).__name__)
     if placement == "tensor_parallel":
-        if experts:
-            raise ConfigError(
-                f"engine.teacher_placement=tensor_parallel (AutoTP) is for dense teachers; "
-                f"{type(teacher.model).__name__} is an MoE: use expert_parallel"
-            )
-        if dist.world % e.tp_size:
-            raise ConfigError(f"engine.tp_size={e.tp_size} does not divide the number of ranks ({dist.world})")
         local = int(os.environ.get("LOCAL_SIZE", 0))
         if dist.device.type == "cpu" and e.tp_size > 1 and not e.tp_size == dist.world == local:
             raise ConfigError(
@@ -105,6 +77,45 @@ def check_placement(cfg: Config, teacher, dist: Dist) -> None:
                 f"equal the number of ranks ({dist.world}) and the ranks on this machine (LOCAL_SIZE="
                 f"{os.environ.get('LOCAL_SIZE', 'unset')}); launch with deepspeed, torchrun or srun on one machine"
             )
+
+
+def check_layout(cfg: Config, world: int, experts: set[int], config, name: str) -> None:
+    """Refuses a teacher (its transformers `config`, the expert counts of its MoE layers, its class
+    `name`) that engine.teacher_placement cannot split over `world` ranks; `tide-ds plan` asks the same."""
+    e = cfg.engine
+    placement = e.teacher_placement
+    if placement == "megatron":
+        from tide_ds.engine.megatron import check_config
+
+        if not experts:
+            raise ConfigError(
+                f"engine.teacher_placement=megatron builds the LLaDA2-style MoE teacher (teacher.kind "
+                f"llada2_moe); {name} is not one"
+            )
+        check_config(config, e.tp_size, e.ep_size, world)
+    if placement == "expert_parallel":
+        if not experts:
+            raise ConfigError(
+                f"engine.teacher_placement=expert_parallel needs an MoE teacher (teacher.kind "
+                f"llada2_moe); {name} has no routed experts: use replicate, zero3 or tensor_parallel"
+            )
+        if any(n % e.ep_size for n in experts):
+            raise ConfigError(
+                f"engine.ep_size={e.ep_size} does not divide the teacher's {max(experts)} experts per layer"
+            )
+        if world % e.ep_size:
+            raise ConfigError(
+                f"engine.ep_size={e.ep_size} does not divide the number of ranks ({world}); "
+                f"expert-parallel groups are ranks [0, ep_size), [ep_size, 2 ep_size), ..."
+            )
+    if placement == "tensor_parallel":
+        if experts:
+            raise ConfigError(
+                f"engine.teacher_placement=tensor_parallel (AutoTP) is for dense teachers; "
+                f"{name} is an MoE: use expert_parallel or megatron"
+            )
+        if world % e.tp_size:
+            raise ConfigError(f"engine.tp_size={e.tp_size} does not divide the number of ranks ({world})")
 
 
 def consecutive_group(size: int, dist: Dist):
