@@ -77,7 +77,7 @@ def test_placements_and_stages_split_what_they_should():
     assert 15.5e9 < t.params < 16.7e9 and t.experts / t.params > 0.9
     whole = _plan([], 8).parts["teacher"]
     assert whole == 2 * t.params
-    assert _plan(["engine.teacher_placement=zero3"], 8).parts["teacher"] == 2 * (t.params // 8 + t.largest_layer)
+    assert _plan(["engine.teacher_placement=zero3"], 8).parts["teacher"] == 2 * (t.params // 8 + 2 * t.largest_layer)
     ep = _plan(["engine.teacher_placement=expert_parallel", "engine.ep_size=8"], 8).parts["teacher"]
     assert ep == 2 * (t.params - t.experts + t.experts // 8)
     # the student under ZeRO 0 / 2 / 3: what each stage splits over the ranks

@@ -379,7 +379,7 @@ def teacher_bytes(x: _Inputs) -> int:
     if placement == "replicate":
         held = t.params
     elif placement == "zero3":
-        held = t.params // x.world + t.largest_layer  # one layer gathered during the call
+        held = t.params // x.world + 2 * t.largest_layer  # the layer it runs and the next, gathered ahead
     elif placement == "expert_parallel":
         held = t.params - t.experts + t.experts // eng.ep_size
     elif placement == "tensor_parallel":

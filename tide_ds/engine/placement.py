@@ -389,6 +389,25 @@ def zero3_config(student_ds: dict, dtype: torch.dtype) -> dict:
     return teacher_ds
 
 
+def largest_layer(module: nn.Module) -> int:
+    """Elements of the largest decoder layer (a member of the longest nn.ModuleList), counted on
+    whole parameters whether or not they are ZeRO-3 partitions already."""
+    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+    return max(sum(getattr(p, "ds_numel", p.numel()) for p in layer.parameters()) for layer in max(lists, key=len))
+
+
+def with_one_layer_ahead(teacher_ds: dict, layer: int) -> dict:
+    """The teacher's gathers bounded to the layer it runs and the next: DeepSpeed's defaults (a
+    prefetch bucket of 5e7 elements, up to 1e9 live) would hold tens of layers of a frozen
+    forward at once, several times one layer's bytes, where one layer ahead already overlaps
+    the next layer's gather with this one's compute."""
+    zero = dict(teacher_ds["zero_optimization"])
+    zero.update(stage3_prefetch_bucket_size=layer, stage3_max_live_parameters=2 * layer)
+    return {**teacher_ds, "zero_optimization": zero}
+
+
 def zero3_teacher(module: nn.Module, teacher_ds: dict, group):
     """`module`'s parameters partitioned over the ranks (ZeRO-3, no optimizer), gathered over
     `group`, a process group of its own, so its gathers never interleave with the student's
@@ -398,6 +417,7 @@ def zero3_teacher(module: nn.Module, teacher_ds: dict, group):
 
     dtype = next(module.parameters()).dtype
     deepspeed.zero.Init(module=module, data_parallel_group=group, config_dict_or_path=teacher_ds, dtype=dtype)
+    teacher_ds = with_one_layer_ahead(teacher_ds, largest_layer(module))
     engine, _, _, _ = deepspeed.initialize(model=module, config=teacher_ds)
     engine.eval()
     return engine
