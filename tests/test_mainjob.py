@@ -14,6 +14,7 @@ MINI = [
     "corpus.max_files=16",
     "corpus.vocab_size=600",
     "corpus.holdout_fraction=0.25",
+    "corpus.distill_fraction=0.5",
     "corpus.tokenizer_chars=200000",
     "teacher.model={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
     "num_key_value_heads: 1, head_dim: 16, num_experts: 4, num_experts_per_tok: 2, num_shared_experts: 1, "
@@ -82,8 +83,8 @@ def test_unknown_stage_and_recipe_are_refused():
         demo.load_job(argparse.Namespace(redo=None, long=False, recipes="tide", overrides=[]))
     with pytest.raises(ConfigError, match="distinct integers"):
         demo.load_job(argparse.Namespace(redo=None, long=False, recipes=None, overrides=["seeds=[1, 1]"]))
-    with pytest.raises(ConfigError, match="ar_steps=300 must be"):
-        demo.load_job(argparse.Namespace(redo=None, long=False, recipes=None, overrides=["teacher.train.ar_steps=300"]))
+    with pytest.raises(ConfigError, match="ar_steps=450 must be"):
+        demo.load_job(argparse.Namespace(redo=None, long=False, recipes=None, overrides=["teacher.train.ar_steps=450"]))
 
 
 def test_the_long_run_has_its_own_folder():
@@ -100,7 +101,7 @@ def test_distillation_set_is_a_fixed_part_of_the_training_files(tmp_path, monkey
     from tide_ds.mainjob import data as data_stage
     from tide_ds.mainjob import teacher as teacher_stage
 
-    overrides = MINI + ["corpus.distill_fraction=0.5"]
+    overrides = MINI
     cfg = demo.load_job(argparse.Namespace(redo=None, long=False, recipes="ce", overrides=overrides))
     train, held = data_stage.split_files(cfg.corpus)
     distill = data_stage.distill_files(cfg.corpus, train)
@@ -139,7 +140,7 @@ def test_distillation_set_is_a_fixed_part_of_the_training_files(tmp_path, monkey
             demo.load_job(
                 argparse.Namespace(redo=None, long=False, recipes=None, overrides=[f"corpus.distill_fraction={bad}"])
             )
-    few = MINI + ["corpus.distill_fraction=1e-4"]
+    few = [o for o in MINI if not o.startswith("corpus.distill_fraction")] + ["corpus.distill_fraction=1e-4"]
     empty = argparse.Namespace(out=str(tmp_path / "empty"), redo=None, long=False, recipes="ce", overrides=few)
     with pytest.raises(ConfigError, match="selects none of the 10 training files"):
         demo.run(empty)
