@@ -14,6 +14,7 @@ MINI = [
     "corpus.max_files=16",
     "corpus.vocab_size=600",
     "corpus.holdout_fraction=0.25",
+    "corpus.distill_fraction=0.5",
     "corpus.tokenizer_chars=200000",
     "teacher.model={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
     "num_key_value_heads: 1, head_dim: 16, num_experts: 4, num_experts_per_tok: 2, num_shared_experts: 1, "
@@ -82,8 +83,8 @@ def test_unknown_stage_and_recipe_are_refused():
         demo.load_job(argparse.Namespace(redo=None, long=False, recipes="tide", overrides=[]))
     with pytest.raises(ConfigError, match="distinct integers"):
         demo.load_job(argparse.Namespace(redo=None, long=False, recipes=None, overrides=["seeds=[1, 1]"]))
-    with pytest.raises(ConfigError, match="ar_steps=300 must be"):
-        demo.load_job(argparse.Namespace(redo=None, long=False, recipes=None, overrides=["teacher.train.ar_steps=300"]))
+    with pytest.raises(ConfigError, match="ar_steps=450 must be"):
+        demo.load_job(argparse.Namespace(redo=None, long=False, recipes=None, overrides=["teacher.train.ar_steps=450"]))
 
 
 def test_the_long_run_has_its_own_folder():
@@ -91,3 +92,56 @@ def test_the_long_run_has_its_own_folder():
     assert demo.output_dir(argparse.Namespace(out=None, long=True)) == "runs/demo_long"
     assert demo.output_dir(argparse.Namespace(out=None, long=False)) == "runs/demo"
     assert demo.output_dir(argparse.Namespace(out="x", long=True)) == "x"
+
+
+def test_distillation_set_is_a_fixed_part_of_the_training_files(tmp_path, monkeypatch):
+    """The teacher reads every training file, the students' prepared data only the distillation set,
+    held-out files neither; the choice is fixed by the file names; a bad fraction is refused first."""
+    from tide_ds.config import ConfigError
+    from tide_ds.mainjob import data as data_stage
+    from tide_ds.mainjob import teacher as teacher_stage
+
+    overrides = MINI
+    cfg = demo.load_job(argparse.Namespace(redo=None, long=False, recipes="ce", overrides=overrides))
+    train, held = data_stage.split_files(cfg.corpus)
+    distill = data_stage.distill_files(cfg.corpus, train)
+    assert set(distill) < set(train) and not set(held) & set(train)
+    assert 0 < len(distill) < len(train)
+    assert data_stage.distill_files(cfg.corpus, list(reversed(train))) == list(reversed(distill))
+
+    read = {}
+
+    def stop_at_teacher(setup, tokenizer, files, out, seed):
+        read["teacher"] = list(files)
+        raise RuntimeError("teacher reached")
+
+    monkeypatch.setattr(teacher_stage, "pretrain", stop_at_teacher)
+    args = argparse.Namespace(out=str(tmp_path / "job"), redo=None, long=False, recipes="ce", overrides=overrides)
+    with pytest.raises(RuntimeError, match="teacher reached"):
+        demo.run(args)
+    assert read["teacher"] == train
+
+    data_dir = tmp_path / "job" / "data"
+
+    def texts(files):
+        return {piece for p in files for piece in data_stage.text_pieces(p, cfg.corpus.piece_chars)}
+
+    from datasets import load_from_disk
+
+    rows = {json.loads(line)["text"] for line in open(data_dir / "distill.jsonl", encoding="utf-8")}
+    assert rows == texts(distill)
+    assert rows - texts(train) == set() and not rows & (texts(held) - texts(train))  # held-out text stays unread
+    summary = json.loads((data_dir / "summary.json").read_text())
+    assert len(load_from_disk(str(data_dir / "prepared_distill"))) == summary["distill_prepare"]["kept"] > 0
+    assert (summary["train_files"], summary["distill_files"]) == (len(train), len(distill))
+
+    for bad in ("0", "1.5"):
+        with pytest.raises(ConfigError, match=rf"distill_fraction={bad} must be in \(0, 1\]"):
+            demo.load_job(
+                argparse.Namespace(redo=None, long=False, recipes=None, overrides=[f"corpus.distill_fraction={bad}"])
+            )
+    few = [o for o in MINI if not o.startswith("corpus.distill_fraction")] + ["corpus.distill_fraction=1e-4"]
+    empty = argparse.Namespace(out=str(tmp_path / "empty"), redo=None, long=False, recipes="ce", overrides=few)
+    with pytest.raises(ConfigError, match="selects none of the 10 training files"):
+        demo.run(empty)
+    assert not os.path.exists(tmp_path / "empty" / "data")  # refused before any work

@@ -72,6 +72,11 @@ def load_job(args):
         )
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or not all(isinstance(s, int) for s in cfg.seeds):
         raise ConfigError(f"seeds={cfg.seeds} must be a non-empty list of distinct integers, e.g. seeds=[0,1,2]")
+    if not 0 < cfg.corpus.distill_fraction <= 1:
+        raise ConfigError(
+            f"corpus.distill_fraction={cfg.corpus.distill_fraction:g} must be in (0, 1] "
+            "(the fraction of the training files the students distil on)"
+        )
     if cfg.parallel < 1:
         raise ConfigError(f"parallel={cfg.parallel} must be >= 1 (student runs at once)")
     if args.recipes:
@@ -127,11 +132,15 @@ def run(args) -> int:
         timings[name] = {"wall_s": round(time.time() - wall, 1), "cpu_s": round(cpu_seconds() - cpu, 1)}
         return result
 
-    print(f"[1/6] data: stdlib split by file, two tokenizers, tide-ds prepare -> {data_dir}")
+    train_files, _ = data_stage.split_files(cfg.corpus)
+    distill_files = data_stage.distill_files(cfg.corpus, train_files)  # an empty set is refused before any work
+    print(
+        f"[1/6] data: stdlib split by file ({len(train_files)} training files, {len(distill_files)} of them "
+        f"the distillation set), two tokenizers, tide-ds prepare -> {data_dir}"
+    )
     if not stages.done("data", data_dir):
         timed("data", lambda: data_stage.build(cfg.corpus, stages.fresh(data_dir)))
         stages.mark(data_dir)
-    train_files, _ = data_stage.split_files(cfg.corpus)
     teacher_tok, student_tok = (os.path.join(data_dir, n) for n in (data_stage.TEACHER_TOK, data_stage.STUDENT_TOK))
 
     print(f"[2/6] teacher: LLaDA2-style MoE masked diffusion LM, {cfg.teacher.train.steps} steps -> {teacher_dir}")
@@ -145,7 +154,7 @@ def run(args) -> int:
     student_cfg = [
         f"teacher.path={teacher_dir}",
         f"student.tokenizer={student_tok}",
-        f"data.source={os.path.join(data_dir, 'prepared_train')}",
+        f"data.source={os.path.join(data_dir, 'prepared_distill')}",
         f"train.threads={cfg.threads}",
         f"train.steps={cfg.student_steps}",
     ]

@@ -17,6 +17,9 @@ def config_path(name: str) -> str:
 class CorpusConfig:
     max_files: int = 400  # standard-library files read (sorted), then split by file
     holdout_fraction: float = 0.1  # files held out (by a stable hash of the name) from every stage
+    # of the training files, those the students distil on (by another stable hash of the name); the
+    # teacher is pretrained on all training files (1.0: the students read them all too)
+    distill_fraction: float = 1.0
     piece_chars: int = 360  # each file is cut at line ends into text rows of about this many characters
     vocab_size: int = 3000  # of each trained tokenizer
     tokenizer_chars: int = 4_000_000  # training text read by the tokenizer trainers

@@ -4,15 +4,19 @@ Tokenizer A (teacher) is a byte-level BPE (the GPT-2 / Qwen family); tokenizer B
 SentencePiece-style BPE with byte fallback and a space marker (the Llama-2 / Mistral family), both
 trained on the training files only. Their token boundaries disagree, so chunks are many-to-many.
 The Python standard library is split by file: held-out files are never seen by either tokenizer,
-the teacher or the students.
+the teacher or the students. The teacher is pretrained on every training file; the students distil
+on the distillation set, a fraction of the training files (`corpus.distill_fraction`, chosen by a
+hash of the file name), as a teacher pretrained on far more data than the distillation mixture.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
+from tide_ds.config import ConfigError
 from tide_ds.data.corpus import MASK, corpus_files, is_holdout, read_text
 from tide_ds.mainjob.config import CorpusConfig
 
@@ -24,6 +28,23 @@ def split_files(cfg: CorpusConfig) -> tuple[list[Path], list[Path]]:
     held = [p for p in files if is_holdout(p, cfg.holdout_fraction)]
     train = [p for p in files if p not in held]
     return train, held
+
+
+def in_distill_set(path: Path, fraction: float) -> bool:
+    """A training file the students distil on: a stable hash of the name, salted so that the choice
+    does not follow the held-out hash (which would leave only files near the held-out threshold)."""
+    h = int(hashlib.sha1(("distill/" + path.name).encode()).hexdigest()[:8], 16)
+    return h % 10_000 < fraction * 10_000
+
+
+def distill_files(cfg: CorpusConfig, train: list[Path]) -> list[Path]:
+    files = [p for p in train if in_distill_set(p, cfg.distill_fraction)]
+    if not files:
+        raise ConfigError(
+            f"corpus.distill_fraction={cfg.distill_fraction:g} selects none of the {len(train)} training files; "
+            "raise it (or corpus.max_files)"
+        )
+    return files
 
 
 def train_tokenizers(train: list[Path], cfg: CorpusConfig, out: str) -> tuple[str, str]:
@@ -89,11 +110,15 @@ def build(cfg: CorpusConfig, out: str) -> dict:
     """Everything stage 1 writes under `out`; returns a summary for results.json."""
     os.makedirs(out, exist_ok=True)
     train, held = split_files(cfg)
+    distill = distill_files(cfg, train)
     teacher_tok, student_tok = train_tokenizers(train, cfg, out)
-    summary = {"train_files": len(train), "heldout_files": len(held)}
-    for split, files in (("train", train), ("heldout", held)):
+    summary = {"distill_fraction": cfg.distill_fraction}
+    for split, files in (("train", train), ("distill", distill), ("heldout", held)):
         rows = os.path.join(out, f"{split}.jsonl")
+        summary[f"{split}_files"] = len(files)
         summary[f"{split}_rows"] = write_rows(files, cfg.piece_chars, rows)
+        if split == "train":
+            continue  # the teacher reads the training files themselves; the students, the distillation set
         report = prepare_split(rows, os.path.join(out, f"prepared_{split}"), teacher_tok, student_tok, cfg)
         summary[f"{split}_prepare"] = {
             k: report[k]
