@@ -40,9 +40,15 @@ def corpus_files(source: str, max_files: int) -> list[Path]:
     return files
 
 
-def is_holdout(path: Path, fraction: float) -> bool:
-    h = int(hashlib.sha1(path.name.encode()).hexdigest()[:8], 16)
+def in_fraction(path: Path, fraction: float, salt: str = "") -> bool:
+    """Whether a file falls in a `fraction` of files chosen by a stable hash of its name; another
+    `salt` draws a choice independent of this one."""
+    h = int(hashlib.sha1((salt + path.name).encode()).hexdigest()[:8], 16)
     return h % 10_000 < fraction * 10_000
+
+
+def is_holdout(path: Path, fraction: float) -> bool:
+    return in_fraction(path, fraction)
 
 
 def read_text(path: Path) -> str:

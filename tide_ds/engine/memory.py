@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from tide_ds.config import Config, ConfigError, load_config, needs_teacher, run_terms, uses_comp_demo
-from tide_ds.engine.placement import check_layout
+from tide_ds.engine.placement import check_layout, largest_layer
 from tide_ds.engine.plan import RunPlan, load_ds_config, settle
 from tide_ds.kernels.ops import DEFAULT_BLOCK_BYTES, block_rows
 from tide_ds.models import llada2
@@ -155,7 +155,7 @@ def _count(config) -> Shapes:
         head_dim=head_dim,
         intermediate=max(c.intermediate_size, moe_width + shared),
         vocab=c.vocab_size,
-        largest_layer=max(count(layer.parameters()) for layer in layers),
+        largest_layer=largest_layer(model),
         experts=count(p for m in experts for p in m.parameters()),
         layer_linear=count(linear),
         embedding=count(model.get_input_embeddings().parameters()),

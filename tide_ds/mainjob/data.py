@@ -11,13 +11,12 @@ hash of the file name), as a teacher pretrained on far more data than the distil
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 from tide_ds.config import ConfigError
-from tide_ds.data.corpus import MASK, corpus_files, is_holdout, read_text
+from tide_ds.data.corpus import MASK, corpus_files, in_fraction, is_holdout, read_text
 from tide_ds.mainjob.config import CorpusConfig
 
 TEACHER_TOK, STUDENT_TOK = "tokenizer_teacher", "tokenizer_student"
@@ -33,8 +32,7 @@ def split_files(cfg: CorpusConfig) -> tuple[list[Path], list[Path]]:
 def in_distill_set(path: Path, fraction: float) -> bool:
     """A training file the students distil on: a stable hash of the name, salted so that the choice
     does not follow the held-out hash (which would leave only files near the held-out threshold)."""
-    h = int(hashlib.sha1(("distill/" + path.name).encode()).hexdigest()[:8], 16)
-    return h % 10_000 < fraction * 10_000
+    return in_fraction(path, fraction, salt="distill/")
 
 
 def distill_files(cfg: CorpusConfig, train: list[Path]) -> list[Path]:
